@@ -1,0 +1,30 @@
+# Two commands on a fresh clone: `make demo` (the main job) and `make test`.
+# Each creates the virtual environment .venv and installs otarena into it when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean ui
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	@$(BIN)/python -c "import methods, search, leaderboard, torch, torchvision, ray, mlflow, optuna, pyautoattack" \
+		|| { echo "installation failed"; exit 1; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/otarena search configs/demo.yaml --out site
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+ui: $(STAMP)
+	$(BIN)/otarena ui
+
+clean:
+	rm -rf site ray_results mlflow.db mlartifacts runs

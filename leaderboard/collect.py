@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Read evaluated trial runs from an MLflow tracking store into typed :class:`~leaderboard.schema.Row`.
+
+The key names follow ``docs/mlflow-schema.md``, the whole contract with ``search/``. Runs are
+read with a few paginated ``MlflowClient.search_runs`` calls over all the selected experiments at
+once (trial runs, search parent runs, and the user's filter if any), never one call per run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+
+from leaderboard.schema import Row
+
+TRIAL_FILTER = "tags.`otarena.role` = 'trial'"
+SEARCH_FILTER = "tags.`otarena.role` = 'search'"
+_log = logging.getLogger(__name__)
+_PAGE = 50_000  # MLflow's largest page size: one round trip for any realistic campaign
+
+
+def redact(uri: str) -> str:
+    """Hide the credentials an ``http(s)://user:pass@host`` or database URI may carry."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """Open an existing tracking store, read-only in intent.
+
+    MLflow silently creates a new, empty store for a local path that does not exist, which would
+    turn a typo into an empty leaderboard; so local stores must already exist.
+
+    Raises:
+        ValueError: The URI is empty or names a local store that does not exist.
+        RuntimeError: The store exists but cannot be read.
+    """
+    if not tracking_uri:
+        raise ValueError("no MLflow tracking URI given")
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        path = tracking_uri[len("sqlite:///"):].split("?")[0]
+        if path not in ("", ":memory:") and not Path(path).is_file():
+            raise ValueError(f"no MLflow store at {tracking_uri}: {path} does not exist")
+    elif parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme else tracking_uri
+        if not Path(path).is_dir():
+            raise ValueError(f"no MLflow store at {tracking_uri}: directory {path} does not exist")
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    except Exception as e:  # any backend error: report it in one line
+        raise RuntimeError(f"cannot read MLflow store {redact(tracking_uri)}: {_first_line(e)}") from e
+    return client
+
+
+def experiment_ids(client: MlflowClient, experiments: Iterable[str] | None = None) -> list[str]:
+    """Resolve experiment names (or ids) to ids; ``None`` means every active experiment.
+
+    Raises:
+        ValueError: A named experiment does not exist.
+    """
+    if experiments is None:
+        ids, token = [], None
+        while True:
+            page = client.search_experiments(max_results=_PAGE, page_token=token)
+            ids += [e.experiment_id for e in page]
+            token = page.token
+            if not token:
+                return ids
+    if isinstance(experiments, str):  # a bare name would otherwise be split into characters
+        experiments = [experiments]
+    ids = []
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None and name.isdigit():
+            try:
+                exp = client.get_experiment(name)
+            except Exception:
+                exp = None
+        if exp is None:
+            raise ValueError(f"no MLflow experiment named {name!r}")
+        ids.append(exp.experiment_id)
+    return ids
+
+
+def search(client: MlflowClient, exp_ids: Sequence[str], filter_string: str = "") -> list[Run]:
+    """All active runs of the experiments that match ``filter_string``, following pagination."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(list(exp_ids), filter_string, ViewType.ACTIVE_ONLY, _PAGE, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def is_candidate(run: Run) -> bool:
+    """The leaderboard's entry rule: a finished, evaluated, not failed trial with a test AA metric."""
+    tags, aa = run.data.tags, _metric(run, "test/aa_acc")
+    return (
+        tags.get("otarena.role") == "trial"
+        and tags.get("otarena.evaluated", "").lower() == "true"
+        and tags.get("otarena.outcome") != "failed"
+        and run.info.status == "FINISHED"
+        and aa is not None
+    )
+
+
+def collect(tracking_uri: str, experiments: Iterable[str] | None = None, filter_string: str = "") -> list[Row]:
+    """Read every leaderboard candidate from a tracking store.
+
+    Args:
+        tracking_uri: The MLflow store, e.g. ``sqlite:///mlflow.db`` or ``http://host:5000``.
+        experiments: Experiment names (or ids) to read; ``None`` reads all of them.
+        filter_string: An optional MLflow search filter, ANDed with the trial-role filter,
+            e.g. ``"tags.`otarena.method` = 'trades'"``.
+
+    Returns:
+        One :class:`Row` per candidate trial, with its search cost filled in; selection and
+        ranking are :func:`leaderboard.schema.tabulate`'s job.
+
+    Raises:
+        ValueError: Bad URI, unknown experiment or invalid filter string.
+        RuntimeError: The store cannot be read.
+    """
+    client = open_client(tracking_uri)
+    ids = experiment_ids(client, experiments)
+    if not ids:
+        return []
+    # All trials, unfiltered: the search-cost fallback counts a candidate's siblings, whatever
+    # the user's filter keeps.
+    trials = search(client, ids, TRIAL_FILTER)
+    parents = {r.info.run_id: r for r in search(client, ids, SEARCH_FILTER)}
+    if filter_string.strip():
+        try:
+            kept = {r.info.run_id for r in search(client, ids, f"{TRIAL_FILTER} and {filter_string}")}
+        except MlflowException as e:  # MLflow rejects a malformed filter this way
+            raise ValueError(f"invalid filter_string {filter_string!r}: {_first_line(e)}") from e
+    else:
+        kept = None
+    siblings: dict[str, list[Run]] = defaultdict(list)
+    for run in trials:
+        siblings[run.data.tags.get("mlflow.parentRunId", "")].append(run)
+    candidates = [r for r in trials if (kept is None or r.info.run_id in kept) and is_candidate(r)]
+    rows = [row for row in (_to_row(r, parents, siblings) for r in candidates) if row is not None]
+    if len(rows) < len(candidates):
+        _log.warning("skipped %d evaluated trial runs without otarena.dataset/.norm/.eps/.method tags",
+                     len(candidates) - len(rows))
+    return rows
+
+
+def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]]) -> Row | None:
+    """Build a Row; ``None`` when the run lacks the tags that place it in a table."""
+    tags, params = run.data.tags, run.data.params
+    try:
+        eps = float(tags["otarena.eps"])
+        dataset, norm, method = tags["otarena.dataset"], tags["otarena.norm"], tags["otarena.method"]
+    except (KeyError, ValueError):
+        return None
+    searched = [n.strip() for n in tags.get("otarena.searched", "").split(",") if n.strip()]
+    parent_id = tags.get("mlflow.parentRunId", "")
+    # A run without a parent is its own whole search.
+    family = siblings.get(parent_id, []) if parent_id else [run]
+    trials, trial_epochs = _search_cost(parents.get(parent_id), family)
+    return Row(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        dataset=dataset,
+        norm=norm,
+        eps=eps,
+        method=method,
+        arch=tags.get("otarena.arch", ""),
+        aa_acc=_metric(run, "test/aa_acc"),
+        clean_acc=_metric(run, "test/clean_acc"),
+        pgd_acc=_metric(run, "test/pgd_acc"),
+        val_pgd_acc=_metric(run, "val/best_pgd_acc"),
+        val_clean_acc=_metric(run, "val/best_clean_acc"),
+        epochs=_metric(run, "train/epochs"),
+        n_ex=_metric(run, "test/n_ex"),
+        hparams=tuple((n, params[n]) for n in searched if n in params),
+        flags=tuple(f.strip() for f in tags.get("otarena.flags", "").split(",") if f.strip()),
+        trials=trials,
+        trial_epochs=trial_epochs,
+    )
+
+
+def _search_cost(parent: Run | None, siblings: list[Run]) -> tuple[float | None, float | None]:
+    """(trials, trial-epochs) from the parent's search metrics, else counted over the siblings."""
+    trials = _metric(parent, "search/n_trials") if parent else None
+    trial_epochs = _metric(parent, "search/trial_epochs") if parent else None
+    if trials is None and siblings:
+        trials = float(len(siblings))
+    if trial_epochs is None:
+        epochs = [e for e in (_metric(r, "train/epochs") for r in siblings) if e is not None]
+        trial_epochs = float(sum(epochs)) if epochs else None
+    return trials, trial_epochs
+
+
+def _metric(run: Run, key: str) -> float | None:
+    """A run's latest value for ``key``; NaN counts as missing."""
+    value = run.data.metrics.get(key)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Robust-training methods in pure PyTorch, registered by name.
+
+Adding a method takes one file (a ``Method`` subclass with ``Config``, ``SEARCH_SPACE`` and a
+docstring naming its paper and equation) plus one line in ``REGISTRY``. The registry key is the
+method's name everywhere: configs, MLflow tags and the leaderboard.
+
+This package never imports ray, mlflow or optuna (``tests/test_layering.py`` checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Mapping, Optional
+
+import torch
+
+from methods.common import data as data
+from methods.common import nets as nets
+from methods.common.attacks import ThreatModel
+from methods.common.evaluate import evaluate
+from methods.common.method import Method
+from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
+from methods.erm import Erm
+from methods.mart import Mart
+from methods.pgd_at import PgdAT
+from methods.trades import Trades
+
+REGISTRY: dict[str, type[Method]] = {
+    "erm": Erm,
+    "pgd_at": PgdAT,
+    "trades": Trades,
+    "mart": Mart,
+}
+
+__all__ = ["REGISTRY", "get", "hyperparameters", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",
+           "Method", "Run", "data", "nets"]
+
+
+def get(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def hyperparameters(name: str) -> dict[str, Any]:
+    """Every hyperparameter ``name`` accepts, with its domain: the shared knobs, then its own.
+
+    Method-specific fields without a declared domain (e.g. a categorical switch that is not
+    searched) appear with their default value.
+    """
+    cls = get(name)
+    shared = {f.name: TRAIN_SPACE.get(f.name, f.default) for f in fields(TrainConfig)}
+    own = {f.name: cls.SEARCH_SPACE.get(f.name, f.default) for f in fields(cls.Config)}
+    return {**shared, **own, **cls.SEARCH_SPACE}
+
+
+def build_run(method: str, hparams: Mapping[str, Any], *, dataset: str, arch: str, threat: ThreatModel,
+              data_dir: Optional[str] = None, download: bool = False, device: str | torch.device = "auto",
+              train=None, val=None) -> Run:
+    """Everything one training run needs, from names and a flat hyperparameter dict.
+
+    ``train``/``val`` may be passed in already loaded (Ray shares them through its object store).
+    """
+    device = pick_device(device) if isinstance(device, str) else device
+    cfg = TrainConfig.from_hparams(hparams)
+    torch.manual_seed(cfg.seed)
+    train = train if train is not None else data.load(dataset, "train", data_dir=data_dir, download=download)
+    val = val if val is not None else data.load(dataset, "val", data_dir=data_dir, download=download)
+    info = train.info
+    model = nets.build(arch, in_channels=info.in_channels, num_classes=info.num_classes,
+                       mean=info.mean, std=info.std).to(device)
+    optimizer = build_optimizer(model, cfg)
+    threat = ThreatModel(threat.norm, threat.eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size)
+    cls = get(method)
+    instance = cls(model, optimizer, threat, cls.config_from(hparams), n_train=len(train), device=device)
+    return Run(instance, build_schedule(optimizer, cfg), train.to(device), val.to(device), cfg)

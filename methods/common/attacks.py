@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""FGSM and PGD (L-inf and L2): the one attack loop every method and evaluation shares.
+
+Conventions, as in torchattacks and RobustBench:
+- inputs are images in [0, 1]; ``eps`` and ``step_size`` are in the same pixel units;
+- every iterate is projected onto the eps-ball around ``x`` and onto [0, 1];
+- attacks use true labels ``y``, never the model's predictions;
+- the model's parameters are frozen during the attack, so its backward pass computes input
+  gradients only and no ``.grad`` of a parameter is touched.
+
+References:
+    [1] Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018,
+        arXiv:1706.06083 (PGD with random start).
+    [2] Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015 (FGSM).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(logits, y) -> per-example loss (N,)``; the attack ascends its sum."""
+
+NORMS = ("Linf", "L2")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """Where an adversary may move an input: an ``norm`` ball of radius ``eps`` in [0, 1] pixels."""
+
+    norm: str = "Linf"
+    """``Linf`` or ``L2``."""
+    eps: float = 8 / 255
+    """Radius in [0, 1] pixel units (8/255 for CIFAR L-inf, 0.3 for MNIST, 0.5 for CIFAR L2)."""
+    steps: int = 10
+    """PGD iterations of the training attack."""
+    step_size: Optional[float] = None
+    """PGD step in pixel units; ``None`` means 2.5 * eps / steps (Madry et al.'s rule)."""
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must be in (0, 1] (pixel units), got {self.eps}")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Freeze parameters for the attack: no weight gradients are computed or stored."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Attack in eval mode so that batch-norm statistics are not polluted by adversarial inputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _flat_norm(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project onto the eps-ball around ``x`` and onto [0, 1]."""
+    delta = x_adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _flat_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[torch.Generator] = None):
+    """A uniform point of the L-inf ball, or a point of the L2 ball with uniform radius fraction."""
+    if norm == "Linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        delta = direction / _flat_norm(direction) * eps * radius.view(-1, *([1] * (x.dim() - 1)))
+    return project(x + delta, x, eps, norm)
+
+
+def _ascent(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return x_adv + step_size * grad.sign()
+    return x_adv + step_size * grad / _flat_norm(grad)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    steps: int = 10,
+    step_size: Optional[float] = None,
+    random_init: bool = True,
+    restarts: int = 1,
+    loss_fn: LossFn = ce_loss,
+    keep_best: bool = False,
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Projected gradient ascent on ``loss_fn`` within the ``norm`` eps-ball, on true labels.
+
+    Args:
+        model: a classifier on (N, C, H, W) inputs in [0, 1]; its mode is left to the caller.
+        x: clean inputs (N, C, H, W) in [0, 1].
+        y: true labels (N,), or any target ``loss_fn`` understands (TRADES passes clean logits).
+        eps, norm, steps: the threat model; ``step_size`` defaults to 2.5 * eps / steps.
+        random_init: start from a random point of the ball (else from ``x``, or ``init``).
+        restarts: independent random starts; with ``keep_best`` the most adversarial is kept.
+        keep_best: keep, per example, the most adversarial iterate seen (a misclassified one
+            first, then the highest loss). This makes a longer or restarted attack never weaker
+            than a shorter one with the same seed, which evaluation relies on. Training leaves it
+            off and takes the last iterate, as in Madry et al.
+        init: a starting point (e.g. TRADES' x + 0.001 N(0, I)).
+
+    Returns:
+        adversarial inputs, (N, C, H, W) in [0, 1] and within eps of ``x``.
+    """
+    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    x = x.detach()
+    best = x.clone()
+    best_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    with frozen(model):
+        for _ in range(max(restarts, 1)):
+            if init is not None:
+                x_adv = project(init.detach(), x, eps, norm)
+            elif random_init:
+                x_adv = random_start(x, eps, norm, generator)
+            else:
+                x_adv = x.clone()
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                losses = loss_fn(logits, y)
+                grad, = torch.autograd.grad(losses.sum(), x_adv)
+                if keep_best:
+                    best, best_score = _keep(best, best_score, x_adv.detach(), logits.detach(), losses.detach(), y)
+                x_adv = project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm)
+            if not keep_best:
+                return x_adv.detach()
+            with torch.no_grad():
+                logits = model(x_adv)
+                best, best_score = _keep(best, best_score, x_adv, logits, loss_fn(logits, y), y)
+    return best
+
+
+def _keep(best, best_score, x_adv, logits, losses, y):
+    """Per-example running argmax of (misclassified, loss)."""
+    if y.dtype in (torch.int64, torch.int32) and y.dim() == 1:
+        fooled = (logits.argmax(1) != y).float()
+    else:
+        fooled = torch.zeros_like(losses)
+    # A misclassified iterate always beats a correctly classified one, whatever its loss.
+    score = fooled * 1e6 + losses.float().clamp(-1e5, 1e5)
+    better = score > best_score
+    mask = better.view(-1, *([1] * (x_adv.dim() - 1)))
+    return torch.where(mask, x_adv, best), torch.where(better, score, best_score)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
+         loss_fn: LossFn = ce_loss) -> torch.Tensor:
+    """One full-size step from ``x``: FGSM for L-inf, the fast gradient method for L2."""
+    return pgd(model, x, y, eps=eps, norm=norm, steps=1, step_size=eps, random_init=False, loss_fn=loss_fn)

@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Method contract: one object per training run that owns one optimizer step.
+
+Simple methods (PGD-AT, TRADES, MART) define ``perturb`` (the inner maximization) and ``loss`` (the
+outer objective) and inherit ``step``. Methods that must control their own update (SAM-like weight
+perturbations, persistent adversarial buffers, learned potentials or dual variables) override
+``step`` and, for exact resume, ``state_dict``/``load_state_dict``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn as nn
+
+from methods.common.attacks import ThreatModel, eval_mode
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without hyperparameters of its own."""
+
+
+class Method:
+    """Base class. Subclasses set ``Config``, ``SEARCH_SPACE`` and ``paper``.
+
+    Args:
+        model: the classifier (inputs in [0, 1]); its mode is owned by ``step``.
+        optimizer: the model's optimizer, built by the training loop from the shared knobs.
+        threat: the threat model of the training attack (norm, eps, steps, step size).
+        cfg: an instance of ``Config``.
+        n_train: training-set size, for methods that keep per-example state.
+        device: where per-example state lives.
+    """
+
+    Config: ClassVar[type] = NoConfig
+    SEARCH_SPACE: ClassVar[Mapping[str, Any]] = {}
+    paper: ClassVar[str] = ""
+    """Short citation, shown by ``otarena methods`` and on the leaderboard."""
+    link: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, threat: ThreatModel, cfg=None,
+                 *, n_train: int = 0, device: torch.device | str = "cpu"):
+        self.model = model
+        self.optimizer = optimizer
+        self.threat = threat
+        self.cfg = cfg if cfg is not None else self.Config()
+        self.n_train = n_train
+        self.device = torch.device(device)
+
+    @classmethod
+    def config_from(cls, hparams: Mapping[str, Any]):
+        """Build ``Config`` from a flat hyperparameter dict, ignoring the shared training knobs."""
+        names = {f.name for f in fields(cls.Config)}
+        return cls.Config(**{k: v for k, v in hparams.items() if k in names})
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The inner maximization; the default is no attack."""
+        return x
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One update on a minibatch; returns detached scalar tensors to log.
+
+        Tensors rather than floats, so that the loop averages them on the device and syncs with
+        the host once per epoch instead of once per batch.
+        """
+        with eval_mode(self.model):
+            x_adv = self.perturb(x, y)
+        self.model.train()
+        loss, metrics = self.loss(x, y, x_adv)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach(), **metrics}
+
+    def state_dict(self) -> dict:
+        """Method state beyond model and optimizer (buffers, potentials, duals)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

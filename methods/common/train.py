@@ -1,0 +1,181 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one training loop: ``fit(run, on_epoch_end)``, shared by ``otarena train`` and Ray trials.
+
+The loop owns model mode, data order, the learning-rate schedule, validation and checkpoint state;
+methods own one optimizer step. It reports through an injected ``on_epoch_end(metrics, run)``
+callback, so it knows nothing of Ray or MLflow (cleanrl's decoupling, without argv patching).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from methods.common.attacks import ThreatModel
+from methods.common.data import TensorData, batches
+from methods.common.evaluate import accuracy, pgd_accuracy
+from methods.space import Choice, Float, Int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs every method shares (unprefixed names, methods-spec 9)."""
+
+    epochs: int = 10
+    """Training epochs (the ASHA budget ``max_t`` in a search)."""
+    batch_size: int = 128
+    lr: float = 0.05
+    """Peak learning rate of SGD (or Adam)."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    """``sgd`` (Nesterov-free momentum SGD, the AT standard) or ``adam``."""
+    schedule: str = "cosine"
+    """``cosine`` decay to zero over ``epochs``, ``multistep`` (x0.1 at 50% and 75%) or ``constant``."""
+    attack_steps: int = 10
+    """K: PGD steps of the training attack."""
+    attack_step_size: Optional[float] = None
+    """a: PGD step in [0, 1] pixel units; ``None`` means 2.5 * eps / K."""
+    val_n_ex: int = 512
+    """Validation images attacked each epoch (a fixed subset: the first ``val_n_ex``)."""
+    val_pgd_steps: int = 10
+    """PGD steps of the per-epoch validation attack."""
+    seed: int = 0
+
+    def __post_init__(self):
+        step = self.attack_step_size
+        if step is not None and not (isinstance(step, (int, float)) and 0 < step <= 1):
+            raise ValueError(f"attack_step_size must be null or in (0, 1] pixel units, got {step!r}")
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hparams.items() if k in names})
+
+
+TRAIN_SPACE = {
+    "epochs": Int(1, 200, 10, valid=(1, 10_000)),
+    "batch_size": Int(16, 512, 128, log=True, valid=(1, 1 << 16)),
+    "lr": Float(0.005, 0.2, 0.05, log=True, valid=(1e-7, 10.0)),
+    "momentum": Float(0.0, 0.99, 0.9, valid=(0.0, 0.999)),
+    "weight_decay": Float(1e-5, 1e-3, 5e-4, log=True, valid=(0.0, 0.1)),
+    "optimizer": Choice(("sgd", "adam")),
+    "schedule": Choice(("cosine", "multistep", "constant")),
+    "attack_steps": Int(1, 20, 10, valid=(1, 1000)),
+    "val_n_ex": Int(16, 10_000, 512, valid=(1, 1_000_000)),
+    "val_pgd_steps": Int(1, 100, 10, valid=(1, 1000)),
+    "seed": Int(0, 2**31 - 1, 0, valid=(0, 2**31 - 1)),
+}
+"""Domains of the shared knobs: fixed at their defaults unless a config searches them."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    if cfg.schedule == "multistep":
+        milestones = [int(cfg.epochs * 0.5), int(cfg.epochs * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, and everything its checkpoint holds."""
+
+    method: Any
+    """A ``methods.common.method.Method`` (it holds the model, optimizer and threat model)."""
+    schedule: Any
+    train: TensorData
+    val: TensorData
+    cfg: TrainConfig
+    epoch: int = 0
+    """Epochs completed."""
+    best: Optional[dict] = None
+    """Validation metrics of the best epoch so far (by PGD accuracy, then clean accuracy)."""
+    best_model: Optional[dict] = None
+    """A CPU copy of the weights of the best epoch: what the final evaluation scores."""
+
+    @property
+    def model(self):
+        return self.method.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.method.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "method": self.method.state_dict(),
+                "epoch": self.epoch, "best": self.best, "best_model": self.best_model,
+                "train_config": asdict(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.method.load_state_dict(state["method"])
+        self.epoch, self.best, self.best_model = state["epoch"], state["best"], state["best_model"]
+
+
+def validate(model: torch.nn.Module, val: TensorData, threat: ThreatModel, cfg: TrainConfig) -> dict:
+    """Clean and PGD accuracy on the fixed validation subset; seeded, so epochs compare fairly."""
+    subset = val.subset(cfg.val_n_ex)
+    generator = torch.Generator(device=subset.x.device).manual_seed(cfg.seed)
+    return {
+        "val/clean_acc": accuracy(model, subset.x, subset.y),
+        "val/pgd_acc": pgd_accuracy(model, subset.x, subset.y, threat, steps=cfg.val_pgd_steps,
+                                    generator=generator),
+    }
+
+
+def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) -> Run:
+    """Train ``run`` from ``run.epoch`` to ``run.cfg.epochs``, validating after each epoch.
+
+    ``on_epoch_end(metrics, run)`` gets the epoch's metrics (``train/*``, ``val/*``,
+    ``time/epoch_s``, ``epoch``) and the run, whose ``state_dict()`` is the checkpoint.
+    """
+    cfg, model = run.cfg, run.model
+    while run.epoch < cfg.epochs:
+        start = time.perf_counter()
+        model.train()
+        # Seeded per epoch, so a run resumed from a checkpoint sees the same batches.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + run.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        n_batches = 0
+        for x, y, idx in batches(run.train, cfg.batch_size, shuffle=True, generator=generator):
+            for key, value in run.method.step(x, y, idx).items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_batches += 1
+        run.schedule.step()
+        metrics = {f"train/{k}": float(v) / n_batches for k, v in sums.items()}
+        if not math.isfinite(metrics["train/loss"]):
+            raise DivergedError(f"training loss is {metrics['train/loss']} at epoch {run.epoch + 1}")
+        metrics.update(validate(model, run.val, run.method.threat, cfg))
+        run.epoch += 1
+        metrics["time/epoch_s"] = time.perf_counter() - start
+        metrics["epoch"] = run.epoch
+        if run.best is None or (metrics["val/pgd_acc"], metrics["val/clean_acc"]) > \
+                (run.best["val/pgd_acc"], run.best["val/clean_acc"]):
+            run.best = {"val/pgd_acc": metrics["val/pgd_acc"], "val/clean_acc": metrics["val/clean_acc"],
+                        "epoch": run.epoch}
+            run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch_end is not None:
+            on_epoch_end(metrics, run)
+    return run

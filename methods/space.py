@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Dependency-free search-space declarations.
+
+Each method declares its searchable hyperparameters next to its code as plain data (``Float``,
+``Int``, ``Choice``). ``search/spaces.py`` translates them to Optuna distributions; nothing here
+knows about Ray or Optuna, so ``methods/`` stays importable without them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class Float:
+    """A real-valued hyperparameter on ``[low, high]`` (log-uniform when ``log``)."""
+
+    low: float
+    high: float
+    default: float
+    log: bool = False
+    valid: tuple = (-math.inf, math.inf)
+    """The values the method is defined for; a config may widen the search range up to here."""
+
+    def __post_init__(self):
+        if not self.low <= self.default <= self.high:
+            raise ValueError(f"need low <= default <= high, got {self.low}, {self.default}, {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled range needs low > 0, got {self.low}")
+
+    def contains(self, value: Any) -> bool:
+        return _is_number(value) and self.low <= value <= self.high
+
+    @staticmethod
+    def coerce(value: Any) -> Any:
+        """YAML reads ``1e-3`` as a string; accept it, and ints, as floats."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return float(value) if _is_number(value) else value
+
+    def is_valid(self, value: Any) -> bool:
+        return _is_number(value) and self.valid[0] <= value <= self.valid[1]
+
+    def describe(self) -> str:
+        scale = ", log" if self.log else ""
+        return f"float [{self.low:g}, {self.high:g}{scale}] default {self.default:g}"
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer hyperparameter on ``[low, high]``."""
+
+    low: int
+    high: int
+    default: int
+    log: bool = False
+    valid: tuple = (-math.inf, math.inf)
+
+    def __post_init__(self):
+        if not self.low <= self.default <= self.high:
+            raise ValueError(f"need low <= default <= high, got {self.low}, {self.default}, {self.high}")
+
+    def contains(self, value: Any) -> bool:
+        return _is_int(value) and self.low <= value <= self.high
+
+    @staticmethod
+    def coerce(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    def is_valid(self, value: Any) -> bool:
+        return _is_int(value) and self.valid[0] <= value <= self.valid[1]
+
+    def describe(self) -> str:
+        scale = ", log" if self.log else ""
+        return f"int [{self.low}, {self.high}{scale}] default {self.default}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical hyperparameter."""
+
+    options: tuple
+    default: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", tuple(self.options))
+        if self.default is None:
+            object.__setattr__(self, "default", self.options[0])
+        if self.default not in self.options:
+            raise ValueError(f"default {self.default!r} not among {self.options}")
+
+    def contains(self, value: Any) -> bool:
+        return value in self.options
+
+    @staticmethod
+    def coerce(value: Any) -> Any:
+        return value
+
+    def is_valid(self, value: Any) -> bool:
+        return value in self.options
+
+    def describe(self) -> str:
+        return f"choice {list(self.options)} default {self.default!r}"
+
+
+Domain = Union[Float, Int, Choice]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A hyperparameter pinned to one value by a config (not searched)."""
+
+    value: Any
+    default: Any = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "default", self.value)
+
+    def contains(self, value: Any) -> bool:
+        return value == self.value
+
+    def describe(self) -> str:
+        return f"fixed {self.value!r}"
+
+
+def narrow(name: str, domain: Domain, override: Any) -> Domain | Fixed:
+    """Apply a config override to a declared domain; raise ``ValueError`` on an invalid one.
+
+    ``override`` is either a plain value (pins the parameter) or a mapping with any of
+    ``low``, ``high``, ``log``, ``options``, ``default``. A range may be narrowed, or widened up
+    to the method's ``valid`` domain (the declared range is the paper's advice, not a law).
+    """
+    if not isinstance(override, dict):
+        override = domain.coerce(override)
+        if not domain.is_valid(override):
+            raise ValueError(f"{name}={override!r} is outside its valid domain ({domain.describe()})")
+        return Fixed(override)
+    unknown = set(override) - {"low", "high", "log", "options", "default"}
+    if unknown:
+        raise ValueError(f"{name}: unknown range keys {sorted(unknown)} (use low, high, log, options, default)")
+    if isinstance(domain, Choice):
+        options = tuple(override.get("options", domain.options))
+        bad = [o for o in options if not domain.is_valid(o)]
+        if bad or not options:
+            raise ValueError(f"{name}: options {bad or options} are not among {list(domain.options)}")
+        default = override.get("default", domain.default if domain.default in options else options[0])
+        return Choice(options, default)
+    low = domain.coerce(override.get("low", domain.low))
+    high = domain.coerce(override.get("high", domain.high))
+    for bound in (low, high):
+        if not domain.is_valid(bound):
+            raise ValueError(f"{name}: range [{low}, {high}] leaves the valid domain {list(domain.valid)}")
+    if low > high:
+        raise ValueError(f"{name}: low {low} > high {high}")
+    default = domain.coerce(override.get("default", min(max(domain.default, low), high)))
+    try:
+        return replace(domain, low=low, high=high, default=default, log=override.get("log", domain.log))
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None

@@ -1,0 +1,252 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Search configs: parsed and fully validated before Ray starts.
+
+Every problem becomes a ``ConfigError`` whose message is one line; the CLI prints it and exits 2.
+Nothing is started, downloaded or written before validation passes, so bad input loses no data.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import methods
+from methods.common import data as data_lib
+from methods.common.nets import ARCHS
+from methods.space import Choice, Fixed, Float, Int, narrow
+
+COMMON = "common"
+"""Key of ``space`` whose overrides apply to every method."""
+
+
+class ConfigError(ValueError):
+    """A one-line description of what is wrong with a config."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ThreatModelConfig(_Strict):
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: float
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_pixel_units(cls, eps: float) -> float:
+        if not (math.isfinite(eps) and 0 < eps <= 1):
+            raise ValueError(f"eps must be in (0, 1] in [0, 1] pixel units (8/255 = {8 / 255:.4f}), got {eps}")
+        return eps
+
+
+class Budget(_Strict):
+    trials: int = Field(8, ge=1, description="trials per method (the same for every method)")
+    max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never pruned (ASHA max_t)")
+    grace_epochs: int = Field(2, ge=1, description="epochs before ASHA may prune (grace_period)")
+    reduction_factor: int = Field(3, ge=2)
+    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; default: as resources allow")
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, description="CPUs per trial; torch uses this many threads")
+    gpu: float = Field(0, description="GPUs per trial; fractions (0.25) pack trials on one GPU")
+
+    @field_validator("cpu")
+    @classmethod
+    def _positive_cpu(cls, cpu: float) -> float:
+        if not (math.isfinite(cpu) and cpu > 0):
+            raise ValueError(f"cpu per trial must be > 0, got {cpu}")
+        return cpu
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_fraction_or_whole(cls, gpu: float) -> float:
+        if not (math.isfinite(gpu) and gpu >= 0):
+            raise ValueError(f"gpu per trial must be >= 0, got {gpu}")
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError(f"gpu per trial above 1 must be a whole number, got {gpu}")
+        return gpu
+
+
+class FinalEval(_Strict):
+    top_k: int = Field(1, ge=1, description="trials per method evaluated on the test split")
+    autoattack: Optional[Literal["standard", "plus", "rand"]] = "standard"
+    n_ex: Optional[int] = Field(None, ge=1, description="test examples (default: the whole test split)")
+    pgd_steps: int = Field(50, ge=1)
+    pgd_restarts: int = Field(1, ge=1)
+    batch_size: int = Field(500, ge=1)
+
+
+class SearchConfig(_Strict):
+    name: str = Field(..., min_length=1, description="the MLflow experiment")
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    arch: str = "small_cnn"
+    threat_model: ThreatModelConfig
+    methods: list[str] = Field(..., min_length=1)
+    train: dict[str, Any] = Field(default_factory=dict, description="fixed values of the shared knobs")
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    budget: Budget = Budget()
+    resources: Resources = Resources()
+    final_eval: FinalEval = FinalEval()
+    tracking_uri: str = "sqlite:///mlflow.db"
+    storage_path: str = "ray_results"
+    seed: int = 0
+
+    def spaces(self) -> dict[str, dict[str, Any]]:
+        """Per method: every hyperparameter's domain after the config's overrides."""
+        return {m: resolve_space(self, m) for m in self.methods}
+
+
+def _choose(kind: str, value: str, options) -> str:
+    hint = difflib.get_close_matches(value, list(options), n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown {kind} {value!r}{suggestion}; choose from {sorted(options)}"
+
+
+def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
+    """The method's domains, with ``train`` values pinned and ``space`` overrides applied.
+
+    A parameter is searched when the method declares it in ``SEARCH_SPACE`` or the config gives
+    it a range; everything else is ``Fixed``.
+    """
+    declared = methods.hyperparameters(method)
+    searched = set(methods.get(method).SEARCH_SPACE)
+    resolved: dict[str, Any] = {}
+    for name, domain in declared.items():
+        resolved[name] = domain if name in searched and isinstance(domain, (Float, Int, Choice)) \
+            else Fixed(domain.default if hasattr(domain, "default") else domain)
+    resolved["epochs"] = Fixed(cfg.budget.max_epochs)
+    resolved["seed"] = Fixed(cfg.seed)
+    overrides = [("train", cfg.train), (f"space.{COMMON}", cfg.space.get(COMMON, {})),
+                 (f"space.{method}", cfg.space.get(method, {}))]
+    for where, values in overrides:
+        for name, override in values.items():
+            if name not in declared:
+                if where.startswith("space.") and where != f"space.{method}":
+                    continue  # a common override of a knob this method does not have
+                raise ConfigError(f"{where}: {_choose('hyperparameter', name, declared)}")
+            if name in ("epochs", "seed"):
+                raise ConfigError(f"{where}.{name}: set it with budget.max_epochs / seed")
+            domain = declared[name]
+            if not isinstance(domain, (Float, Int, Choice)):
+                if isinstance(override, dict):
+                    raise ConfigError(f"{where}.{name}: has no search domain; give a fixed value")
+                if type(override) is not type(domain) and domain is not None:
+                    raise ConfigError(f"{where}.{name}: expected {type(domain).__name__}, got {override!r}")
+                resolved[name] = Fixed(override)
+                continue
+            try:
+                resolved[name] = narrow(name, domain, override)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+    defaults = {name: domain.default for name, domain in resolved.items()}
+    try:
+        methods.TrainConfig.from_hparams(defaults)
+        methods.get(method).config_from(defaults)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{method}: {err}") from None
+    return resolved
+
+
+def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
+    """Checks that need the registries, the file system or the machine."""
+    if cfg.dataset not in data_lib.INFO:
+        raise ConfigError(_choose("dataset", cfg.dataset, data_lib.DATASETS))
+    if cfg.arch not in ARCHS:
+        raise ConfigError(_choose("arch", cfg.arch, ARCHS))
+    for method in cfg.methods:
+        if method not in methods.REGISTRY:
+            raise ConfigError(_choose("method", method, methods.REGISTRY))
+    for key in cfg.space:
+        if key != COMMON and key not in cfg.methods:
+            raise ConfigError(f"space.{key}: not a method of this search ({', '.join(cfg.methods)}) "
+                              f"nor {COMMON!r}")
+    for method in cfg.methods:
+        resolve_space(cfg, method)
+    if cfg.budget.grace_epochs > cfg.budget.max_epochs:
+        raise ConfigError(f"budget.grace_epochs ({cfg.budget.grace_epochs}) exceeds budget.max_epochs "
+                          f"({cfg.budget.max_epochs})")
+    if not cfg.download:
+        reason = data_lib.missing(cfg.dataset, cfg.data_dir)
+        if reason:
+            raise ConfigError(reason)
+    if local:
+        check_local_resources(cfg.resources)
+    return cfg
+
+
+def check_local_resources(resources: Resources) -> None:
+    """A trial must fit on this machine when the search runs here."""
+    cpus = os.cpu_count() or 1
+    if resources.cpu > cpus:
+        raise ConfigError(f"resources.cpu={resources.cpu:g} per trial, but this machine has {cpus} CPUs")
+    if resources.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if resources.gpu > gpus:
+            raise ConfigError(f"resources.gpu={resources.gpu:g} per trial, but this machine has {gpus} GPUs")
+
+
+def _pydantic_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key{_suggest_key(first['loc'])}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message} (got {first.get('input')!r})" if first["type"] != "value_error" \
+        else f"{where}: {message}"
+
+
+def _suggest_key(loc: tuple) -> str:
+    model: Any = SearchConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    hint = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(model.model_fields)}"
+
+
+def parse(raw: Any, *, local: bool = True) -> SearchConfig:
+    """Validate a config mapping; raise ``ConfigError`` with one line on any problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a search config must be a YAML mapping")
+    try:
+        cfg = SearchConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_pydantic_message(err)) from None
+    return validate(cfg, local=local)
+
+
+def load(path: str, *, overrides: Optional[dict[str, Any]] = None, local: bool = True) -> SearchConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``budget.trials``) to values."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}") from None
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return parse(raw, local=local)
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
+    node[leaf] = value

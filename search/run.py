@@ -1,0 +1,318 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A search: Ray Tune + Optuna (TPE) + ASHA per method, MLflow tracking, and the final evaluation.
+
+For each method of a config: one MLflow parent run, one Tuner with the same trial budget, one
+child run per trial (written from the driver by ``MlflowTrials``), then the top-k trials by
+*validation* PGD accuracy are evaluated on the test split (clean, PGD-k, AutoAttack) in a Ray task
+and the results, flags and checkpoint land in the trial's own run.
+
+Two traps of the stack are handled here (stack-notes 2.2, 2.3): ASHA-stopped trials are told to
+Optuna as PRUNED, not COMPLETE with a partial-budget score; and a trial maps to exactly one MLflow
+run through the ``otarena.trial_id`` tag, also after ``Tuner.restore``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+import methods
+from methods.common import data as data_lib
+from search import spaces
+from search.config import SearchConfig
+from search.tracking import METHOD, OUTCOME, Tracker, flatten, last_line
+from search.trainable import TrialSpec, load_state, train_trial
+
+METRIC, MODE = "val/pgd_acc", "max"
+"""What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
+
+
+def log(message: str) -> None:
+    print(f"[otarena {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna an ASHA-stopped trial is PRUNED.
+
+    Ray's OptunaSearch reports any trial that ended without error as COMPLETE with its last,
+    partial-budget value, so TPE would treat a 2-epoch score as a final result. A trial that
+    stopped before ``max_epochs`` is pruned: Optuna keeps its intermediate values and ranks it
+    below completed trials, so TPE learns from final results.
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        stopped_early = bool(result) and not error and result.get("training_iteration", 0) < self.max_epochs
+        if stopped_early and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+@dataclass
+class MlflowTrials(tune.Callback):
+    """Writes each trial into its one MLflow child run, from the driver, and prints progress."""
+
+    tracker: Tracker
+    parent_id: str
+    spec: TrialSpec
+    tags: dict
+    searched: list
+    max_epochs: int
+    run_ids: dict = field(default_factory=dict)
+
+    def run_id(self, trial) -> str:
+        if trial.trial_id not in self.run_ids:
+            params = {**self.spec.fixed, **trial.config, "method": self.spec.method, "dataset": self.spec.dataset,
+                      "arch": self.spec.arch, "norm": self.spec.norm, "eps": self.spec.eps}
+            self.run_ids[trial.trial_id] = self.tracker.trial_run(
+                self.parent_id, trial.trial_id, name=f"{self.spec.method}-{trial.trial_id}",
+                tags={**self.tags, "otarena.searched": ",".join(self.searched)}, params=params)
+        return self.run_ids[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+        shown = ", ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
+        log(f"{self.spec.method}: trial {trial.trial_id} started ({shown})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.tracker.log_epoch(self.run_id(trial), result, step=epoch)
+        log(f"{self.spec.method}: trial {trial.trial_id} epoch {epoch}/{self.max_epochs} "
+            f"val clean {result['val/clean_acc']:.1%} pgd {result['val/pgd_acc']:.1%} "
+            f"({result['time/epoch_s']:.1f}s)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        epochs = int(result.get("training_iteration", 0))
+        outcome = "completed" if epochs >= self.max_epochs else "pruned"
+        run_id = self.run_id(trial)
+        self.tracker.log_metrics(run_id, {"val/best_pgd_acc": result.get("val/best_pgd_acc", float("nan")),
+                                          "val/best_clean_acc": result.get("val/best_clean_acc", float("nan")),
+                                          "val/best_epoch": result.get("val/best_epoch", float("nan")),
+                                          "train/epochs": epochs})
+        self.tracker.set_tags(run_id, {OUTCOME: outcome})
+        self.tracker.finish(run_id)
+        log(f"{self.spec.method}: trial {trial.trial_id} {outcome} after {epochs} epochs "
+            f"(best val pgd {result.get('val/best_pgd_acc', float('nan')):.1%})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        reason = last_line(getattr(trial, "error_msg", None) or _error_text(trial))
+        self.tracker.set_tags(run_id, {OUTCOME: "failed", "otarena.failure": reason or "unknown error"})
+        self.tracker.log_metrics(run_id, {"train/epochs": (trial.last_result or {}).get("training_iteration", 0)})
+        self.tracker.finish(run_id, "FAILED")
+        log(f"{self.spec.method}: trial {trial.trial_id} FAILED: {reason}")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, TypeError):
+        return ""
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class MethodSearch:
+    """The outcome of one method's search."""
+
+    method: str
+    parent_id: str
+    results: list
+    run_ids: dict
+    wall_s: float
+
+
+def init_ray(address: Optional[str] = None) -> None:
+    if ray.is_initialized():
+        return
+    # The legacy progress engine with verbose=0 prints nothing: our callback prints one line per event.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # "local" starts a fresh in-process cluster even if a stale one left its address behind.
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+
+
+def _max_concurrent(cfg: SearchConfig) -> int:
+    if cfg.budget.max_concurrent:
+        return cfg.budget.max_concurrent
+    # The whole cluster, not what is free now: final evaluations may hold a slot for a while.
+    total = ray.cluster_resources()
+    slots = total.get("CPU", 1) // cfg.resources.cpu
+    if cfg.resources.gpu > 0:
+        slots = min(slots, total.get("GPU", 0) // cfg.resources.gpu)
+    return max(1, int(slots))
+
+
+def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref) -> MethodSearch:
+    space = cfg.spaces()[method]
+    searched = sorted(spaces.searched(space))
+    spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
+                     fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+    tags = {METHOD: method, "otarena.dataset": cfg.dataset, "otarena.arch": cfg.arch,
+            "otarena.norm": cfg.threat_model.norm, "otarena.eps": repr(cfg.threat_model.eps)}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags, {
+        **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
+        "search.algorithm": "optuna-tpe", "search.scheduler": "asha", "search.metric": METRIC,
+        "search.space": {k: space[k].describe() for k in searched}})
+    log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
+        f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
+
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.budget.trials // 2)))
+    searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
+                                       points_to_evaluate=[spaces.defaults(space)] if searched else None,
+                                       max_epochs=cfg.budget.max_epochs)
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
+                              grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
+    callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, _max_concurrent(cfg)),
+                                    scheduler=scheduler, num_samples=cfg.budget.trials),
+        run_config=tune.RunConfig(
+            name=f"{cfg.name}-{method}-{stamp}", storage_path=_storage(cfg.storage_path), verbose=0,
+            callbacks=[callback], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0)))
+    start = time.time()
+    grid = tuner.fit()
+    wall = time.time() - start
+    results = [r for r in grid]
+    trial_epochs = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in results)
+    devices = cfg.resources.gpu or cfg.resources.cpu
+    trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
+    tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
+                                    "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
+    log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
+    return MethodSearch(method, parent_id, results, callback.run_ids, wall)
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def top_k(results: list, k: int) -> list:
+    """The k best trials by *validation* PGD accuracy (ties: validation clean accuracy)."""
+    scored = [r for r in results if r.error is None and r.checkpoint is not None and r.metrics]
+    scored.sort(key=lambda r: (r.metrics.get("val/best_pgd_acc", -1), r.metrics.get("val/best_clean_acc", -1)),
+                reverse=True)
+    return scored[:k]
+
+
+def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int) -> tuple[dict, dict]:
+    """Score a trial's best-epoch weights on the test split (runs as a Ray task)."""
+    torch.set_num_threads(max(1, int(spec.cpus)))
+    with checkpoint.as_directory() as folder:
+        weights = load_state(folder)["best_model"]
+    info = test_data.info
+    device = methods.common.train.pick_device()
+    model = methods.nets.build(spec.arch, in_channels=info.in_channels, num_classes=info.num_classes,
+                               mean=info.mean, std=info.std)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    attacks = ("clean", "pgd") + (("autoattack",) if eval_cfg["autoattack"] else ())
+    result = methods.evaluate(model, test_data, methods.ThreatModel(spec.norm, spec.eps), attacks,
+                              n_ex=eval_cfg["n_ex"], pgd_steps=eval_cfg["pgd_steps"],
+                              pgd_restarts=eval_cfg["pgd_restarts"], aa_version=eval_cfg["autoattack"] or "standard",
+                              batch_size=eval_cfg["batch_size"], seed=seed, device=device)
+    return result, weights
+
+
+def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, test_ref) -> list:
+    """Start the test-split evaluation of the top-k trials as Ray tasks; returns (result, ref) pairs.
+
+    They run while the next method is searched, filling the cores that ASHA's tail leaves idle.
+    """
+    space = cfg.spaces()[outcome.method]
+    spec = TrialSpec(outcome.method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
+                     fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=cfg.resources.cpu,
+                                                   num_gpus=1 if cfg.resources.gpu > 0 else 0)
+    chosen = top_k(outcome.results, cfg.final_eval.top_k)
+    attacks = f"PGD-{cfg.final_eval.pgd_steps}" + (f", AutoAttack {cfg.final_eval.autoattack}"
+                                                   if cfg.final_eval.autoattack else "")
+    for r in chosen:
+        log(f"{outcome.method}: evaluating trial {r.metrics['trial_id']} on the test split ({attacks})")
+    return [(r, task.remote(r.checkpoint, spec, test_ref, cfg.final_eval.model_dump(), cfg.seed)) for r in chosen]
+
+
+def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: list, tracker: Tracker) -> list[dict]:
+    """Wait for the evaluations and write them into each trial's own MLflow run."""
+    summaries = []
+    for r, ref in pending:
+        trial_id = r.metrics["trial_id"]
+        result, weights = ray.get(ref)
+        run_id = outcome.run_ids[trial_id]
+        metrics = {f"test/{k}": result[k] for k in ("clean_acc", "pgd_acc", "aa_acc") if k in result}
+        metrics["test/n_ex"] = result["n_ex"]
+        metrics.update({f"test/aa/{name}": acc for name, acc in result.get("aa_per_attack", {}).items()})
+        tracker.log_metrics(run_id, metrics)
+        tracker.log_params(run_id, {f"eval.{k}": v for k, v in cfg.final_eval.model_dump().items()}
+                           | {"eval.seed": cfg.seed})
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.pt")
+            torch.save(weights, path)
+            tracker.log_artifact(run_id, path, "checkpoint")
+        tracker.set_tags(run_id, {"otarena.evaluated": "true", "otarena.flags": ",".join(result["flags"])})
+        shown = "  ".join(f"{k.removeprefix('test/')} {v:.1%}" for k, v in metrics.items() if k.endswith("_acc"))
+        flags = f" [{', '.join(result['flags'])}]" if result["flags"] else ""
+        log(f"{outcome.method}: trial {trial_id} test {shown} on {result['n_ex']} images{flags}")
+        summaries.append({"method": outcome.method, "trial_id": trial_id, "run_id": run_id, **result})
+    return summaries
+
+
+def run_search(cfg: SearchConfig, *, address: Optional[str] = None, out_dir: Optional[str] = "site") -> list[dict]:
+    """Search every method of ``cfg``, evaluate the best trials, and build the leaderboard."""
+    import leaderboard
+
+    start = time.time()
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    log(f"loading {cfg.dataset}")
+    train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
+    val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
+    test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
+    log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images; "
+        f"starting Ray")
+    init_ray(address)
+    train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
+    evaluations = []
+    for i, method in enumerate(cfg.methods, 1):
+        log(f"method {i}/{len(cfg.methods)}: {method}")
+        outcome = search_method(cfg, method, tracker, train_ref, val_ref)
+        evaluations.append((outcome, submit_final_evaluation(cfg, outcome, test_ref)))
+    log("waiting for the final evaluations")
+    summaries = []
+    for outcome, pending in evaluations:
+        summaries += record_final_evaluation(cfg, outcome, pending, tracker)
+        tracker.finish(outcome.parent_id)
+    log(f"all searches done in {time.time() - start:.0f}s; MLflow experiment {cfg.name!r} in {cfg.tracking_uri}")
+    if out_dir:
+        tables = leaderboard.build(cfg.tracking_uri, out_dir, experiments=[cfg.name])
+        print(leaderboard.format_text(tables), flush=True)
+        log(f"leaderboard written to {out_dir}/leaderboard.md and {out_dir}/leaderboard.csv")
+    return summaries

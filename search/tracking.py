@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MLflow writes of a search, following docs/mlflow-schema.md.
+
+All writes happen in the driver process through one ``MlflowClient``, so a sqlite store has a
+single writer. A trial's run is found by its ``otarena.trial_id`` tag, never by an in-memory map
+alone: after ``Tuner.restore`` a resumed trial reopens its run instead of creating a duplicate
+(Ray's MLflowLoggerCallback creates a new one; stack-notes 2.3).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, Mapping, Optional
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+ROLE, METHOD, TRIAL_ID, OUTCOME = "otarena.role", "otarena.method", "otarena.trial_id", "otarena.outcome"
+EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
+"""Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""
+MAX_PARAM_LENGTH = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used."""
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Fail fast, with one line, when the store cannot be opened or reached."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///rel.db is relative to the working directory, sqlite:////abs.db absolute.
+        folder = os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///"):]))
+        if not os.path.isdir(folder):
+            raise TrackingError(f"tracking URI {tracking_uri!r}: folder {folder!r} does not exist")
+        return
+    if parsed.scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).read()
+        except OSError as err:
+            raise TrackingError(f"MLflow server {tracking_uri} is unreachable ({err})") from None
+        return
+    if parsed.scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {tracking_uri!r}: MLflow 3 needs a database (sqlite:///mlflow.db) "
+                            f"or a server (http://host:port), not a file store")
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _params(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+
+
+def _tags(values: Mapping[str, Any]) -> list[RunTag]:
+    return [RunTag(k, str(v)) for k, v in values.items()]
+
+
+class Tracker:
+    """One search campaign's MLflow experiment: its parent runs and trial runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {experiment!r} is deleted; restore it or pick another name")
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start_search(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "search", **tags})
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def trial_run(self, parent_id: str, trial_id: str, *, name: str, tags: Mapping[str, str],
+                  params: Mapping[str, Any]) -> str:
+        """The one run of a trial: found by its ``otarena.trial_id`` tag, or created."""
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+            max_results=1)
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, ROLE: "trial", TRIAL_ID: trial_id, **tags})
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def log_epoch(self, run_id: str, result: Mapping[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if k.startswith(EPOCH_METRICS) and _finite_number(v)]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                               if _finite_number(v)])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=_tags(tags))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, params=_params(params))
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def trial_runs(self, parent_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'", max_results=10_000)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_url(ui_base: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def last_line(text: Optional[str], limit: int = 500) -> str:
+    """The last line of an error message (a traceback's ``Error: reason``), for a tag."""
+    lines = (text or "").strip().splitlines() or [""]
+    return lines[-1][:limit]

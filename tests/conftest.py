@@ -1,0 +1,20 @@
+# SPDX-License-Identifier: Apache-2.0
+import os
+
+import pytest
+
+# Keep Ray, MLflow and torch from fighting over the CI machine's 2 cores and from phoning home.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray cluster for every test that needs one."""
+    import ray
+
+    from search.run import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,137 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad input gets a one-line error and exit code 2 before any work starts (no Ray, no MLflow run)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from search.cli import main
+
+GOOD = {
+    "name": "cli-test",
+    "dataset": "digits",
+    "arch": "small_cnn",
+    "threat_model": {"norm": "Linf", "eps": 0.2},
+    "methods": ["pgd_at", "trades"],
+    "budget": {"trials": 2, "max_epochs": 2, "grace_epochs": 1},
+}
+
+
+def _write(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return str(path)
+
+
+def _with(**changes):
+    config = json.loads(json.dumps(GOOD))
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config
+
+
+BAD_CONFIGS = {
+    "unknown method": (_with(methods=["pgd_att"]), "did you mean 'pgd_at'"),
+    "unknown dataset": (_with(dataset="cifar11"), "unknown dataset 'cifar11'"),
+    "unknown arch": (_with(arch="resnet1000"), "unknown arch"),
+    "hyperparameter outside its valid domain": (
+        _with(space={"trades": {"trades_beta": {"low": -1.0, "high": 3.0}}}), "valid domain"),
+    "fixed value outside its domain": (_with(train={"lr": -0.1}), "lr=-0.1"),
+    "unknown hyperparameter": (_with(train={"weight_decy": 0.1}), "did you mean 'weight_decay'"),
+    "wrong type": (_with(train={"optimizer": "rmsprop"}), "optimizer"),
+    "eps zero": (_with(threat_model={"norm": "Linf", "eps": 0}), "eps must be in (0, 1]"),
+    "eps in integer pixels": (_with(threat_model={"norm": "Linf", "eps": 8}), "eps must be in (0, 1]"),
+    "unknown norm": (_with(threat_model={"norm": "L3", "eps": 0.1}), "threat_model.norm"),
+    "missing data dir": (_with(dataset="cifar10", data_dir="/nonexistent/data"), "does not exist"),
+    "data dir without the dataset": (_with(dataset="mnist", data_dir="."), "not found in"),
+    "zero cpus": (_with(resources={"cpu": 0}), "cpu per trial must be > 0"),
+    "more cpus than the machine": (_with(resources={"cpu": 4096}), "this machine has"),
+    "negative gpus": (_with(resources={"gpu": -1}), "gpu per trial must be >= 0"),
+    "more gpus than the machine": (_with(resources={"gpu": 64}), "GPUs"),
+    "fractional gpus above one": (_with(resources={"gpu": 1.5}), "whole number"),
+    "unknown top-level key": (_with(budgte={"trials": 3}), "unknown key"),
+    "grace above budget": (_with(budget={"trials": 2, "max_epochs": 2, "grace_epochs": 5}), "grace_epochs"),
+    "malformed yaml": ("name: [unclosed\nmethods: {", "malformed YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_search_rejects_bad_config_with_one_line_and_exit_2(case, tmp_path, capsys):
+    config, expected = BAD_CONFIGS[case]
+    path = _write(tmp_path, config)
+    code = main(["search", path, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("otarena: error: ")
+    assert expected in lines[0], lines[0]
+    # Rejected before any work: no MLflow store was created and Ray was not started.
+    assert not (tmp_path / "mlflow.db").exists()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["search", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_folder(tmp_path, capsys):
+    path = _write(tmp_path, GOOD)
+    assert main(["search", path, "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_rejects_unknown_method(capsys):
+    assert main(["train", "--method", "tradez"]) == 2
+    assert "did you mean 'trades'" in capsys.readouterr().err
+
+
+def test_train_rejects_bad_eps(capsys):
+    assert main(["train", "--method", "pgd_at", "--eps", "2"]) == 2
+    assert "eps must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed ``otarena`` command itself exits 2 with one line on stderr."""
+    path = _write(tmp_path, _with(methods=["nope"]))
+    exe = os.path.join(os.path.dirname(sys.executable), "otarena")
+    proc = subprocess.run([exe, "search", path], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown method 'nope'" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_methods_lists_every_method_with_its_space(capsys):
+    import methods
+
+    assert main(["methods", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert set(listing) == set(methods.REGISTRY)
+    assert "trades_beta" in listing["trades"]["search_space"]
+    assert "mart_beta" in listing["mart"]["search_space"]
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in methods.REGISTRY:
+        assert f"{name}:" in text
+
+
+def test_train_runs_one_configuration_without_ray(tmp_path, capsys):
+    code = main(["train", "--method", "pgd_at", "--epochs", "1", "--set", "optimizer=adam", "--set", "lr=2e-3",
+                 "--set", "batch_size=64", "--set", "val_n_ex=64", "--out", str(tmp_path), "--test"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "epoch 1/1" in out and "test: clean_acc" in out
+    assert (tmp_path / "pgd_at.pt").exists()
+    import ray
+
+    assert not ray.is_initialized()

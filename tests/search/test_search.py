@@ -1,0 +1,138 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A real Ray Tune search on digits, logged to a real sqlite MLflow store (design.md section 4)."""
+import optuna
+import pytest
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from search import config as config_lib
+from search.run import PrunedAwareOptunaSearch, run_search
+from search.tracking import Tracker
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = config_lib.parse({
+        "name": "test-search", "dataset": "digits", "arch": "small_cnn",
+        "threat_model": {"norm": "Linf", "eps": 0.2}, "methods": ["trades"],
+        "train": {"optimizer": "adam", "batch_size": 64, "val_n_ex": 64, "attack_steps": 3},
+        "space": {"common": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}},
+        "budget": {"trials": 3, "max_epochs": 2, "grace_epochs": 1, "max_concurrent": 2},
+        "final_eval": {"top_k": 1, "n_ex": 40, "pgd_steps": 5, "autoattack": "standard"},
+        "tracking_uri": f"sqlite:///{tmp}/mlflow.db", "storage_path": str(tmp / "ray"),
+    })
+    summaries = run_search(cfg, out_dir=str(tmp / "site"))
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name("test-search")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return tmp, cfg, summaries, client, runs
+
+
+def test_one_parent_and_one_child_per_trial(searched):
+    _, _, _, _, runs = searched
+    parents = [r for r in runs if r.data.tags.get("otarena.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    for key, value in {"otarena.method": "trades", "otarena.dataset": "digits", "otarena.arch": "small_cnn"}.items():
+        assert parent.data.tags[key] == value
+        assert all(c.data.tags[key] == value for c in children)
+    assert parent.data.params["search.algorithm"] == "optuna-tpe"
+    assert parent.data.params["search.scheduler"] == "asha"
+    assert parent.data.params["config.budget.trials"] == "3"
+    assert parent.data.metrics["search/n_trials"] == 3
+    assert parent.data.metrics["search/trial_epochs"] == sum(c.data.metrics["train/epochs"] for c in children)
+    assert parent.info.status == "FINISHED"
+
+
+def test_child_runs_carry_params_curves_and_outcome(searched):
+    _, _, _, client, runs = searched
+    children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
+    assert len({c.data.tags["otarena.trial_id"] for c in children}) == 3
+    for child in children:
+        tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        assert tags["otarena.norm"] == "Linf" and float(tags["otarena.eps"]) == 0.2
+        assert tags["otarena.outcome"] in ("completed", "pruned")
+        assert tags["otarena.searched"] == "lr,trades_beta"
+        assert 1e-3 <= float(params["lr"]) <= 5e-3 and 1.0 <= float(params["trades_beta"]) <= 12.0
+        assert params["optimizer"] == "adam" and params["epochs"] == "2" and params["attack_steps"] == "3"
+        epochs = int(metrics["train/epochs"])
+        assert (tags["otarena.outcome"] == "completed") == (epochs == 2)
+        for key in ("train/loss", "val/clean_acc", "val/pgd_acc", "time/epoch_s"):
+            history = client.get_metric_history(child.info.run_id, key)
+            assert [m.step for m in history] == list(range(1, epochs + 1)), key
+        assert 0 <= metrics["val/best_pgd_acc"] <= 1
+        assert child.info.status == "FINISHED"
+
+
+def test_best_trial_is_evaluated_with_checkpoint(searched):
+    tmp, _, summaries, client, runs = searched
+    evaluated = [r for r in runs if r.data.tags.get("otarena.evaluated") == "true"]
+    assert len(evaluated) == 1 and len(summaries) == 1
+    run = evaluated[0]
+    children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
+    # Chosen by validation, never by test.
+    assert run.data.metrics["val/best_pgd_acc"] == max(c.data.metrics["val/best_pgd_acc"] for c in children)
+    for key in ("test/clean_acc", "test/pgd_acc", "test/aa_acc"):
+        assert 0 <= run.data.metrics[key] <= 1
+    assert run.data.metrics["test/n_ex"] == 40
+    assert run.data.metrics["test/aa_acc"] <= run.data.metrics["test/clean_acc"]
+    assert run.data.params["eval.pgd_steps"] == "5"
+    assert "small-sample" in run.data.tags["otarena.flags"]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+    assert artifacts == ["checkpoint/model.pt"]
+    import torch
+
+    weights = torch.load(client.download_artifacts(run.info.run_id, "checkpoint/model.pt", str(tmp)),
+                         weights_only=True)
+    assert "head.weight" in weights
+    assert (tmp / "site" / "leaderboard.md").exists() and (tmp / "site" / "leaderboard.csv").exists()
+    assert "trades" in (tmp / "site" / "leaderboard.md").read_text()
+
+
+def test_trial_maps_to_one_run_when_resumed(tmp_path):
+    """A resumed trial reopens its run by the otarena.trial_id tag instead of creating a duplicate."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "dedup")
+    parent = tracker.start_search("p", {}, {})
+    first = tracker.trial_run(parent, "abc_00001", name="t", tags={}, params={"lr": 0.1})
+    tracker.finish(first, "FAILED")
+    again = tracker.trial_run(parent, "abc_00001", name="t", tags={}, params={"lr": 0.1})
+    other = tracker.trial_run(parent, "abc_00002", name="t", tags={}, params={"lr": 0.2})
+    assert again == first and other != first
+    assert len(tracker.trial_runs(parent)) == 2
+    assert tracker.client.get_run(first).info.status == "RUNNING"
+
+
+def _toy(config):
+    for epoch in range(1, 4):
+        tune.report({"val/pgd_acc": config["x"] * epoch})
+
+
+def _study_states(searcher_cls, tmp_path, name, **extra):
+    storage = f"sqlite:///{tmp_path}/optuna-{name}.db"
+    searcher = searcher_cls(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="val/pgd_acc",
+                            mode="max", points_to_evaluate=[{"x": 1.0}, {"x": 0.1}, {"x": 0.05}],
+                            study_name=name, storage=storage, **extra)
+    tuner = tune.Tuner(_toy, tune_config=tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, 1), num_samples=3,
+        scheduler=ASHAScheduler(metric="val/pgd_acc", mode="max", max_t=3, grace_period=1, reduction_factor=2)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name=name, verbose=0))
+    grid = tuner.fit()
+    iterations = sorted(r.metrics["training_iteration"] for r in grid)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return iterations, [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def test_asha_stopped_trials_reach_optuna_as_pruned(tmp_path, ray_local):
+    iterations, states = _study_states(PrunedAwareOptunaSearch, tmp_path, "ours", max_epochs=3)
+    assert iterations == [1, 1, 3], "ASHA should stop the two weak trials after one epoch"
+    S = optuna.trial.TrialState
+    assert states == [S.COMPLETE, S.PRUNED, S.PRUNED]
+    # The trap this guards against: Ray's own OptunaSearch calls those partial scores COMPLETE.
+    _, plain = _study_states(OptunaSearch, tmp_path, "plain")
+    assert plain == [S.COMPLETE, S.COMPLETE, S.COMPLETE]
