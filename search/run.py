@@ -194,7 +194,9 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, _max_concurrent(cfg)),
-                                    scheduler=scheduler, num_samples=cfg.budget.trials),
+                                    scheduler=scheduler, num_samples=cfg.budget.trials,
+                                    # One actor per slot for the whole search: no process start per trial.
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{cfg.name}-{method}-{stamp}", storage_path=_storage(cfg.storage_path), verbose=0,
             callbacks=[callback], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

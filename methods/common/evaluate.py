@@ -102,7 +102,8 @@ def flags_for(result: dict) -> list[str]:
 
 
 def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = ATTACKS, *,
-             n_ex: Optional[int] = None, pgd_steps: int = 50, pgd_restarts: int = 1, aa_version: str = "standard",
+             n_ex: Optional[int] = None, pgd_steps: int = 50, pgd_restarts: int = 1,
+             pgd_step_size: Optional[float] = None, aa_version: str = "standard",
              batch_size: int = 500, seed: int = 0, device: Optional[torch.device | str] = None) -> dict:
     """Evaluate any classifier on [0, 1] inputs.
 
@@ -112,7 +113,9 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         threat_model: norm and eps of the attacks.
         attacks: any of ``clean``, ``pgd``, ``autoattack``.
         n_ex: evaluate the first ``n_ex`` examples (``None``: all of them).
-        pgd_steps, pgd_restarts: PGD-k settings (step size 2.5 * eps / k, random start).
+        pgd_steps, pgd_restarts: PGD-k settings (random start, true labels).
+        pgd_step_size: default eps / 4 (2/255 at 8/255, as in RobustBench-era evaluations); the
+            most adversarial iterate is kept, so a large step never weakens a long attack.
         aa_version: pyautoattack version (``standard``, ``plus``, ``rand``).
         seed: seeds PGD's random start and AutoAttack.
 
@@ -133,8 +136,9 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         result["clean_acc"] = accuracy(model, x, y, batch_size)
     if "pgd" in attacks:
         generator = torch.Generator(device=device).manual_seed(seed)
-        result["pgd_acc"] = pgd_accuracy(model, x, y, threat_model, steps=pgd_steps, restarts=pgd_restarts,
-                                         batch_size=batch_size, generator=generator)
+        step_size = pgd_step_size if pgd_step_size is not None else threat_model.eps / 4
+        result["pgd_acc"] = pgd_accuracy(model, x, y, threat_model, steps=pgd_steps, step_size=step_size,
+                                         restarts=pgd_restarts, batch_size=batch_size, generator=generator)
     if "autoattack" in attacks:
         result["aa_acc"], result["aa_per_attack"] = autoattack_accuracy(
             model, x, y, threat_model, version=aa_version, batch_size=batch_size, seed=seed)

@@ -108,17 +108,16 @@ def test_trial_maps_to_one_run_when_resumed(tmp_path):
     assert tracker.client.get_run(first).info.status == "RUNNING"
 
 
-def _toy(config):
-    for epoch in range(1, 4):
-        tune.report({"val/pgd_acc": config["x"] * epoch})
-
-
 def _study_states(searcher_cls, tmp_path, name, **extra):
+    def toy(config):  # nested, so Ray pickles it by value for its workers
+        for epoch in range(1, 4):
+            tune.report({"val/pgd_acc": config["x"] * epoch})
+
     storage = f"sqlite:///{tmp_path}/optuna-{name}.db"
     searcher = searcher_cls(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="val/pgd_acc",
                             mode="max", points_to_evaluate=[{"x": 1.0}, {"x": 0.1}, {"x": 0.05}],
-                            study_name=name, storage=storage, **extra)
-    tuner = tune.Tuner(_toy, tune_config=tune.TuneConfig(
+                            study_name=name, storage=optuna.storages.RDBStorage(storage), **extra)
+    tuner = tune.Tuner(toy, tune_config=tune.TuneConfig(
         search_alg=ConcurrencyLimiter(searcher, 1), num_samples=3,
         scheduler=ASHAScheduler(metric="val/pgd_acc", mode="max", max_t=3, grace_period=1, reduction_factor=2)),
         run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name=name, verbose=0))
