@@ -13,12 +13,12 @@ from typing import Any, Union
 
 
 @dataclass(frozen=True)
-class Float:
-    """A real-valued hyperparameter on ``[low, high]`` (log-uniform when ``log``)."""
+class _Range:
+    """A numeric hyperparameter on ``[low, high]`` (log-uniform when ``log``)."""
 
-    low: float
-    high: float
-    default: float
+    low: Any
+    high: Any
+    default: Any
     log: bool = False
     valid: tuple = (-math.inf, math.inf)
     """The values the method is defined for; a config may widen the search range up to here."""
@@ -29,8 +29,26 @@ class Float:
         if self.log and self.low <= 0:
             raise ValueError(f"a log-scaled range needs low > 0, got {self.low}")
 
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
     def contains(self, value: Any) -> bool:
-        return _is_number(value) and self.low <= value <= self.high
+        return self.accepts(value) and self.low <= value <= self.high
+
+    def is_valid(self, value: Any) -> bool:
+        return self.accepts(value) and self.valid[0] <= value <= self.valid[1]
+
+    def describe(self) -> str:
+        scale = ", log" if self.log else ""
+        return f"{type(self).__name__.lower()} [{self.low:g}, {self.high:g}{scale}] default {self.default:g}"
+
+
+@dataclass(frozen=True)
+class Float(_Range):
+    """A real-valued hyperparameter."""
+
+    def accepts(self, value: Any) -> bool:
+        return _is_number(value)
 
     @staticmethod
     def coerce(value: Any) -> Any:
@@ -42,43 +60,17 @@ class Float:
                 return value
         return float(value) if _is_number(value) else value
 
-    def is_valid(self, value: Any) -> bool:
-        return _is_number(value) and self.valid[0] <= value <= self.valid[1]
-
-    def describe(self) -> str:
-        scale = ", log" if self.log else ""
-        return f"float [{self.low:g}, {self.high:g}{scale}] default {self.default:g}"
-
 
 @dataclass(frozen=True)
-class Int:
-    """An integer hyperparameter on ``[low, high]``."""
+class Int(_Range):
+    """An integer hyperparameter."""
 
-    low: int
-    high: int
-    default: int
-    log: bool = False
-    valid: tuple = (-math.inf, math.inf)
-
-    def __post_init__(self):
-        if not self.low <= self.default <= self.high:
-            raise ValueError(f"need low <= default <= high, got {self.low}, {self.default}, {self.high}")
-
-    def contains(self, value: Any) -> bool:
-        return _is_int(value) and self.low <= value <= self.high
+    def accepts(self, value: Any) -> bool:
+        return _is_int(value)
 
     @staticmethod
     def coerce(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
-
-    def is_valid(self, value: Any) -> bool:
-        return _is_int(value) and self.valid[0] <= value <= self.valid[1]
-
-    def describe(self) -> str:
-        scale = ", log" if self.log else ""
-        return f"int [{self.low}, {self.high}{scale}] default {self.default}"
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,9 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_search_rejects_bad_config_with_one_line_and_exit_2(case, tmp_path, capsys):
+    import ray
+
+    ray_was_running = ray.is_initialized()
     config, expected = BAD_CONFIGS[case]
     path = _write(tmp_path, config)
     code = main(["search", path, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
@@ -75,9 +78,7 @@ def test_search_rejects_bad_config_with_one_line_and_exit_2(case, tmp_path, caps
     assert expected in lines[0], lines[0]
     # Rejected before any work: no MLflow store was created and Ray was not started.
     assert not (tmp_path / "mlflow.db").exists()
-    import ray
-
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_running
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -126,12 +127,13 @@ def test_methods_lists_every_method_with_its_space(capsys):
 
 
 def test_train_runs_one_configuration_without_ray(tmp_path, capsys):
+    import ray
+
+    ray_was_running = ray.is_initialized()
     code = main(["train", "--method", "pgd_at", "--epochs", "1", "--set", "optimizer=adam", "--set", "lr=2e-3",
                  "--set", "batch_size=64", "--set", "val_n_ex=64", "--out", str(tmp_path), "--test"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "epoch 1/1" in out and "test: clean_acc" in out
     assert (tmp_path / "pgd_at.pt").exists()
-    import ray
-
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_running
