@@ -12,10 +12,11 @@ import os
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import methods
 from methods.common import data as data_lib
+from methods.common.attacks import check_eps
 from methods.common.nets import ARCHS
 from methods.space import Choice, Fixed, Float, Int, narrow
 
@@ -35,12 +36,10 @@ class ThreatModelConfig(_Strict):
     norm: Literal["Linf", "L2"] = "Linf"
     eps: float
 
-    @field_validator("eps")
-    @classmethod
-    def _eps_in_pixel_units(cls, eps: float) -> float:
-        if not (math.isfinite(eps) and 0 < eps <= 1):
-            raise ValueError(f"eps must be in (0, 1] in [0, 1] pixel units (8/255 = {8 / 255:.4f}), got {eps}")
-        return eps
+    @model_validator(mode="after")
+    def _eps_in_pixel_units(self):
+        check_eps(self.norm, self.eps)
+        return self
 
 
 class Budget(_Strict):

@@ -18,3 +18,11 @@ def ray_local():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run beside Ray workers on 2 cores: one torch thread each keeps them from thrashing."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -45,12 +45,19 @@ class ThreatModel:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must be in (0, 1] (pixel units), got {self.eps}")
+        check_eps(self.norm, self.eps)
 
     @property
     def alpha(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+
+def check_eps(norm: str, eps: float) -> None:
+    """L-inf radii live in (0, 1] pixel units; L2 radii may exceed 1 (2.0 is common on MNIST)."""
+    if norm == "Linf" and not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] in [0, 1] pixel units (8/255 = {8 / 255:.4f}), got {eps}")
+    if norm == "L2" and not 0 < eps < float("inf"):
+        raise ValueError(f"an L2 eps must be a positive number of [0, 1] pixel units, got {eps}")
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,7 +143,8 @@ def pgd(
         y: true labels (N,), or any target ``loss_fn`` understands (TRADES passes clean logits).
         eps, norm, steps: the threat model; ``step_size`` defaults to 2.5 * eps / steps.
         random_init: start from a random point of the ball (else from ``x``, or ``init``).
-        restarts: independent random starts; with ``keep_best`` the most adversarial is kept.
+        restarts: independent starts (the first from ``init`` when given, the others random);
+            they need ``keep_best``, which keeps the most adversarial.
         keep_best: keep, per example, the most adversarial iterate seen (a misclassified one
             first, then the highest loss). This makes a longer or restarted attack never weaker
             than a shorter one with the same seed, which evaluation relies on. Training leaves it
@@ -146,15 +154,17 @@ def pgd(
     Returns:
         adversarial inputs, (N, C, H, W) in [0, 1] and within eps of ``x``.
     """
+    if restarts > 1 and not keep_best:
+        raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     x = x.detach()
     best = x.clone()
     best_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
     with frozen(model):
-        for _ in range(max(restarts, 1)):
-            if init is not None:
+        for restart in range(max(restarts, 1)):
+            if init is not None and restart == 0:
                 x_adv = project(init.detach(), x, eps, norm)
-            elif random_init:
+            elif random_init or restart > 0:
                 x_adv = random_start(x, eps, norm, generator)
             else:
                 x_adv = x.clone()
