@@ -45,6 +45,9 @@ class Mart(Method):
     paper = "Wang et al. 2020, Improving Adversarial Robustness Requires Revisiting Misclassified Examples"
     link = "https://openreview.net/forum?id=rklOg6EFwS"
 
+    def passes(self):
+        return self.threat.steps + 2.0
+
     def perturb(self, x, y):
         t = self.threat
         return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha,

@@ -32,6 +32,9 @@ class PgdAT(Method):
     paper = "Madry et al. 2018, Towards Deep Learning Models Resistant to Adversarial Attacks"
     link = "https://arxiv.org/abs/1706.06083"
 
+    def passes(self):
+        return self.threat.steps + 1.0
+
     def perturb(self, x, y):
         t = self.threat
         return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha)

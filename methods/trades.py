@@ -53,6 +53,9 @@ class Trades(Method):
     paper = "Zhang et al. 2019, Theoretically Principled Trade-off between Robustness and Accuracy"
     link = "https://arxiv.org/abs/1901.08573"
 
+    def passes(self):
+        return self.threat.steps + 2 + 1 / 3      # + the no-grad clean forward that fixes p(x)
+
     def perturb(self, x, y):
         with torch.no_grad():
             p_clean = F.softmax(self.model(x), 1)

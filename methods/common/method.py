@@ -77,6 +77,14 @@ class Method:
         self.optimizer.step()
         return {"loss": loss.detach(), **metrics}
 
+    def passes(self) -> float | None:
+        """Forward+backward passes over a minibatch per step, in theory (methods-spec section 7).
+
+        A forward pass without backward counts 1/3. ``benchmarks/method_cost.py`` compares it with
+        the measured cost; ``None`` when a method does not declare it.
+        """
+        return None
+
     def state_dict(self) -> dict:
         """Method state beyond model and optimizer (buffers, potentials, duals)."""
         return {}

@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cost of one training epoch of every method, as a ratio to a clean (ERM) epoch on the same model.
+
+The methods are timed side by side, interleaved round by round, so that machine noise hits them
+alike; the ratio of medians is what to read, not the seconds. Beside each ratio stands the
+theoretical number of forward+backward passes per step from methods-spec section 7, when the
+method declares it.
+
+    python benchmarks/method_cost.py                 # digits, small_cnn, 5 rounds
+    python benchmarks/method_cost.py --quick         # CI smoke test: one short round
+    python benchmarks/method_cost.py --arch preact_resnet18 --shape cifar --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import methods  # noqa: E402
+from methods.common.data import INFO, TensorData, batches  # noqa: E402
+
+
+def synthetic(shape: str, n: int) -> TensorData:
+    """Random CIFAR-shaped data: throughput does not depend on the pixel values."""
+    info = INFO["cifar10"]
+    generator = torch.Generator().manual_seed(0)
+    return TensorData("cifar-shaped", "train", torch.rand(n, 3, 32, 32, generator=generator),
+                      torch.randint(0, 10, (n,), generator=generator), info)
+
+
+def machine(device: torch.device) -> dict:
+    return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch_threads": torch.get_num_threads()}
+
+
+def time_epoch(run, n_batches: int, device: torch.device) -> float:
+    """Seconds for ``n_batches`` training steps (no validation)."""
+    generator = torch.Generator().manual_seed(0)
+    stream = batches(run.train, run.cfg.batch_size, shuffle=True, generator=generator, drop_last=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i, (x, y, idx) in enumerate(stream):
+        if i == n_batches:
+            break
+        run.method.step(x, y, idx)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(methods.REGISTRY), help="comma-separated registry names")
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--shape", default="digits", choices=["digits", "cifar"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=20, help="steps timed per method per round")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--attack-steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="one round of 2 steps (a smoke test)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "method_cost.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.batches = 1, 2
+    names = [m for m in args.methods.split(",") if m]
+    if "erm" not in names:
+        names.insert(0, "erm")
+    device = methods.common.train.pick_device(args.device)
+    if args.shape == "digits":
+        train = methods.data.load("digits", "train")
+        threat = methods.ThreatModel("Linf", 0.2)
+    else:
+        train = synthetic("cifar", args.batch_size * args.batches)
+        threat = methods.ThreatModel("Linf", 8 / 255)
+    hparams = {"batch_size": args.batch_size, "attack_steps": args.attack_steps, "optimizer": "sgd", "lr": 0.01}
+    runs = {name: methods.build_run(name, hparams, dataset="digits" if args.shape == "digits" else "cifar10",
+                                    arch=args.arch, threat=threat, device=device, train=train, val=train)
+            for name in names}
+    for run in runs.values():          # warm-up: allocator, cuDNN autotuning, lazy state
+        time_epoch(run, 1, device)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            seconds[name].append(time_epoch(run, args.batches, device))
+    base = statistics.median(seconds["erm"])
+    rows = []
+    print(f"{'method':<16} {'x ERM':>7} {'theory':>7} {'s/step':>9}")
+    for name in names:
+        ratio = statistics.median(seconds[name]) / base
+        passes = getattr(runs[name].method, "passes", lambda: None)()
+        rows.append({"method": name, "ratio_to_erm": ratio, "theoretical_passes": passes,
+                     "seconds_per_step": statistics.median(seconds[name]) / args.batches})
+        theory = f"{passes:7.1f}" if passes else "    n/a"
+        print(f"{name:<16} {ratio:7.2f} {theory} {rows[-1]['seconds_per_step']:9.4f}")
+    report = {"benchmark": "method_cost", "arch": args.arch, "shape": args.shape, "batch_size": args.batch_size,
+              "attack_steps": args.attack_steps, "rounds": args.rounds, "batches": args.batches,
+              "machine": machine(device), "rows": rows}
+    for row in rows:
+        assert row["ratio_to_erm"] > 0 and row["seconds_per_step"] > 0
+    if not args.quick:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
