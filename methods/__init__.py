@@ -21,6 +21,7 @@ from methods.common.evaluate import evaluate
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
 from methods.erm import Erm
+from methods.langevin import Langevin
 from methods.mart import Mart
 from methods.pgd_at import PgdAT
 from methods.trades import Trades
@@ -30,9 +31,10 @@ REGISTRY: dict[str, type[Method]] = {
     "pgd_at": PgdAT,
     "trades": Trades,
     "mart": Mart,
+    "langevin": Langevin,
 }
 
-__all__ = ["REGISTRY", "get", "hyperparameters", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",
+__all__ = ["REGISTRY", "get", "hyperparameters", "defaults", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",
            "Method", "Run", "data", "nets"]
 
 
@@ -50,8 +52,15 @@ def hyperparameters(name: str) -> dict[str, Any]:
     """
     cls = get(name)
     shared = {f.name: TRAIN_SPACE.get(f.name, f.default) for f in fields(TrainConfig)}
-    own = {f.name: cls.SEARCH_SPACE.get(f.name, f.default) for f in fields(cls.Config)}
+    declared = {**cls.OPTIONAL_SPACE, **cls.SEARCH_SPACE}
+    own = {f.name: declared.get(f.name, f.default) for f in fields(cls.Config)}
     return {**shared, **own, **cls.SEARCH_SPACE}
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The ``TrainConfig`` and ``Config`` default of every hyperparameter ``name`` accepts."""
+    cls = get(name)
+    return {f.name: f.default for f in (*fields(TrainConfig), *fields(cls.Config))}
 
 
 def build_run(method: str, hparams: Mapping[str, Any], *, dataset: str, arch: str, threat: ThreatModel,

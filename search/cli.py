@@ -42,14 +42,15 @@ def cmd_methods(args) -> int:
     import methods
 
     listing = {}
+    shared = set(methods.defaults("erm"))
     for name, cls in methods.REGISTRY.items():
-        declared = methods.hyperparameters(name)
+        config_defaults = methods.defaults(name)
         listing[name] = {
             "paper": cls.paper, "link": cls.link,
-            "search_space": {k: declared[k].describe() for k in cls.SEARCH_SPACE},
-            "fixed_defaults": {k: (v.default if hasattr(v, "default") else v) for k, v in declared.items()
-                               if k not in cls.SEARCH_SPACE and k not in methods.TRAIN_SPACE and
-                               k not in ("attack_step_size",)},
+            "search_space": {k: d.describe() for k, d in cls.SEARCH_SPACE.items()},
+            "optional_space": {k: d.describe() for k, d in cls.OPTIONAL_SPACE.items()},
+            "fixed_defaults": {k: v for k, v in config_defaults.items()
+                               if k not in shared and k not in cls.SEARCH_SPACE and k not in cls.OPTIONAL_SPACE},
         }
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
@@ -57,9 +58,12 @@ def cmd_methods(args) -> int:
     for name, item in listing.items():
         print(f"{name}: {item['paper']}" + (f" <{item['link']}>" if item["link"] else ""))
         for key, text in item["search_space"].items():
-            print(f"    {key:<16} {text}")
+            print(f"    {key:<20} {text}")
+        for key, text in item["optional_space"].items():
+            print(f"    {key:<20} {text}; searchable, fixed at {methods.defaults(name)[key]!r} unless a config "
+                  f"gives it a range")
         for key, value in item["fixed_defaults"].items():
-            print(f"    {key:<16} {value!r} (not searched by default)")
+            print(f"    {key:<20} {value!r} (a setting, not searched)")
     print("\nShared knobs (fixed unless a config gives them a range): "
           + ", ".join(f"{k}" for k in methods.TRAIN_SPACE))
     return 0

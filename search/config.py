@@ -116,10 +116,11 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
     """
     declared = methods.hyperparameters(method)
     searched = set(methods.get(method).SEARCH_SPACE)
+    config_defaults = methods.defaults(method)
     resolved: dict[str, Any] = {}
     for name, domain in declared.items():
         resolved[name] = domain if name in searched and isinstance(domain, (Float, Int, Choice)) \
-            else Fixed(domain.default if hasattr(domain, "default") else domain)
+            else Fixed(config_defaults[name])
     resolved["epochs"] = Fixed(cfg.budget.max_epochs)
     resolved["seed"] = Fixed(cfg.seed)
     overrides = [("train", cfg.train), (f"space.{COMMON}", cfg.space.get(COMMON, {})),

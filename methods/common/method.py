@@ -36,6 +36,10 @@ class Method:
 
     Config: ClassVar[type] = NoConfig
     SEARCH_SPACE: ClassVar[Mapping[str, Any]] = {}
+    """Domains searched by default (the paper's advice on what to tune)."""
+    OPTIONAL_SPACE: ClassVar[Mapping[str, Any]] = {}
+    """Domains a config may search instead (e.g. Langevin's lambda in place of sigma); when not
+    searched, the parameter keeps its ``Config`` default."""
     paper: ClassVar[str] = ""
     """Short citation, shown by ``otarena methods`` and on the leaderboard."""
     link: ClassVar[str] = ""
