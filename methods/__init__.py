@@ -21,6 +21,7 @@ from methods.common.evaluate import evaluate
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
 from methods.erm import Erm
+from methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
 from methods.langevin import Langevin
 from methods.mart import Mart
 from methods.pgd_at import PgdAT
@@ -31,6 +32,10 @@ REGISTRY: dict[str, type[Method]] = {
     "pgd_at": PgdAT,
     "trades": Trades,
     "mart": Mart,
+    "got_pgd_s": GotPgdS,
+    "got_pgd_lm": GotPgdLM,
+    "got_trades_s": GotTradesS,
+    "got_trades_lm": GotTradesLM,
     "langevin": Langevin,
 }
 
