@@ -203,6 +203,9 @@ class Langevin(Method):
         x_rep = x.unsqueeze(1).expand_as(delta)
         return project(x_rep + delta, x_rep, self.threat.eps, self.threat.norm)
 
+    def passes(self):
+        return float((self.cfg.langevin_T + 1) * self.cfg.langevin_K)
+
     def perturb(self, x, y):
         """T Langevin steps from ``x`` (a fresh buffer entry); ``step`` moves the buffer instead."""
         c, t = self.cfg, self.threat
