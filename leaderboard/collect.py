@@ -182,6 +182,7 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]]) -
         aa_acc=_metric(run, "test/aa_acc"),
         clean_acc=_metric(run, "test/clean_acc"),
         pgd_acc=_metric(run, "test/pgd_acc"),
+        certified_acc=_metric(run, "test/certified_acc"),
         val_pgd_acc=_metric(run, "val/best_pgd_acc"),
         val_clean_acc=_metric(run, "val/best_clean_acc"),
         epochs=_metric(run, "train/epochs"),

@@ -38,6 +38,8 @@ class Row:
     """Test AutoAttack accuracy: the ranking metric."""
     clean_acc: float | None = None
     pgd_acc: float | None = None
+    certified_acc: float | None = None
+    """Test accuracy certified at eps (Lipschitz nets), when the method provides it."""
     val_pgd_acc: float | None = None
     """Best validation PGD accuracy: the selection metric."""
     val_clean_acc: float | None = None

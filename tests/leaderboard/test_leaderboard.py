@@ -132,8 +132,8 @@ def test_ranking_and_columns(store, built):
     assert "## digits · Linf · eps=0.2" in built.md
     header = "| " + " | ".join(h for h, _ in COLUMNS) + " |"
     assert built.md.count(header) == 3
-    assert f"| 2 | pgd\\_at | 83.12 | 50.00 | 48.12 | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 |  | {store.pgd2} |" in built.md
-    assert f"| 1 | trades | 80.00 | 52.00 | 50.00 | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 |" in built.md
+    assert f"| 2 | pgd\\_at | 83.12 | 50.00 | 48.12 | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 |  | {store.pgd2} |" in built.md
+    assert f"| 1 | trades | 80.00 | 52.00 | 50.00 | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 |" in built.md
 
 
 def test_validation_not_test_decides(store, built):
@@ -166,7 +166,7 @@ def test_markdown_escapes_user_text(store, built):
 def test_csv_round_trips(store, built):
     df = pd.read_csv(built.csv, keep_default_na=False)
     assert list(df.columns) == [
-        "dataset", "norm", "eps", "rank", "method", "clean_acc", "pgd_acc", "aa_acc", "arch", "epochs",
+        "dataset", "norm", "eps", "rank", "method", "clean_acc", "pgd_acc", "aa_acc", "certified_acc", "arch", "epochs",
         "hyperparameters", "trials", "trial_epochs", "n_ex", "flags", "run_id", "experiment_id"]
     assert len(df) == sum(len(t.rows) for t in built.tables) == 7
     row = df[df.run_id == store.pgd2].iloc[0]
@@ -219,3 +219,19 @@ def test_missing_or_unreadable_store(tmp_path):
     with pytest.raises(RuntimeError, match="cannot read MLflow store") as err:
         build(f"sqlite:///{tmp_path}/junk.db", tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_certified_rows_get_an_l2_table_with_a_certified_column(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("lipschitz")
+    p = _parent(c, exp, "hkr", norm="L2", eps="0.5", arch="lipschitz_small", cost=(2, 6))
+    run_id = _trial(c, p, val=0.4, aa=0.45, params={"hkr_alpha": "0.99"})
+    c.log_metric(run_id, "test/certified_acc", 0.38)
+    p2 = _parent(c, exp, "pgd_at", cost=(2, 6))
+    _trial(c, p2, val=0.5, aa=0.5)
+    tables = build(uri, tmp_path / "site", formats="md")
+    assert [(t.norm, t.eps) for t in tables] == [("L2", 0.5), ("Linf", 0.2)]
+    md = (tmp_path / "site" / "leaderboard.md").read_text()
+    assert "## digits · L2 · eps=0.5" in md
+    assert "| 1 | hkr | 75.00 | 47.00 | 45.00 | 38.00 | lipschitz\\_small |" in md
