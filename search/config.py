@@ -163,6 +163,13 @@ def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
     for method in cfg.methods:
         if method not in methods.REGISTRY:
             raise ConfigError(_choose("method", method, methods.REGISTRY))
+        cls = methods.get(method)
+        archs = getattr(cls, "archs", None)
+        if archs and cfg.arch not in archs:
+            raise ConfigError(f"method {method!r} runs on {', '.join(archs)} only, got arch {cfg.arch!r}")
+        norm = getattr(cls, "norm", None)
+        if norm and norm != cfg.threat_model.norm:
+            raise ConfigError(f"method {method!r} certifies {norm} robustness; set threat_model.norm: {norm}")
     for key in cfg.space:
         if key != COMMON and key not in cfg.methods:
             raise ConfigError(f"space.{key}: not a method of this search ({', '.join(cfg.methods)}) "
