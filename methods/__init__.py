@@ -24,6 +24,7 @@ from methods.erm import Erm
 from methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
 from methods.langevin import Langevin
 from methods.mart import Mart
+from methods.ot_mdr import OtMdr, OtMdrPgd, OtMdrTrades
 from methods.pgd_at import PgdAT
 from methods.trades import Trades
 
@@ -37,6 +38,9 @@ REGISTRY: dict[str, type[Method]] = {
     "got_trades_s": GotTradesS,
     "got_trades_lm": GotTradesLM,
     "langevin": Langevin,
+    "ot_mdr": OtMdr,
+    "ot_mdr_pgd": OtMdrPgd,
+    "ot_mdr_trades": OtMdrTrades,
 }
 
 __all__ = ["REGISTRY", "get", "hyperparameters", "defaults", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",
