@@ -20,6 +20,7 @@ from methods.common.attacks import ThreatModel
 from methods.common.evaluate import evaluate
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
+from methods.armor import ArmorMart, ArmorPgd, ArmorTrades
 from methods.erm import Erm
 from methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
 from methods.langevin import Langevin
@@ -41,6 +42,9 @@ REGISTRY: dict[str, type[Method]] = {
     "ot_mdr": OtMdr,
     "ot_mdr_pgd": OtMdrPgd,
     "ot_mdr_trades": OtMdrTrades,
+    "armor_trades": ArmorTrades,
+    "armor_mart": ArmorMart,
+    "armor_pgd": ArmorPgd,
 }
 
 __all__ = ["REGISTRY", "get", "hyperparameters", "defaults", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",

@@ -39,6 +39,21 @@ def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_adv, y, reduction="none") - torch.log(1.0001 - wrong + 1e-12)
 
 
+def mart_terms(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-example terms of Eq. (8): boosted CE on x' and the misclassification-weighted KL, each (N,)."""
+    p_clean = F.softmax(logits, 1)
+    true_prob = p_clean.gather(1, y[:, None]).squeeze(1)
+    bce = boosted_ce(logits_adv, y)
+    return bce, kl_per_example(F.log_softmax(logits_adv, 1), p_clean) * (1.0000001 - true_prob)
+
+
+def mart_loss_per_example(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                          beta: float) -> torch.Tensor:
+    """Eq. (8) of MART per example, (N,); its mean is ``Mart.loss``."""
+    bce, kl = mart_terms(logits, logits_adv, y)
+    return bce + beta * kl
+
+
 class Mart(Method):
     Config = Config
     SEARCH_SPACE = {"mart_beta": Float(1.0, 10.0, 5.0, valid=(0.0, 100.0)), "lr": TRAIN_SPACE["lr"]}
@@ -56,8 +71,5 @@ class Mart(Method):
     def loss(self, x, y, x_adv):
         logits = self.model(x)
         logits_adv = self.model(x_adv)
-        p_clean = F.softmax(logits, 1)
-        true_prob = p_clean.gather(1, y[:, None]).squeeze(1)
-        bce = boosted_ce(logits_adv, y).mean()
-        kl = (kl_per_example(F.log_softmax(logits_adv, 1), p_clean) * (1.0000001 - true_prob)).mean()
+        bce, kl = (term.mean() for term in mart_terms(logits, logits_adv, y))
         return bce + self.cfg.mart_beta * kl, {"bce": bce.detach(), "kl": kl.detach()}

@@ -39,6 +39,13 @@ def kl_per_example(log_p_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tens
     return F.kl_div(log_p_adv, p_clean, reduction="none").sum(1)
 
 
+def trades_loss_per_example(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                            beta: float) -> torch.Tensor:
+    """Eq. (5) of TRADES per example, (N,): CE(f(x), y) + beta KL(p(x) || p(x')); its mean is ``Trades.loss``."""
+    return F.cross_entropy(logits, y, reduction="none") + beta * kl_per_example(
+        F.log_softmax(logits_adv, 1), F.softmax(logits, 1))
+
+
 def trades_attack(model, x, p_clean, threat):
     """The TRADES inner maximization: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, I)."""
     init = x + 0.001 * torch.randn_like(x)
