@@ -23,6 +23,7 @@ from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer,
 from methods.armor import ArmorMart, ArmorPgd, ArmorTrades
 from methods.erm import Erm
 from methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
+from methods.hkr import Hkr
 from methods.langevin import Langevin
 from methods.mart import Mart
 from methods.ot_mdr import OtMdr, OtMdrPgd, OtMdrTrades
@@ -45,6 +46,7 @@ REGISTRY: dict[str, type[Method]] = {
     "armor_trades": ArmorTrades,
     "armor_mart": ArmorMart,
     "armor_pgd": ArmorPgd,
+    "hkr": Hkr,
 }
 
 __all__ = ["REGISTRY", "get", "hyperparameters", "defaults", "build_run", "evaluate", "fit", "ThreatModel", "TrainConfig",

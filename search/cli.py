@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
     if args.test:
         run.model.load_state_dict(run.best_model)
         test = methods.data.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
-        attacks = ("clean", "pgd") + (("autoattack",) if args.autoattack else ())
+        attacks = ("clean", "pgd") + (("autoattack",) if args.autoattack else ()) \
+            + (("certified",) if methods.get(method).certified else ())
         result = methods.evaluate(run.model, test, threat, attacks, seed=cfg.seed)
         print("test: " + "  ".join(f"{k} {v:.1%}" for k, v in result.items() if k.endswith("_acc"))
               + f" on {result['n_ex']} images" + (f"  flags: {', '.join(result['flags'])}" if result["flags"] else ""))

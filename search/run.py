@@ -237,7 +237,8 @@ def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, 
                                mean=info.mean, std=info.std)
     model.load_state_dict(weights)
     model.to(device).eval()
-    attacks = ("clean", "pgd") + (("autoattack",) if eval_cfg["autoattack"] else ())
+    attacks = ("clean", "pgd") + (("autoattack",) if eval_cfg["autoattack"] else ()) \
+        + (("certified",) if methods.get(spec.method).certified else ())
     result = methods.evaluate(model, test_data, methods.ThreatModel(spec.norm, spec.eps), attacks,
                               n_ex=eval_cfg["n_ex"], pgd_steps=eval_cfg["pgd_steps"],
                               pgd_restarts=eval_cfg["pgd_restarts"], aa_version=eval_cfg["autoattack"] or "standard",
@@ -270,7 +271,8 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: l
         trial_id = r.metrics["trial_id"]
         result, weights = ray.get(ref)
         run_id = outcome.run_ids[trial_id]
-        metrics = {f"test/{k}": result[k] for k in ("clean_acc", "pgd_acc", "aa_acc") if k in result}
+        metrics = {f"test/{k}": result[k] for k in ("clean_acc", "pgd_acc", "aa_acc", "certified_acc",
+                                                    "lipschitz_bound") if k in result}
         metrics["test/n_ex"] = result["n_ex"]
         metrics.update({f"test/aa/{name}": acc for name, acc in result.get("aa_per_attack", {}).items()})
         tracker.log_metrics(run_id, metrics)
@@ -280,7 +282,9 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: l
             path = os.path.join(folder, "model.pt")
             torch.save(weights, path)
             tracker.log_artifact(run_id, path, "checkpoint")
-        tracker.set_tags(run_id, {"otarena.evaluated": "true", "otarena.flags": ",".join(result["flags"])})
+        tracker.set_tags(run_id, {"otarena.evaluated": "true", "otarena.flags": ",".join(result["flags"])}
+                         | ({"otarena.certificate_refused": result["certified_refused"]}
+                            if "certified_refused" in result else {}))
         shown = "  ".join(f"{k.removeprefix('test/')} {v:.1%}" for k, v in metrics.items() if k.endswith("_acc"))
         flags = f" [{', '.join(result['flags'])}]" if result["flags"] else ""
         log(f"{outcome.method}: trial {trial_id} test {shown} on {result['n_ex']} images{flags}")

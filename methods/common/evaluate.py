@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from methods.common.attacks import ThreatModel, eval_mode, pgd
 
-ATTACKS = ("clean", "pgd", "autoattack")
+ATTACKS = ("clean", "pgd", "autoattack", "certified")
 AA_GAP_THRESHOLD = 0.05
 """AutoAttack this far (fraction) below PGD suggests gradient masking."""
 SMALL_SAMPLE = 1000
@@ -98,6 +98,8 @@ def flags_for(result: dict) -> list[str]:
         flags.append("masking:aa-gap")
     if result.get("n_ex", SMALL_SAMPLE) < SMALL_SAMPLE:
         flags.append("small-sample")
+    if "certified_refused" in result:
+        flags.append("unsound-certificate")
     return flags
 
 
@@ -111,7 +113,8 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         model: an ``nn.Module`` mapping (N, C, H, W) in [0, 1] to logits; normalization inside.
         data: a ``TensorData`` split or an ``(x, y)`` pair of tensors.
         threat_model: norm and eps of the attacks.
-        attacks: any of ``clean``, ``pgd``, ``autoattack``.
+        attacks: any of ``clean``, ``pgd``, ``autoattack``, ``certified`` (the L2 certificate of a
+            Lipschitz net at eps, refused when its measured Lipschitz bound exceeds 1 + 2%).
         n_ex: evaluate the first ``n_ex`` examples (``None``: all of them).
         pgd_steps, pgd_restarts: PGD-k settings (random start, true labels).
         pgd_step_size: default eps / 4 (2/255 at 8/255, as in RobustBench-era evaluations); the
@@ -120,8 +123,10 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         seed: seeds PGD's random start and AutoAttack.
 
     Returns:
-        ``{"n_ex", "clean_acc", "pgd_acc", "aa_acc", "aa_per_attack", "flags"}`` (the accuracies
-        asked for), accuracies as fractions.
+        ``{"n_ex", "clean_acc", "pgd_acc", "aa_acc", "aa_per_attack", "certified_acc",
+        "lipschitz_bound", "flags"}`` (those asked for), accuracies as fractions. A refused
+        certificate gives ``certified_refused`` (the reason) and the ``unsound-certificate`` flag
+        instead of a number.
     """
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
@@ -131,6 +136,7 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         x, y = x[:n_ex], y[:n_ex]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x, y = x.to(device), y.to(device)
+    certified_model, model = model, (model.inference() if hasattr(model, "inference") else model)
     result: dict = {"n_ex": len(y)}
     if "clean" in attacks:
         result["clean_acc"] = accuracy(model, x, y, batch_size)
@@ -142,5 +148,16 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
     if "autoattack" in attacks:
         result["aa_acc"], result["aa_per_attack"] = autoattack_accuracy(
             model, x, y, threat_model, version=aa_version, batch_size=batch_size, seed=seed)
+    if "certified" in attacks:
+        from methods.common.certify import UncertifiableError, certify
+
+        try:
+            certificate = certify(certified_model, x, y, [threat_model.eps], batch_size=batch_size)
+            result["certified_acc"] = certificate["certified_acc"][threat_model.eps]
+            result["lipschitz_bound"] = certificate["lipschitz_bound"]
+        except UncertifiableError as err:
+            result["certified_refused"] = err.reason
+            if err.bound is not None:
+                result["lipschitz_bound"] = err.bound
     result["flags"] = flags_for(result)
     return result

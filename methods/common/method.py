@@ -9,7 +9,7 @@ perturbations, persistent adversarial buffers, learned potentials or dual variab
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,10 @@ class Method:
     paper: ClassVar[str] = ""
     """Short citation, shown by ``otarena methods`` and on the leaderboard."""
     link: ClassVar[str] = ""
+    archs: ClassVar[Optional[tuple]] = None
+    """Architectures (``nets.ARCHS`` keys) the method runs on; None: any architecture."""
+    certified: ClassVar[bool] = False
+    """True when the method's models come with certificates (``methods.common.certify``)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, threat: ThreatModel, cfg=None,
                  *, n_train: int = 0, device: torch.device | str = "cpu"):

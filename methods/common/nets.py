@@ -35,6 +35,10 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def inference(self) -> nn.Module:
+        """The model to attack and score: itself, or a faster export computing the same function."""
+        return self
+
 
 class SmallCNN(Classifier):
     """Two conv blocks and an MLP: for 8x8 digits and 28x28 MNIST-sized inputs."""
@@ -121,10 +125,21 @@ class WideResNet(Classifier):
         self.head = nn.Linear(in_planes, num_classes)
 
 
+def _lipschitz(name: str) -> Callable[..., Classifier]:
+    """A deel-torchlip architecture of ``methods.common.lipschitz``, imported on first use: that
+    module subclasses ``Classifier``, so importing it at the top of this one would be circular."""
+    def build_lipschitz(in_channels: int, num_classes: int, mean, std) -> Classifier:
+        from methods.common import lipschitz
+        return getattr(lipschitz, name)(in_channels, num_classes, mean, std)
+    return build_lipschitz
+
+
 ARCHS: dict[str, Callable[..., Classifier]] = {
     "small_cnn": SmallCNN,
     "preact_resnet18": PreActResNet18,
     "wrn34_10": lambda c, k, mean, std: WideResNet(c, k, mean, std, depth=34, widen=10),
+    "lipschitz_small": _lipschitz("lipschitz_small"),   # 1-Lipschitz (deel-torchlip), 8x8 to 28x28
+    "lipschitz_cifar": _lipschitz("lipschitz_cifar"),   # 1-Lipschitz, 32x32x3
 }
 
 
