@@ -35,10 +35,25 @@ def batch(digits):
     return train.x[:64], train.y[:64], torch.arange(64)
 
 
-def _run(name, digits, *, threat=THREATS["Linf"], **hparams):
+def _arch(name):
+    """The first architecture a method declares (HKR needs a Lipschitz net), else the small CNN."""
+    cls = methods.REGISTRY[name]
+    return cls.archs[0] if cls.archs else "small_cnn"
+
+
+def _threat(name, norm=None):
+    """``THREATS[norm]`` (L-inf by default); a method declaring a ``norm`` only runs under that one."""
+    declared = getattr(methods.REGISTRY[name], "norm", None)
+    if declared and norm and norm != declared:
+        pytest.skip(f"{name} is defined for {declared} only")
+    return THREATS[declared or norm or "Linf"]
+
+
+def _run(name, digits, *, threat=None, **hparams):
     train, val = digits
     hparams = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "attack_steps": 3, **hparams}
-    return methods.build_run(name, hparams, dataset="digits", arch="small_cnn", threat=threat,
+    return methods.build_run(name, hparams, dataset="digits", arch=_arch(name),
+                             threat=threat if threat is not None else _threat(name),
                              train=train, val=val, device="cpu")
 
 
@@ -90,7 +105,7 @@ def test_step_lowers_its_own_loss(name, digits, batch):
 @pytest.mark.parametrize("norm", sorted(THREATS))
 def test_step_metrics_and_gradients(name, norm, digits, batch):
     x, y, idx = batch
-    method = _run(name, digits, threat=THREATS[norm]).method
+    method = _run(name, digits, threat=_threat(name, norm)).method
     params = {n: p.detach().clone() for n, p in method.model.named_parameters()}
     metrics = method.step(x, y, idx)
     assert "loss" in metrics
@@ -124,7 +139,7 @@ def test_loss_metrics_are_detached(name, digits, batch):
 @pytest.mark.parametrize("norm", sorted(THREATS))
 def test_perturb_stays_in_ball(name, norm, digits, batch):
     x, y, _ = batch
-    threat = THREATS[norm]
+    threat = _threat(name, norm)
     method = _run(name, digits, threat=threat, attack_step_size=1.0).method   # huge steps test projection
     with eval_mode(method.model):
         x_adv = method.perturb(x, y)
