@@ -18,9 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/otarena search configs/demo.yaml --no-leaderboard
-	$(BIN)/otarena search configs/demo-l2.yaml --no-leaderboard
-	$(BIN)/otarena leaderboard --experiment digits-robust --experiment digits-l2-certified --out site
+	$(BIN)/otarena search configs/demo.yaml configs/demo-l2.yaml --out site
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

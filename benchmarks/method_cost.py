@@ -74,9 +74,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.batches = 1, 2
-    names = [m for m in args.methods.split(",") if m]
-    if "erm" not in names:
-        names.insert(0, "erm")
+    names = [m for m in args.methods.split(",") if m and m != "erm"]
     device = methods.common.train.pick_device(args.device)
     if args.shape == "digits":
         train = methods.data.load("digits", "train")
@@ -85,25 +83,37 @@ def main(argv=None) -> int:
         train = synthetic("cifar", args.batch_size * args.batches)
         threat = methods.ThreatModel("Linf", 8 / 255)
     hparams = {"batch_size": args.batch_size, "attack_steps": args.attack_steps, "optimizer": "sgd", "lr": 0.01}
-    runs = {name: methods.build_run(name, hparams, dataset="digits" if args.shape == "digits" else "cifar10",
-                                    arch=args.arch, threat=threat, device=device, train=train, val=train)
-            for name in names}
+    dataset = "digits" if args.shape == "digits" else "cifar10"
+
+    def arch_of(name):
+        # Methods tied to an architecture (HKR's Lipschitz nets) are compared with ERM on that arch.
+        archs = methods.get(name).archs
+        return args.arch if not archs or args.arch in archs else archs[0 if args.shape == "digits" else -1]
+
+    def build(name, arch):
+        norm = getattr(methods.get(name), "norm", None) or threat.norm
+        return methods.build_run(name, hparams, dataset=dataset, arch=arch, device=device, train=train, val=train,
+                                 threat=methods.ThreatModel(norm, threat.eps if norm == threat.norm else 0.5))
+
+    keys = [("erm", arch) for arch in dict.fromkeys(arch_of(n) for n in ["erm", *names])] + \
+        [(name, arch_of(name)) for name in names]
+    runs = {key: build(*key) for key in keys}
     for run in runs.values():          # warm-up: allocator, cuDNN autotuning, lazy state
         time_epoch(run, 1, device)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[tuple, list[float]] = {key: [] for key in keys}
     for _ in range(args.rounds):
-        for name, run in runs.items():
-            seconds[name].append(time_epoch(run, args.batches, device))
-    base = statistics.median(seconds["erm"])
+        for key, run in runs.items():
+            seconds[key].append(time_epoch(run, args.batches, device))
     rows = []
-    print(f"{'method':<16} {'x ERM':>7} {'theory':>7} {'s/step':>9}")
-    for name in names:
-        ratio = statistics.median(seconds[name]) / base
-        passes = getattr(runs[name].method, "passes", lambda: None)()
-        rows.append({"method": name, "ratio_to_erm": ratio, "theoretical_passes": passes,
-                     "seconds_per_step": statistics.median(seconds[name]) / args.batches})
+    print(f"{'method':<16} {'arch':<16} {'x ERM':>7} {'theory':>7} {'s/step':>9}")
+    for name, arch in keys:
+        median = statistics.median(seconds[(name, arch)])
+        ratio = median / statistics.median(seconds[("erm", arch)])
+        passes = runs[(name, arch)].method.passes()
+        rows.append({"method": name, "arch": arch, "ratio_to_erm": ratio, "theoretical_passes": passes,
+                     "seconds_per_step": median / args.batches})
         theory = f"{passes:7.1f}" if passes else "    n/a"
-        print(f"{name:<16} {ratio:7.2f} {theory} {rows[-1]['seconds_per_step']:9.4f}")
+        print(f"{name:<16} {arch:<16} {ratio:7.2f} {theory} {rows[-1]['seconds_per_step']:9.4f}")
     report = {"benchmark": "method_cost", "arch": args.arch, "shape": args.shape, "batch_size": args.batch_size,
               "attack_steps": args.attack_steps, "rounds": args.rounds, "batches": args.batches,
               "machine": machine(device), "rows": rows}

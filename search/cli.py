@@ -145,12 +145,14 @@ def cmd_search(args) -> int:
     for key, value in (("tracking_uri", args.tracking_uri), ("storage_path", args.storage)):
         if value:
             overrides[key] = value
-    cfg = config_lib.load(args.config, overrides=overrides, local=args.address in (None, "local"))
-    check_reachable(cfg.tracking_uri)
-    _check_writable(cfg.storage_path)
+    configs = [config_lib.load(path, overrides=overrides, local=args.address in (None, "local"))
+               for path in args.config]
+    for cfg in configs:
+        check_reachable(cfg.tracking_uri)
+        _check_writable(cfg.storage_path)
     from search.run import run_search
 
-    run_search(cfg, address=args.address, out_dir=None if args.no_leaderboard else args.out)
+    run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out)
     return 0
 
 
@@ -216,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoattack", action="store_true", help="with --test, also run AutoAttack")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("search", help="run a search config: Ray Tune + Optuna + ASHA, logged to MLflow")
-    p.add_argument("config")
+    p = sub.add_parser("search", help="run search configs: Ray Tune + Optuna + ASHA, logged to MLflow")
+    p.add_argument("config", nargs="+", help="one or more search configs, run in one Ray session")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: a local cluster")
     p.add_argument("--tracking-uri", help=f"MLflow store (default: the config's, else {DEFAULT_URI})")
     p.add_argument("--storage", help="Ray storage_path for checkpoints (shared storage on clusters)")

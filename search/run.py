@@ -292,33 +292,41 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: l
     return summaries
 
 
-def run_search(cfg: SearchConfig, *, address: Optional[str] = None, out_dir: Optional[str] = "site") -> list[dict]:
-    """Search every method of ``cfg``, evaluate the best trials, and build the leaderboard."""
+def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[str] = None,
+               out_dir: Optional[str] = "site") -> list[dict]:
+    """Search every method of each config, evaluate the best trials, and build the leaderboard.
+
+    Several configs share one Ray session, and every final evaluation runs while later searches
+    go on, so that a campaign of many configs keeps all its cores busy.
+    """
     import leaderboard
 
+    configs = configs if isinstance(configs, list) else [configs]
     start = time.time()
-    tracker = Tracker(cfg.tracking_uri, cfg.name)
-    log(f"loading {cfg.dataset}")
-    train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
-    val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
-    test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
-    log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images; "
-        f"starting Ray")
-    init_ray(address)
-    train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
     evaluations = []
-    for i, method in enumerate(cfg.methods, 1):
-        log(f"method {i}/{len(cfg.methods)}: {method}")
-        outcome = search_method(cfg, method, tracker, train_ref, val_ref)
-        evaluations.append((outcome, submit_final_evaluation(cfg, outcome, test_ref)))
+    for cfg in configs:
+        tracker = Tracker(cfg.tracking_uri, cfg.name)
+        log(f"{cfg.name}: loading {cfg.dataset}")
+        train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
+        val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
+        test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
+        log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
+        init_ray(address)
+        train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
+        for i, method in enumerate(cfg.methods, 1):
+            log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
+            outcome = search_method(cfg, method, tracker, train_ref, val_ref)
+            evaluations.append((cfg, tracker, outcome, submit_final_evaluation(cfg, outcome, test_ref)))
     log("waiting for the final evaluations")
     summaries = []
-    for outcome, pending in evaluations:
+    for cfg, tracker, outcome, pending in evaluations:
         summaries += record_final_evaluation(cfg, outcome, pending, tracker)
         tracker.finish(outcome.parent_id)
-    log(f"all searches done in {time.time() - start:.0f}s; MLflow experiment {cfg.name!r} in {cfg.tracking_uri}")
+    names = list(dict.fromkeys(cfg.name for cfg in configs))
+    log(f"all searches done in {time.time() - start:.0f}s; MLflow experiments {', '.join(names)}")
     if out_dir:
-        tables = leaderboard.build(cfg.tracking_uri, out_dir, experiments=[cfg.name])
-        print(leaderboard.format_text(tables), flush=True)
+        for uri in dict.fromkeys(cfg.tracking_uri for cfg in configs):
+            tables = leaderboard.build(uri, out_dir, experiments=[c.name for c in configs if c.tracking_uri == uri])
+            print(leaderboard.format_text(tables), flush=True)
         log(f"leaderboard written to {out_dir}/leaderboard.md and {out_dir}/leaderboard.csv")
     return summaries

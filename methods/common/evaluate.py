@@ -98,7 +98,9 @@ def flags_for(result: dict) -> list[str]:
         flags.append("masking:aa-gap")
     if result.get("n_ex", SMALL_SAMPLE) < SMALL_SAMPLE:
         flags.append("small-sample")
-    if "certified_refused" in result:
+    # A refused certificate, or an attack that beats it: either way no certified number is sound.
+    beaten = min(result.get("aa_acc", 1.0), result.get("pgd_acc", 1.0)) < result.get("certified_acc", 0.0) - 1e-9
+    if "certified_refused" in result or beaten:
         flags.append("unsound-certificate")
     return flags
 
