@@ -78,9 +78,11 @@ def _train_config(args):
             raw = yaml.safe_load(f)
         if not isinstance(raw, dict):
             raise config_lib.ConfigError(f"{args.config}: a config must be a YAML mapping")
-        method = args.method or raw.get("methods", [None])[0]
+        method = args.method or (raw.get("methods") or [None])[0]
         raw["methods"] = [method]
-        raw.pop("space", None)
+        # Keep the config's defaults for this method (and the common ones), drop other methods'.
+        space = raw.get("space") or {}
+        raw["space"] = {k: v for k, v in space.items() if k in (config_lib.COMMON, method)}
     else:
         if not args.method:
             raise UsageError("give a CONFIG file or --method")

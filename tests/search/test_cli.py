@@ -137,3 +137,13 @@ def test_train_runs_one_configuration_without_ray(tmp_path, capsys):
     assert "epoch 1/1" in out and "test: clean_acc" in out
     assert (tmp_path / "pgd_at.pt").exists()
     assert ray.is_initialized() == ray_was_running
+
+
+def test_train_from_a_config_keeps_its_defaults(tmp_path, capsys):
+    config = _with(space={"common": {"lr": {"low": 1e-3, "high": 1e-2, "default": 3e-3}},
+                          "trades": {"trades_beta": 2.0}, "pgd_at": {"lr": 0.5}},
+                   train={"optimizer": "adam", "batch_size": 128, "val_n_ex": 32, "attack_steps": 1})
+    path = _write(tmp_path, config)
+    assert main(["train", path, "--method", "trades", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "lr=0.003" in out and "trades_beta=2.0" in out and "optimizer=adam" in out
