@@ -138,6 +138,7 @@ class MethodSearch:
     """The outcome of one method's search."""
 
     method: str
+    spec: TrialSpec
     parent_id: str
     results: list
     run_ids: dict
@@ -211,7 +212,7 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
-    return MethodSearch(method, parent_id, results, callback.run_ids, wall)
+    return MethodSearch(method, spec, parent_id, results, callback.run_ids, wall)
 
 
 def _storage(path: str) -> str:
@@ -251,9 +252,7 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, test_ref) 
 
     They run while the next method is searched, filling the cores that ASHA's tail leaves idle.
     """
-    space = cfg.spaces()[outcome.method]
-    spec = TrialSpec(outcome.method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
-                     fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+    spec = outcome.spec
     task = ray.remote(evaluate_checkpoint).options(num_cpus=cfg.resources.cpu,
                                                    num_gpus=1 if cfg.resources.gpu > 0 else 0)
     chosen = top_k(outcome.results, cfg.final_eval.top_k)
