@@ -142,7 +142,6 @@ class MethodSearch:
     parent_id: str
     results: list
     run_ids: dict
-    wall_s: float
 
 
 def init_ray(address: Optional[str] = None) -> None:
@@ -212,7 +211,7 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
-    return MethodSearch(method, spec, parent_id, results, callback.run_ids, wall)
+    return MethodSearch(method, spec, parent_id, results, callback.run_ids)
 
 
 def _storage(path: str) -> str:

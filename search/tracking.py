@@ -132,10 +132,6 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def run_url(ui_base: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def last_line(text: Optional[str], limit: int = 500) -> str:
     """The last line of an error message (a traceback's ``Error: reason``), for a tag."""
     lines = (text or "").strip().splitlines() or [""]
