@@ -64,6 +64,19 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def targeted_margin_loss(target: torch.Tensor) -> LossFn:
+    """``z_target - z_y``: the margin toward one wrong class (multi-targeted PGD, Gowal et al. 2019).
+
+    It is a difference of logits, so it neither saturates like cross-entropy on a confident
+    model nor changes with a rescaling of the logits; its labels are still the true ones.
+    """
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return logits.gather(1, target[:, None])[:, 0] - logits.gather(1, y[:, None])[:, 0]
+
+    return loss
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module):
     """Freeze parameters for the attack: no weight gradients are computed or stored."""

@@ -1,37 +1,175 @@
 # SPDX-License-Identifier: Apache-2.0
-"""evaluate(): any classifier on [0, 1] inputs, with flags."""
+"""evaluate(): any classifier on [0, 1] inputs, with confidence intervals and automatic flags.
+
+Real models only: a PGD-AT SmallCNN trained here on digits must pass without a masking flag, and
+the same net behind a non-differentiable input quantization, or with logits scaled by 1e4, must be
+caught.
+"""
+from __future__ import annotations
+
+import pytest
 import torch
+import torch.nn as nn
 
 import methods
 from methods.common import nets
+from methods.common.evaluate import Thresholds, confidence_interval, eps_sweep, flags_for, sweep_radii
+
+LINF = methods.ThreatModel("Linf", 0.2)
 
 
-def _model(arch="small_cnn"):
+@pytest.fixture(scope="module")
+def digits_test():
+    return methods.data.load("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def pgd_at_model():
+    """PGD-AT on digits with the demo's settings: a normally trained robust model."""
+    hparams = {"epochs": 6, "optimizer": "adam", "lr": 2e-3, "batch_size": 32, "weight_decay": 0.0,
+               "schedule": "cosine", "attack_steps": 5, "val_pgd_steps": 5, "seed": 0}
+    run = methods.build_run("pgd_at", hparams, dataset="digits", arch="small_cnn", threat=LINF, device="cpu")
+    methods.fit(run)
+    run.model.load_state_dict(run.best_model)
+    return run.model.eval()
+
+
+class Quantized(nn.Module):
+    """Input quantization by rounding: its gradient is zero almost everywhere (gradient masking)."""
+
+    def __init__(self, model: nn.Module, levels: int = 4):
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x):
+        return self.model(torch.round(x * self.levels) / self.levels)
+
+
+class Scaled(nn.Module):
+    """Logits times 1e4: cross-entropy saturates, so its gradients vanish on confident points."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 1e4
+
+
+def _random_model(arch="small_cnn"):
     torch.manual_seed(0)
     return nets.build(arch, in_channels=1, num_classes=10, mean=(0.3,), std=(0.4,)).eval()
 
 
-def test_evaluate_reports_each_attack_and_small_sample():
-    data = methods.data.load("digits", "test")
-    result = methods.evaluate(_model(), data, methods.ThreatModel("Linf", 0.2), n_ex=20, pgd_steps=3)
-    assert result["n_ex"] == 20
-    assert 0 <= result["aa_acc"] <= 1
-    assert ("masking:aa-gap" in result["flags"]) == (result["pgd_acc"] - result["aa_acc"] > 0.05)
-    assert result["aa_acc"] <= result["clean_acc"]
-    assert set(result["aa_per_attack"]) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
-    assert "small-sample" in result["flags"]
+MODEL_FLAGS = ("masking:", "aa-check:", "unsound-certificate")
 
 
-def test_certificate_of_a_non_lipschitz_net_is_refused_and_flagged():
-    data = methods.data.load("digits", "test")
-    result = methods.evaluate(_model(), data, methods.ThreatModel("L2", 0.3), ("clean", "certified"), n_ex=16)
+def _model_flags(result):
+    return [f for f in result["flags"] if f.startswith(MODEL_FLAGS)]
+
+
+def test_pgd_at_model_passes_without_masking_flags(pgd_at_model, digits_test):
+    result = methods.evaluate(pgd_at_model, digits_test, LINF, n_ex=200)
+    assert _model_flags(result) == [], result["flag_reasons"]
+    # The only flag left is the statistical note: digits' test split has 360 images.
+    assert result["flags"] == ["small-sample"]
+    assert result["aa_acc"] <= result["pgd_acc"] <= result["clean_acc"]
+    assert result["pgd_acc"] - result["aa_acc"] <= 0.05
+    per_attack = list(result["aa_per_attack"].values())
+    assert list(result["aa_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert per_attack == sorted(per_attack, reverse=True) and per_attack[-1] == result["aa_acc"]
+    low, high = result["ci95"]["aa_acc"]
+    assert low < result["aa_acc"] < high
+    sweep = result["eps_sweep"]
+    assert sweep["eps"][0] == 0 and sweep["pgd_acc"][0] == result["clean_acc"]
+    assert sweep["pgd_acc"][-1] <= sweep["chance_bound"]
+
+
+def test_quantized_input_model_is_flagged(pgd_at_model, digits_test):
+    result = methods.evaluate(Quantized(pgd_at_model), digits_test, LINF, n_ex=60)
+    flags = set(result["flags"])
+    assert {"masking:aa-gap", "masking:eps-plateau", "masking:blackbox", "masking:zero-gradient"} <= flags
+    assert "Square" in result["flag_reasons"]["masking:blackbox"]
+    # The gradient-free candidate still takes it to chance: the curves differ, which is the tell.
+    sweep = result["eps_sweep"]
+    assert sweep["robust_acc"][-1] <= sweep["chance_bound"] < sweep["pgd_acc"][-1]
+
+
+def test_logit_scaled_model_is_flagged(pgd_at_model, digits_test):
+    result = methods.evaluate(Scaled(pgd_at_model), digits_test, LINF, n_ex=60,
+                              attacks=("clean", "pgd", "eps-sweep"))
+    assert "masking:eps-plateau" in result["flags"]
+    assert "where no classifier beats" in result["flag_reasons"]["masking:eps-plateau"]
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.2), ("L2", 1.0)])
+def test_eps_sweep_reaches_chance_for_any_model(pgd_at_model, digits_test, norm, eps):
+    x, y = digits_test.x[:120], digits_test.y[:120]
+    threat = methods.ThreatModel(norm, eps)
+    for model in (pgd_at_model, Quantized(pgd_at_model), _random_model()):
+        sweep = eps_sweep(model, x, y, threat, steps=5)
+        assert sweep["eps"] == sweep_radii(threat, x)
+        assert sweep["eps"][0] == 0 and eps in sweep["eps"]
+        assert sweep["robust_acc"][-1] <= sweep["chance_bound"] + 1e-9
+        assert all(r <= p + 1e-9 for r, p in zip(sweep["robust_acc"], sweep["pgd_acc"]))
+
+
+def test_sweep_radii():
+    x = torch.zeros(4, 1, 8, 8)
+    assert sweep_radii(methods.ThreatModel("Linf", 0.3), x) == [0.0, 0.15, 0.3, 0.5, 0.6]
+    assert sweep_radii(methods.ThreatModel("Linf", 8 / 255), x)[-1] == 0.5
+    assert sweep_radii(methods.ThreatModel("L2", 0.5), x) == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def test_confidence_interval_shrinks_with_n_ex(pgd_at_model, digits_test):
+    widths = []
+    for n in (40, 120, 360):
+        result = methods.evaluate(pgd_at_model, digits_test, LINF, ("clean",), n_ex=n)
+        low, high = result["ci95"]["clean_acc"]
+        assert low <= result["clean_acc"] <= high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    low, high = confidence_interval(0.5, 100)
+    assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3
+    assert confidence_interval(1.0, 10)[1] == 1.0 and confidence_interval(0.0, 10)[0] == 0.0
+
+
+def test_flags_follow_their_thresholds():
+    result = {"n_ex": 5000, "pgd_acc": 0.50, "aa_acc": 0.42, "settings": {"pgd_steps": 50},
+              "pgd_steps_check": {"PGD-10": 0.40, "PGD-50": 0.45},
+              "eps_sweep": {"eps": [0, 0.1, 0.2], "pgd_acc": [0.9, 0.5, 0.56], "chance_bound": 0.5},
+              "aa_blackbox_only": 0.02}
+    flags = flags_for(result)
+    assert set(flags) == {"masking:aa-gap", "masking:steps", "masking:eps-plateau", "masking:blackbox"}
+    assert flags["masking:aa-gap"] == "AutoAttack 8.0 points below PGD-50"
+    assert "rises" in flags["masking:eps-plateau"]
+    assert flags_for(result, Thresholds(aa_gap=0.1, steps=0.1, plateau=0.5, rise=0.1, blackbox=0.05)) == {}
+    assert "small-sample" in flags_for({"n_ex": 999})
+    plateau = flags_for({"eps_sweep": {"eps": [0, 0.5], "pgd_acc": [0.9, 0.4], "chance_bound": 0.1}})
+    assert plateau["masking:eps-plateau"] == "PGD accuracy 40.0% at eps=0.5, where no classifier beats 10.0%"
+
+
+def test_softmax_output_is_caught_by_autoattack_checks(digits_test):
+    model = nn.Sequential(_random_model(), nn.Softmax(dim=1))
+    result = methods.evaluate(model, digits_test, LINF, ("clean", "autoattack"), n_ex=8)
+    assert "aa-check:softmax-output" in result["flags"]
+
+
+def test_certificate_of_a_non_lipschitz_net_is_refused_and_flagged(digits_test):
+    result = methods.evaluate(_random_model(), digits_test, methods.ThreatModel("L2", 0.3), ("clean", "certified"),
+                              n_ex=16)
     assert "certified_acc" not in result and "unsound-certificate" in result["flags"]
-    assert result["certified_refused"]
+    assert result["certified_refused"] == result["flag_reasons"]["unsound-certificate"]
 
 
-def test_certificate_of_a_lipschitz_net_is_reported():
-    data = methods.data.load("digits", "test")
-    result = methods.evaluate(_model("lipschitz_small"), data, methods.ThreatModel("L2", 0.3),
+def test_certificate_of_a_lipschitz_net_is_reported(digits_test):
+    result = methods.evaluate(_random_model("lipschitz_small"), digits_test, methods.ThreatModel("L2", 0.3),
                               ("clean", "certified"), n_ex=16)
     assert 0 <= result["certified_acc"] <= result["clean_acc"]
     assert result["lipschitz_bound"] <= 1.02 and "unsound-certificate" not in result["flags"]
+    assert "certified_acc" in result["ci95"]
+
+
+def test_unknown_attack_is_rejected(digits_test):
+    with pytest.raises(ValueError, match="unknown attacks"):
+        methods.evaluate(_random_model(), digits_test, LINF, ("clean", "cw"))
