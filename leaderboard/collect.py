@@ -8,6 +8,7 @@ once (trial runs, search parent runs, and the user's filter if any), never one c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from leaderboard.schema import Row
+from leaderboard.schema import ACCURACIES, Row
 
 TRIAL_FILTER = "tags.`otarena.role` = 'trial'"
 SEARCH_FILTER = "tags.`otarena.role` = 'search'"
@@ -167,6 +168,14 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]]) -
     except (KeyError, ValueError):
         return None
     searched = [n.strip() for n in tags.get("otarena.searched", "").split(",") if n.strip()]
+    reasons = _flag_reasons(run)
+    flags = [f.strip() for f in tags.get("otarena.flags", "").split(",") if f.strip()]
+    flags += [f for f in reasons if f not in flags]  # a flag given a reason was raised, listed or not
+    n_seeds = _metric(run, "test/n_seeds")
+    n_seeds = max(1, round(n_seeds)) if n_seeds is not None and math.isfinite(n_seeds) else 1
+    spread = {}
+    if n_seeds >= 2:  # a mean over one seed would only repeat the trial's own number
+        spread = {f"{m}_{s}": _metric(run, f"test/{m}_{s}") for m in ACCURACIES for s in ("mean", "std")}
     parent_id = tags.get("mlflow.parentRunId", "")
     # A run without a parent is its own whole search.
     family = siblings.get(parent_id, []) if parent_id else [run]
@@ -188,9 +197,16 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]]) -
         epochs=_metric(run, "train/epochs"),
         n_ex=_metric(run, "test/n_ex"),
         hparams=tuple((n, params[n]) for n in searched if n in params),
-        flags=tuple(f.strip() for f in tags.get("otarena.flags", "").split(",") if f.strip()),
+        flags=tuple(flags),
         trials=trials,
         trial_epochs=trial_epochs,
+        clean_ci=_ci(run, "clean_acc"),
+        pgd_ci=_ci(run, "pgd_acc"),
+        aa_ci=_ci(run, "aa_acc"),
+        certified_ci=_ci(run, "certified_acc"),
+        n_seeds=n_seeds,
+        flag_reasons=tuple((f, reasons[f]) for f in flags if f in reasons),
+        **spread,
     )
 
 
@@ -204,6 +220,33 @@ def _search_cost(parent: Run | None, siblings: list[Run]) -> tuple[float | None,
         epochs = [e for e in (_metric(r, "train/epochs") for r in siblings) if e is not None]
         trial_epochs = float(sum(epochs)) if epochs else None
     return trials, trial_epochs
+
+
+def _ci(run: Run, metric: str) -> tuple[float, float] | None:
+    """``(test/<metric>_ci_low, test/<metric>_ci_high)``; ``None`` unless both were logged."""
+    low, high = _metric(run, f"test/{metric}_ci_low"), _metric(run, f"test/{metric}_ci_high")
+    return None if low is None or high is None else (low, high)
+
+
+def _flag_reasons(run: Run) -> dict[str, str]:
+    """The ``otarena.flag_reasons`` tag as {flag: reason}; empty when absent or malformed.
+
+    The reasons only explain flags, so a tag that is not a JSON object of names costs the row its
+    reasons, never its place on the leaderboard (and never the whole build).
+    """
+    text = run.data.tags.get("otarena.flag_reasons", "").strip()
+    if not text:
+        return {}
+    try:
+        reasons = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        reasons = None
+    if not isinstance(reasons, dict):
+        _log.warning("run %s: otarena.flag_reasons is not a JSON object; showing its flags without reasons",
+                     run.info.run_id)
+        return {}
+    return {k.strip(): v if isinstance(v, str) else json.dumps(v)
+            for k, v in reasons.items() if k.strip() and v is not None}
 
 
 def _metric(run: Run, key: str) -> float | None:

@@ -2,44 +2,59 @@
 """Render leaderboard tables as Markdown, CSV and terminal text.
 
 This is the only place numbers are formatted. Every string that comes from MLflow (method, arch,
-parameter values, flags) is user input, so each output format escapes it its own way: Markdown
-escapes, CSV neutralises spreadsheet formulas, terminal text drops control characters (which
-could otherwise smuggle ANSI escape sequences).
+parameter values, flags and their reasons) is user input, so each output format escapes it its own
+way: Markdown escapes, CSV neutralises spreadsheet formulas, terminal text drops control characters
+(which could otherwise smuggle ANSI escape sequences).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import unicodedata
 from collections.abc import Callable
 
-from leaderboard.schema import Row, Table
+from leaderboard.schema import ACCURACIES, Row, Table, is_warning
 
 EMPTY_MESSAGE = "No evaluated trial runs found: nothing to rank yet."
 RULES = (
     "One table per (dataset, norm, eps). Each row is the best trial of a (method, architecture) "
     "by validation PGD accuracy, never by test numbers; rows are ranked by test AutoAttack accuracy. "
-    "Accuracies in %. Search cost: trials run and epochs trained over all trials of the search."
+    "Accuracies in %; for a configuration trained with several seeds, mean ± std over the seeds "
+    "(and ranked by that mean). AA 95% CI: Wilson interval of the trial's own AutoAttack accuracy "
+    "over its n_ex test images. ⚠ marks a row whose evaluation may be unreliable (see its flags); "
+    "unmarked flags are notes on statistical precision. "
+    "Search cost: trials run and epochs trained over all trials of the search."
 )
+WARNING_MARK = "⚠"
 
-# Display columns shared by Markdown and terminal text: (header, cell text for (rank, row)).
+# Markdown columns: (header, cell text for (rank, row)), unescaped. A row with a warning flag is
+# marked ⚠ at its method as well as at the flag, so that it stands out when the table is scanned.
 COLUMNS: list[tuple[str, Callable[[int, Row], str]]] = [
     ("Rank", lambda i, r: str(i)),
-    ("Method", lambda i, r: r.method),
-    ("Clean", lambda i, r: _pct(r.clean_acc)),
-    ("PGD", lambda i, r: _pct(r.pgd_acc)),
-    ("AutoAttack", lambda i, r: _pct(r.aa_acc)),
-    ("Certified", lambda i, r: _pct(r.certified_acc)),
+    ("Method", lambda i, r: f"{WARNING_MARK} {r.method}" if r.warnings else r.method),
+    ("Clean", lambda i, r: _acc(r, "clean_acc")),
+    ("PGD", lambda i, r: _acc(r, "pgd_acc")),
+    ("AutoAttack", lambda i, r: _acc(r, "aa_acc")),
+    ("AA 95% CI", lambda i, r: _ci(r.aa_ci)),
+    ("Certified", lambda i, r: _acc(r, "certified_acc")),
     ("Arch", lambda i, r: r.arch),
     ("Epochs", lambda i, r: _num(r.epochs)),
     ("Hyperparameters", lambda i, r: ", ".join(f"{n}={_param(v)}" for n, v in r.hparams)),
     ("Trials", lambda i, r: _num(r.trials)),
     ("Trial-epochs", lambda i, r: _num(r.trial_epochs)),
     ("n_ex", lambda i, r: _num(r.n_ex)),
-    ("Flags", lambda i, r: ", ".join(r.flags)),
+    ("Seeds", lambda i, r: str(r.n_seeds)),
+    ("Flags", lambda i, r: "; ".join(_flag(f, dict(r.flag_reasons).get(f)) for f in _flag_order(r))),
     ("Run", lambda i, r: r.run_id),
+]
+
+# Terminal text stays compact: no CI column, and flag names without their reasons.
+TEXT_COLUMNS: list[tuple[str, Callable[[int, Row], str]]] = [
+    (h, (lambda i, r: ", ".join(_flag(f) for f in _flag_order(r))) if h == "Flags" else cell)
+    for h, cell in COLUMNS if h != "AA 95% CI"
 ]
 
 # CSV: the display columns plus the table key and provenance, numbers at full precision.
@@ -53,13 +68,20 @@ CSV_COLUMNS: list[tuple[str, Callable[[int, Row], object]]] = [
     ("pgd_acc", lambda i, r: r.pgd_acc),
     ("aa_acc", lambda i, r: r.aa_acc),
     ("certified_acc", lambda i, r: r.certified_acc),
+    *[(f"{m}_{s}", lambda i, r, key=f"{m}_{s}": getattr(r, key)) for m in ACCURACIES for s in ("mean", "std")],
+    *[(f"{m.removesuffix('_acc')}_ci_{end}", lambda i, r, m=m, j=j: _ci_bound(r, m, j))
+      for m in ACCURACIES for j, end in enumerate(("low", "high"))],
     ("arch", lambda i, r: r.arch),
     ("epochs", lambda i, r: r.epochs),
     ("hyperparameters", lambda i, r: ", ".join(f"{n}={v}" for n, v in r.hparams)),
     ("trials", lambda i, r: r.trials),
     ("trial_epochs", lambda i, r: r.trial_epochs),
     ("n_ex", lambda i, r: r.n_ex),
-    ("flags", lambda i, r: ",".join(r.flags)),
+    ("n_seeds", lambda i, r: r.n_seeds),
+    ("flags", lambda i, r: ";".join(r.flags)),
+    # Sanitised before encoding: JSON would keep an ANSI escape as "\u001b" for the reader to decode.
+    ("flag_reasons", lambda i, r: json.dumps({_printable(f): _printable(t) for f, t in r.flag_reasons},
+                                             ensure_ascii=False)),
     ("run_id", lambda i, r: r.run_id),
     ("experiment_id", lambda i, r: r.experiment_id),
 ]
@@ -107,15 +129,18 @@ def to_csv(tables: list[Table]) -> str:
 
 
 def format_text(tables: list[Table]) -> str:
-    """Aligned plain-text tables for a terminal, in the Markdown pipe-table shape."""
+    """Aligned plain-text tables for a terminal, in the Markdown pipe-table shape.
+
+    The columns are :data:`TEXT_COLUMNS`: the Markdown ones less the CI, with flag names only.
+    """
     if not tables:
         return EMPTY_MESSAGE
     blocks = []
     for t in tables:
-        grid = [[h for h, _ in COLUMNS]]
-        grid += [[_printable(cell(i, row)) for _, cell in COLUMNS] for i, row in enumerate(t.rows, 1)]
-        widths = [max(len(line[j]) for line in grid) for j in range(len(COLUMNS))]
-        pad = [str.rjust if h in _NUMERIC else str.ljust for h, _ in COLUMNS]
+        grid = [[h for h, _ in TEXT_COLUMNS]]
+        grid += [[_printable(cell(i, row)) for _, cell in TEXT_COLUMNS] for i, row in enumerate(t.rows, 1)]
+        widths = [max(len(line[j]) for line in grid) for j in range(len(TEXT_COLUMNS))]
+        pad = [str.rjust if h in _NUMERIC else str.ljust for h, _ in TEXT_COLUMNS]
         lines = ["| " + " | ".join(p(s, w) for p, s, w in zip(pad, line, widths)) + " |" for line in grid]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
         blocks.append(_printable(table_title(t)) + "\n" + "\n".join(lines))
@@ -126,7 +151,7 @@ def format_text(tables: list[Table]) -> str:
 # HTML tag can form; the rest are backslash-escaped (`\|` is how GFM keeps a pipe inside a cell).
 _MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 _MD_SPECIAL = re.compile(r"([\\|`*_\[\]])")
-_NUMERIC = {"Rank", "Clean", "PGD", "AutoAttack", "Epochs", "Trials", "Trial-epochs", "n_ex"}
+_NUMERIC = {"Rank", "Clean", "PGD", "AutoAttack", "AA 95% CI", "Epochs", "Trials", "Trial-epochs", "n_ex", "Seeds"}
 
 
 def md_escape(text: str) -> str:
@@ -155,6 +180,37 @@ def _csv_cell(value: object) -> object:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _acc(row: Row, metric: str) -> str:
+    """``mean ± std`` over seeds (one decimal: the seed spread makes a second one noise), else the
+    trial's own accuracy as before."""
+    mean = getattr(row, f"{metric}_mean") if row.n_seeds >= 2 else None
+    if mean is None:
+        return _pct(getattr(row, metric))
+    std = getattr(row, f"{metric}_std")
+    return f"{100 * mean:.1f} ± {'–' if std is None else f'{100 * std:.1f}'}"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "–" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _ci_bound(row: Row, metric: str, j: int) -> float | None:
+    """Bound ``j`` (0 low, 1 high) of the CI of ``metric`` (``aa_acc`` -> ``row.aa_ci``)."""
+    ci = getattr(row, f"{metric.removesuffix('_acc')}_ci")
+    return None if ci is None else ci[j]
+
+
+def _flag_order(row: Row) -> list[str]:
+    """Warnings first, then notes, each in the order the evaluation logged them."""
+    return [*row.warnings, *row.notes]
+
+
+def _flag(name: str, reason: str | None = None) -> str:
+    """``⚠ masking:aa-gap (reason)`` for a warning, ``small-sample (reason)`` for a note (unescaped)."""
+    text = f"{WARNING_MARK} {name}" if is_warning(name) else name
+    return text if not reason else f"{text} ({reason})"
 
 
 def _num(x: float | None) -> str:

@@ -10,7 +10,13 @@ The two orderings the rules need are declared once, here:
 * :func:`selection_key` picks the one trial that represents a (method, architecture) in a table.
   It looks at validation metrics only: choosing by test numbers would leak the test set into
   model selection and overstate robustness.
-* :func:`rank_key` orders the representatives by test AutoAttack accuracy (RobustBench's rule).
+* :func:`rank_key` orders the representatives by test AutoAttack accuracy (RobustBench's rule),
+  averaged over training seeds when the configuration was confirmed with several.
+
+Flags are the evaluation layer's caveats about a row. :func:`is_warning` splits them into
+warnings (the evaluation of this model may be wrong: gradient masking, an AutoAttack setting
+that does not apply, an unsound certificate) and notes (the numbers are right but imprecise: few
+test images, one training seed).
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
+"""The test accuracies a row carries, each with a 95% CI and, over several seeds, a mean and std."""
+
+NOTE_FLAGS = frozenset({"small-sample", "single-seed"})
+"""Flags about statistical precision only. Every other flag is a warning (see :func:`is_warning`)."""
+
 
 @dataclass(frozen=True)
 class Row:
     """One evaluated trial run: a candidate leaderboard entry.
 
-    Accuracies are fractions in [0, 1]; ``None`` marks a metric the run did not log.
+    Accuracies are fractions in [0, 1]; ``None`` marks a metric the run did not log (older stores
+    log no CIs, seed counts, means or flag reasons: the defaults then describe them exactly).
     """
 
     run_id: str
@@ -52,6 +65,54 @@ class Row:
     """Search cost: trials run by the search this trial belongs to."""
     trial_epochs: float | None = None
     """Search cost: epochs trained, summed over that search's trials."""
+    clean_ci: tuple[float, float] | None = None
+    """95% Wilson confidence interval (low, high) of ``clean_acc`` over the ``n_ex`` test images."""
+    pgd_ci: tuple[float, float] | None = None
+    aa_ci: tuple[float, float] | None = None
+    certified_ci: tuple[float, float] | None = None
+    n_seeds: int = 1
+    """Training seeds the configuration was trained with, this trial included."""
+    clean_acc_mean: float | None = None
+    """Mean over the ``n_seeds`` seeds (only when ``n_seeds >= 2``); ``clean_acc`` stays this trial's own."""
+    clean_acc_std: float | None = None
+    pgd_acc_mean: float | None = None
+    pgd_acc_std: float | None = None
+    aa_acc_mean: float | None = None
+    aa_acc_std: float | None = None
+    certified_acc_mean: float | None = None
+    certified_acc_std: float | None = None
+    flag_reasons: tuple[tuple[str, str], ...] = ()
+    """(flag, one-line reason) pairs, in ``flags`` order, for the flags that came with a reason."""
+
+    def headline(self, metric: str) -> float | None:
+        """The number a reader should take for ``metric`` (one of :data:`ACCURACIES`).
+
+        The mean over seeds when the configuration was trained with several (one seed's number
+        is one draw of a noisy quantity), else this trial's own number.
+        """
+        mean = getattr(self, f"{metric}_mean") if self.n_seeds >= 2 else None
+        return getattr(self, metric) if mean is None else mean
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The flags that question the evaluation itself (:func:`is_warning`)."""
+        return tuple(f for f in self.flags if is_warning(f))
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """The flags about statistical precision only."""
+        return tuple(f for f in self.flags if not is_warning(f))
+
+
+def is_warning(flag: str) -> bool:
+    """Whether a flag questions the model's evaluation (``masking:*``, ``aa-check:*``,
+    ``unsound-certificate``) rather than only its precision (``small-sample``, ``single-seed``).
+
+    A flag name this module does not know is a warning: the evaluation layer may add flags before
+    the leaderboard learns them, and showing a new caveat too loudly is the safer mistake than
+    hiding one.
+    """
+    return flag not in NOTE_FLAGS
 
 
 @dataclass(frozen=True)
@@ -79,8 +140,13 @@ def selection_key(row: Row) -> tuple:
 
 
 def rank_key(row: Row) -> tuple:
-    """Order within a table: AutoAttack accuracy, then clean accuracy, both descending."""
-    return (-row.aa_acc, _desc(row.clean_acc), row.method, row.arch, row.run_id)
+    """Order within a table: AutoAttack accuracy, then clean accuracy, both descending.
+
+    Both are :meth:`Row.headline` numbers: the mean over seeds when there are several, so that a
+    configuration confirmed on several seeds is ranked by what it reproducibly reaches rather
+    than by its luckiest (or unluckiest) seed.
+    """
+    return (_desc(row.headline("aa_acc")), _desc(row.headline("clean_acc")), row.method, row.arch, row.run_id)
 
 
 def tabulate(rows: list[Row]) -> list[Table]:

@@ -7,12 +7,17 @@ The store (built once per module, since creating an MLflow sqlite database takes
   including a trial with the best *test* AA but a worse *validation* score, failed, unevaluated,
   pruned and crashed trials, a validation tie, and a parent without search-cost metrics;
 * campaign-a, digits / Linf / eps=0.3: pgd_at and trades again, which must land in their own table;
-* campaign-b, mnist / L2 / eps=1.5: hostile text in params and tags.
+* campaign-b, mnist / L2 / eps=1.5: hostile text in params and tags;
+* campaign-c, svhn / Linf / eps=8/255: the newer evaluation contract (95% CIs, a configuration
+  confirmed on 3 seeds, flag reasons, hostile and malformed ``otarena.flag_reasons``).
+
+campaign-a and campaign-b log none of the newer keys: they stand for a store written before them.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from types import SimpleNamespace
 
@@ -22,7 +27,7 @@ from mlflow import MlflowClient
 
 import leaderboard
 from leaderboard import build, format_text
-from leaderboard.render import COLUMNS, md_escape
+from leaderboard.render import COLUMNS, CSV_COLUMNS, md_escape
 
 _ids = itertools.count()
 
@@ -41,12 +46,19 @@ def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", arch="s
 
 
 def _trial(c, parent, *, val, val_clean=0.8, aa=None, clean=None, pgd=None, params=None, flags="",
-           outcome="completed", evaluated=True, status="FINISHED", epochs=5, n_ex=500):
-    """A trial's child run; it gets test metrics only when ``aa`` is given."""
+           outcome="completed", evaluated=True, status="FINISHED", epochs=5, n_ex=500, metrics=None,
+           flag_reasons=None):
+    """A trial's child run; it gets test metrics only when ``aa`` is given.
+
+    ``metrics`` adds further metrics (the newer ``test/*`` keys); ``flag_reasons`` is the raw
+    ``otarena.flag_reasons`` tag, left out when None.
+    """
     params = params if params is not None else {"lr": "0.1"}
     tags = {**parent.tags, "otarena.role": "trial", "mlflow.parentRunId": parent.id,
             "otarena.trial_id": f"t{next(_ids)}", "otarena.outcome": outcome,
             "otarena.searched": ",".join(params), "otarena.flags": flags}
+    if flag_reasons is not None:
+        tags["otarena.flag_reasons"] = flag_reasons
     if evaluated:
         tags["otarena.evaluated"] = "true"
     run_id = c.create_run(parent.exp, tags=tags).info.run_id
@@ -54,7 +66,7 @@ def _trial(c, parent, *, val, val_clean=0.8, aa=None, clean=None, pgd=None, para
         c.log_param(run_id, k, v)
     for step in range(2):  # per-epoch curves exist too; the leaderboard must read the best-of metrics
         c.log_metric(run_id, "val/pgd_acc", val - 0.1 * step, step=step)
-    metrics = {"val/best_pgd_acc": val, "val/best_clean_acc": val_clean, "train/epochs": epochs}
+    metrics = {"val/best_pgd_acc": val, "val/best_clean_acc": val_clean, "train/epochs": epochs, **(metrics or {})}
     if aa is not None:
         metrics |= {"test/aa_acc": aa, "test/clean_acc": clean if clean is not None else aa + 0.3,
                     "test/pgd_acc": pgd if pgd is not None else aa + 0.02, "test/n_ex": n_ex}
@@ -100,7 +112,38 @@ def store(tmp_path_factory):
                     params={"note": "<script>alert(1)</script>", "sep": "a|b", "trades_beta": "6.0"})
     p = _parent(c, b, "pgd_at", dataset="mnist", norm="L2", eps="1.5", arch="wrn`34`*_[x]", cost=(1, 5))
     r.b2 = _trial(c, p, val=0.6, aa=0.65)
+
+    cx = c.create_experiment("campaign-c")
+    svhn = {"dataset": "svhn", "eps": repr(8 / 255)}
+    p = _parent(c, cx, "trades", **svhn, cost=(4, 20))
+    # Own AA 40% would rank it below pgd_at's 45%; its 3-seed mean of 47% ranks it above.
+    r.seeds3 = _trial(c, p, val=0.6, aa=0.40, clean=0.80, pgd=0.45, n_ex=1000,
+                      flags="small-sample,masking:aa-gap",
+                      flag_reasons=json.dumps({"small-sample": "only 1000 test images",
+                                               "masking:aa-gap": "AutoAttack 12.3 points below PGD-50"}),
+                      metrics={"test/n_seeds": 3,
+                               "test/clean_acc_mean": 0.81, "test/clean_acc_std": 0.005,
+                               "test/pgd_acc_mean": 0.50, "test/pgd_acc_std": 0.02,
+                               "test/aa_acc_mean": 0.47, "test/aa_acc_std": 0.012,
+                               "test/aa_acc_ci_low": 0.412, "test/aa_acc_ci_high": 0.503,
+                               "test/clean_acc_ci_low": 0.77, "test/clean_acc_ci_high": 0.83})
+    p = _parent(c, cx, "pgd_at", **svhn, cost=(2, 10))
+    # n_seeds=1: a stray mean must not count; a reason for an unlisted flag still raises that flag.
+    r.one_seed = _trial(c, p, val=0.6, aa=0.45, flags="single-seed",
+                        flag_reasons=json.dumps({"single-seed": "trained with one seed",
+                                                 "masking:zero-gradient": "zero gradient on 3% of inputs"}),
+                        metrics={"test/n_seeds": 1, "test/aa_acc_mean": 0.99, "test/aa_acc_std": 0.0})
+    p = _parent(c, cx, "mart", **svhn, cost=(1, 5))
+    r.hostile = _trial(c, p, val=0.6, aa=0.50, flags="aa-check:randomized",
+                       flag_reasons=json.dumps({"aa-check:randomized": HOSTILE_REASON}))
+    p = _parent(c, cx, "awp", **svhn, cost=(1, 5))
+    r.malformed = _trial(c, p, val=0.6, aa=0.30, flags="masking:steps", flag_reasons='{"masking:steps": "unterminated')
+    p = _parent(c, cx, "awp", **svhn, arch="wide_cnn", cost=(1, 5))
+    r.not_object = _trial(c, p, val=0.6, aa=0.30, flags="small-sample", flag_reasons='["small-sample"]')
     return r
+
+
+HOSTILE_REASON = "a|b <script>alert(1)</script> *x* [l](javascript:x) `c`\n\x1b[31mred"
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +160,7 @@ def _table(tables, dataset, norm, eps):
 
 def test_ranking_and_columns(store, built):
     assert [(t.dataset, t.norm, t.eps) for t in built.tables] == [
-        ("digits", "Linf", 0.2), ("digits", "Linf", 0.3), ("mnist", "L2", 1.5)]
+        ("digits", "Linf", 0.2), ("digits", "Linf", 0.3), ("mnist", "L2", 1.5), ("svhn", "Linf", 8 / 255)]
     t = _table(built.tables, "digits", "Linf", 0.2)
     assert [r.method for r in t.rows] == ["trades", "pgd_at", "mart"]
     assert [r.run_id for r in t.rows] == [store.tr1, store.pgd2, store.m2]
@@ -131,9 +174,11 @@ def test_ranking_and_columns(store, built):
 
     assert "## digits · Linf · eps=0.2" in built.md
     header = "| " + " | ".join(h for h, _ in COLUMNS) + " |"
-    assert built.md.count(header) == 3
-    assert f"| 2 | pgd\\_at | 83.12 | 50.00 | 48.12 | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 |  | {store.pgd2} |" in built.md
-    assert f"| 1 | trades | 80.00 | 52.00 | 50.00 | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 |" in built.md
+    assert built.md.count(header) == 4
+    assert header == ("| Rank | Method | Clean | PGD | AutoAttack | AA 95% CI | Certified | Arch | Epochs | "
+                      "Hyperparameters | Trials | Trial-epochs | n_ex | Seeds | Flags | Run |")
+    assert f"| 2 | pgd\\_at | 83.12 | 50.00 | 48.12 | – | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 | 1 |  | {store.pgd2} |" in built.md
+    assert f"| 1 | trades | 80.00 | 52.00 | 50.00 | – | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 | 1 |" in built.md
 
 
 def test_validation_not_test_decides(store, built):
@@ -166,15 +211,19 @@ def test_markdown_escapes_user_text(store, built):
 def test_csv_round_trips(store, built):
     df = pd.read_csv(built.csv, keep_default_na=False)
     assert list(df.columns) == [
-        "dataset", "norm", "eps", "rank", "method", "clean_acc", "pgd_acc", "aa_acc", "certified_acc", "arch", "epochs",
-        "hyperparameters", "trials", "trial_epochs", "n_ex", "flags", "run_id", "experiment_id"]
-    assert len(df) == sum(len(t.rows) for t in built.tables) == 7
+        "dataset", "norm", "eps", "rank", "method", "clean_acc", "pgd_acc", "aa_acc", "certified_acc",
+        "clean_acc_mean", "clean_acc_std", "pgd_acc_mean", "pgd_acc_std", "aa_acc_mean", "aa_acc_std",
+        "certified_acc_mean", "certified_acc_std", "clean_ci_low", "clean_ci_high", "pgd_ci_low", "pgd_ci_high",
+        "aa_ci_low", "aa_ci_high", "certified_ci_low", "certified_ci_high", "arch", "epochs",
+        "hyperparameters", "trials", "trial_epochs", "n_ex", "n_seeds", "flags", "flag_reasons", "run_id",
+        "experiment_id"]
+    assert len(df) == sum(len(t.rows) for t in built.tables) == 12
     row = df[df.run_id == store.pgd2].iloc[0]
     assert row.aa_acc == 0.4812345678901234 and row.clean_acc == 0.8312345678901234  # full precision
     assert (row.dataset, row.norm, row.eps, row["rank"], row.hyperparameters) == ("digits", "Linf", 0.2, 2, "lr=0.05")
     evil = df[df.run_id == store.evil].iloc[0]
     assert evil.hyperparameters == "note=<script>alert(1)</script>, sep=a|b, trades_beta=6.0"
-    assert evil["flags"] == "low_n_ex,single_seed [31m"  # no raw escape sequence reaches a terminal
+    assert evil["flags"] == "low_n_ex;single_seed [31m"  # no raw escape sequence reaches a terminal
 
 
 def test_filters_and_experiments(store, tmp_path):
@@ -198,6 +247,7 @@ def test_format_text(store, built):
     assert "\x1b" not in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len({len(line) for line in lines[: 2 + 3]}) == 1  # aligned columns in the first table
+    assert len({len(line) for line in lines[-(2 + 5):]}) == 1  # and in the last (⚠ and ± included)
 
 
 def test_empty_store(tmp_path):
@@ -234,4 +284,104 @@ def test_certified_rows_get_an_l2_table_with_a_certified_column(tmp_path):
     assert [(t.norm, t.eps) for t in tables] == [("L2", 0.5), ("Linf", 0.2)]
     md = (tmp_path / "site" / "leaderboard.md").read_text()
     assert "## digits · L2 · eps=0.5" in md
-    assert "| 1 | hkr | 75.00 | 47.00 | 45.00 | 38.00 | lipschitz\\_small |" in md
+    assert "| 1 | hkr | 75.00 | 47.00 | 45.00 | – | 38.00 | lipschitz\\_small |" in md
+
+
+def _svhn(built):
+    return _table(built.tables, "svhn", "Linf", 8 / 255)
+
+
+def _md_row(md, run_id):
+    (line,) = [line for line in md.splitlines() if line.startswith("| ") and line.endswith(f" {run_id} |")]
+    return line
+
+
+def test_multi_seed_mean_ranks_and_shows(store, built):
+    t = _svhn(built)
+    # By the 3-seed mean (47%), trades passes pgd_at (45%) although its own seed scored 40%.
+    assert [(r.method, r.arch) for r in t.rows] == [
+        ("mart", "small_cnn"), ("trades", "small_cnn"), ("pgd_at", "small_cnn"), ("awp", "small_cnn"),
+        ("awp", "wide_cnn")]
+    row = t.rows[1]
+    assert row.run_id == store.seeds3 and row.n_seeds == 3
+    assert (row.aa_acc, row.aa_acc_mean, row.aa_acc_std, row.headline("aa_acc")) == (0.40, 0.47, 0.012, 0.47)
+    assert (row.aa_ci, row.clean_ci, row.pgd_ci, row.certified_ci) == ((0.412, 0.503), (0.77, 0.83), None, None)
+    assert row.certified_acc_mean is None  # not logged: the Certified cell stays "–"
+    one = t.rows[2]  # n_seeds=1: its stray logged mean of 99% neither ranks nor shows
+    assert (one.n_seeds, one.aa_acc_mean, one.headline("aa_acc")) == (1, None, 0.45)
+    assert _md_row(built.md, store.seeds3) == (
+        "| 2 | ⚠ trades | 81.0 ± 0.5 | 50.0 ± 2.0 | 47.0 ± 1.2 | \\[41.2, 50.3\\] | – | small\\_cnn | 5 | lr=0.1 "
+        "| 4 | 20 | 1000 | 3 | ⚠ masking:aa-gap (AutoAttack 12.3 points below PGD-50); "
+        f"small-sample (only 1000 test images) | {store.seeds3} |")
+    assert _md_row(built.md, store.one_seed).startswith("| 3 | ⚠ pgd\\_at | 75.00 | 47.00 | 45.00 | – | – |")
+
+    df = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id")
+    assert df.loc[store.seeds3, ["rank", "n_seeds", "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
+                                 "clean_acc_mean", "pgd_acc_std"]].astype(float).tolist() == [
+        2, 3, 0.4, 0.47, 0.012, 0.412, 0.503, 0.81, 0.02]  # full precision, as logged
+    assert df.loc[store.seeds3, "certified_acc_mean"] == df.loc[store.one_seed, "aa_acc_mean"] == ""
+    assert df.loc[store.one_seed, "n_seeds"] == 1
+
+
+def test_flag_reasons_in_markdown_csv_and_text(store, built):
+    t = _svhn(built)
+    rows = {r.run_id: r for r in t.rows}
+    assert rows[store.seeds3].flags == ("small-sample", "masking:aa-gap")
+    assert rows[store.seeds3].warnings == ("masking:aa-gap",) and rows[store.seeds3].notes == ("small-sample",)
+    assert rows[store.seeds3].flag_reasons == (("small-sample", "only 1000 test images"),
+                                               ("masking:aa-gap", "AutoAttack 12.3 points below PGD-50"))
+    # A reason for a flag missing from otarena.flags still raises the flag (here a warning).
+    assert rows[store.one_seed].flags == ("single-seed", "masking:zero-gradient")
+    assert _md_row(built.md, store.one_seed).endswith(
+        "| ⚠ masking:zero-gradient (zero gradient on 3% of inputs); single-seed (trained with one seed) "
+        f"| {store.one_seed} |")
+
+    df = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id")
+    assert df.loc[store.seeds3, "flags"] == "small-sample;masking:aa-gap"
+    assert json.loads(df.loc[store.seeds3, "flag_reasons"]) == dict(rows[store.seeds3].flag_reasons)
+    assert all(json.loads(cell) is not None for cell in df["flag_reasons"])  # every cell parses, "{}" when none
+
+    text = format_text(built.tables)
+    assert "⚠ trades" in text and "⚠ masking:aa-gap, small-sample" in text
+    assert "AutoAttack 12.3 points" not in text and "41.2" not in text  # compact: no reasons, no CI
+    assert "47.0 ± 1.2" in text
+    # Notes alone earn no mark: the wide_cnn awp row has only small-sample.
+    assert _md_row(built.md, store.not_object).startswith("| 5 | awp |")
+
+
+def test_hostile_flag_reason_is_escaped(store, built):
+    cell = _md_row(built.md, store.hostile).split(" | ")[-2]
+    assert cell == ("⚠ aa-check:randomized (a\\|b &lt;script&gt;alert(1)&lt;/script&gt; \\*x\\* "
+                    "\\[l\\](javascript:x) \\`c\\`  \\[31mred)")
+    assert "<script>" not in built.md and "\x1b" not in built.md  # and every row keeps its cell count
+    reasons = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id").loc[store.hostile, "flag_reasons"]
+    # Raw in the CSV (it is data, not markup), but with the newline and ESC gone.
+    assert json.loads(reasons) == {
+        "aa-check:randomized": "a|b <script>alert(1)</script> *x* [l](javascript:x) `c`  [31mred"}
+    assert "\x1b" not in format_text(built.tables)
+
+
+def test_malformed_flag_reasons_still_build(store, built):
+    rows = {r.run_id: r for r in _svhn(built).rows}
+    for run_id, flag in ((store.malformed, "masking:steps"), (store.not_object, "small-sample")):
+        assert (rows[run_id].flags, rows[run_id].flag_reasons) == ((flag,), ())
+    assert _md_row(built.md, store.malformed).startswith("| 4 | ⚠ awp |")
+    assert _md_row(built.md, store.malformed).endswith(f"| ⚠ masking:steps | {store.malformed} |")
+    df = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id")
+    assert df.loc[store.malformed, "flag_reasons"] == df.loc[store.not_object, "flag_reasons"] == "{}"
+
+
+def test_runs_without_the_newer_keys_build_as_before(store, tmp_path):
+    tables = build(store.uri, tmp_path, experiments=["campaign-a", "campaign-b"])
+    rows = [r for t in tables for r in t.rows]
+    assert len(rows) == 7
+    new = ("clean_ci", "pgd_ci", "aa_ci", "certified_ci") + tuple(
+        f"{m}_{s}" for m in ("clean_acc", "pgd_acc", "aa_acc", "certified_acc") for s in ("mean", "std"))
+    for r in rows:
+        assert r.n_seeds == 1 and r.flag_reasons == () and all(getattr(r, f) is None for f in new)
+        assert r.headline("aa_acc") == r.aa_acc
+    assert [r.run_id for r in _table(tables, "digits", "Linf", 0.2).rows] == [store.tr1, store.pgd2, store.m2]
+    df = pd.read_csv(tmp_path / "leaderboard.csv", keep_default_na=False)
+    newer = [name for name, _ in CSV_COLUMNS if name.endswith(("_mean", "_std", "_low", "_high"))]
+    assert len(newer) == 16 and (df[newer] == "").all().all()
+    assert (df.n_seeds == 1).all() and (df.flag_reasons == "{}").all()
