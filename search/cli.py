@@ -168,6 +168,187 @@ def _check_writable(path: str) -> None:
         raise UsageError(f"storage path {path!r} is not writable")
 
 
+# ---------------------------------------------------------------------------------------------- evaluate
+def _eval_settings(args, logged: dict) -> dict:
+    """FinalEval settings: the config defaults, then what the run logged, then the command line."""
+    from search.config import ConfigError, FinalEval
+
+    settings = FinalEval().model_dump()
+    for key, value in logged.items():
+        *group, name = key.removeprefix("eval.").split(".")
+        target = settings.get(group[0]) if group else settings
+        if key.startswith("eval.") and isinstance(target, dict) and name in target and len(group) <= 1:
+            target[name] = yaml.safe_load(value) if value not in ("None", "") else None
+    for key, value in (("n_ex", args.n_ex), ("pgd_steps", args.pgd_steps), ("batch_size", args.batch_size)):
+        if value is not None:
+            settings[key] = value
+    if args.no_autoattack:
+        settings["autoattack"] = None
+    if args.no_sweep:
+        settings["eps_sweep"] = False
+    try:
+        return FinalEval.model_validate(settings).model_dump()
+    except Exception as err:  # noqa: BLE001 - pydantic's message, in one line
+        raise ConfigError(f"evaluation settings: {str(err).splitlines()[-1].strip()}") from None
+
+
+def _run_target(args, client) -> dict:
+    """Weights, model, threat model and settings of a logged trial run."""
+    import torch
+
+    from search import evaluation
+    from search.trainable import load_state
+
+    try:
+        run = client.get_run(args.run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error for an unknown id
+        raise UsageError(f"no MLflow run {args.run_id!r} in {args.tracking_uri}") from None
+    params, tags = run.data.params, run.data.tags
+    missing = [k for k in ("method", "dataset", "arch", "norm", "eps") if k not in params]
+    if missing:
+        raise UsageError(f"run {args.run_id} is not an otarena trial (no {', '.join(missing)} params)")
+    weights = None
+    try:
+        import mlflow.artifacts
+
+        path = mlflow.artifacts.download_artifacts(run_id=args.run_id, artifact_path=evaluation.CHECKPOINT_ARTIFACT,
+                                                   tracking_uri=args.tracking_uri)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - no logged weights: fall back to the Ray checkpoint
+        folder = tags.get("otarena.checkpoint")
+        if folder and os.path.isdir(folder):
+            weights = load_state(folder)["best_model"]
+    if weights is None:
+        raise UsageError(f"run {args.run_id} has no weights: neither a {evaluation.CHECKPOINT_ARTIFACT} artifact "
+                         f"nor a readable Ray checkpoint")
+    seed = int(args.seed if args.seed is not None else params.get("eval.seed", params.get("seed", 0)))
+    return {"weights": weights, "method": params["method"], "dataset": params["dataset"], "arch": params["arch"],
+            "norm": params["norm"], "eps": float(params["eps"]), "seed": seed, "run": run,
+            "settings": _eval_settings(args, params)}
+
+
+def _checkpoint_target(args) -> dict:
+    import torch
+
+    if not (args.arch and args.dataset):
+        raise UsageError("--checkpoint needs --arch and --dataset")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint!r} not found")
+    try:
+        weights = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a pickle with code in it is refused here
+        raise UsageError(f"cannot load {args.checkpoint} as weights only ({str(err).splitlines()[0]})") from None
+    if isinstance(weights, dict) and "best_model" in weights:  # a Ray trial checkpoint's state.pt
+        weights = weights["best_model"]
+    return {"weights": weights, "method": args.method, "dataset": args.dataset, "arch": args.arch,
+            "norm": args.norm, "eps": args.eps, "seed": args.seed or 0, "run": None,
+            "settings": _eval_settings(args, {})}
+
+
+def cmd_evaluate(args) -> int:
+    import methods
+    from methods.common import data as data_lib
+    from methods.common.attacks import check_eps
+    from methods.common.nets import ARCHS
+
+    if bool(args.run_id) == bool(args.checkpoint):
+        raise UsageError("give a RUN_ID or --checkpoint PATH (not both)")
+    if args.method and args.method not in methods.REGISTRY:
+        raise UsageError(f"unknown method {args.method!r}; choose from {sorted(methods.REGISTRY)}")
+    client = None
+    if args.run_id or not args.no_mlflow:
+        from search.tracking import check_reachable
+
+        check_reachable(args.tracking_uri)
+    if args.run_id:
+        from leaderboard.collect import open_client
+
+        try:
+            client = open_client(args.tracking_uri)  # an existing store: a typo must not create one
+        except (ValueError, RuntimeError) as err:
+            raise UsageError(str(err)) from None
+        target = _run_target(args, client)
+    else:
+        target = _checkpoint_target(args)
+    if target["arch"] not in ARCHS:
+        raise UsageError(f"unknown arch {target['arch']!r}; choose from {sorted(ARCHS)}")
+    if target["dataset"] not in data_lib.INFO:
+        raise UsageError(f"unknown dataset {target['dataset']!r}; choose from {sorted(data_lib.INFO)}")
+    try:
+        check_eps(target["norm"], target["eps"])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    reason = None if args.download else data_lib.missing(target["dataset"], args.data_dir)
+    if reason:
+        raise UsageError(reason)
+    return _evaluate_target(args, client, target)
+
+
+def _evaluate_target(args, client, target: dict) -> int:
+    import methods
+    from search import evaluation
+
+    test = methods.data.load(target["dataset"], "test", data_dir=args.data_dir, download=args.download)
+    settings, certified = target["settings"], args.certified or (bool(target["method"]) and
+                                                                  methods.get(target["method"]).certified)
+    print(f"evaluating {target['arch']} on {target['dataset']} test ({settings['n_ex'] or len(test)} images), "
+          f"{target['norm']} eps={target['eps']:g}, seed {target['seed']}", flush=True)
+    result = evaluation.evaluate_weights(
+        target["weights"], method=target["method"], certified=certified, arch=target["arch"], norm=target["norm"],
+        eps=target["eps"], test_data=test, eval_cfg=settings, seed=target["seed"],
+        state_path=args.state, log=lambda line: print(f"  {line}", flush=True))
+    source = {"run_id": args.run_id} if args.run_id else {"checkpoint": os.path.abspath(args.checkpoint)}
+    context = {"title": f"{target['method'] or target['arch']} on {target['dataset']}, {target['norm']} "
+                        f"eps={target['eps']:g}", "method": target["method"], "dataset": target["dataset"],
+               "arch": target["arch"], "seed": target["seed"], "split": "test", **source}
+    report_path = args.report or os.path.join("evaluations", f"{args.run_id or _stem(args.checkpoint)}.json")
+    written = evaluation.write_report(evaluation.report(result, **context), report_path)
+    logged_to = None
+    if not args.no_mlflow:
+        logged_to = _log_evaluation(args, client, target, result, context)
+    print("test: " + "  ".join(f"{k.removesuffix('_acc')} {result[k]:.1%} "
+                               f"[{result['ci95'][k][0]:.1%}, {result['ci95'][k][1]:.1%}]"
+                               for k in evaluation.ACCURACIES if k in result) + f" on {result['n_ex']} images")
+    if result.get("aa_per_attack"):
+        print("AutoAttack cascade: " + " -> ".join(f"{k} {v:.1%}" for k, v in result["aa_per_attack"].items()))
+    for flag, why in result["flag_reasons"].items():
+        print(f"flag {flag}: {why}")
+    print(f"report: {', '.join(written)}" + (f"; MLflow run {logged_to}" if logged_to else ""))
+    return 0
+
+
+def _log_evaluation(args, client, target: dict, result: dict, context: dict) -> str:
+    from search import evaluation
+    from search.tracking import Tracker, flatten
+
+    params = {f"eval.{k}": v for k, v in flatten(target["settings"]).items()} | {"eval.seed": target["seed"]}
+    if args.run_id and args.into_run:
+        run = target["run"]
+        tracker = Tracker(args.tracking_uri, client.get_experiment(run.info.experiment_id).name)
+        evaluation.log_evaluation(tracker, args.run_id, result, params=params, context=context)
+        return args.run_id
+    if args.run_id:
+        run = target["run"]
+        tracker = Tracker(args.tracking_uri, client.get_experiment(run.info.experiment_id).name)
+        tags = {k: v for k, v in run.data.tags.items() if k in ("otarena.method", "otarena.dataset", "otarena.arch",
+                                                                 "otarena.norm", "otarena.eps")}
+        tags |= {"mlflow.parentRunId": args.run_id, "otarena.evaluates": args.run_id}
+    else:
+        tracker = Tracker(args.tracking_uri, args.experiment)
+        tags = {"otarena.dataset": target["dataset"], "otarena.arch": target["arch"], "otarena.norm": target["norm"],
+                "otarena.eps": repr(target["eps"]), "otarena.checkpoint": context["checkpoint"]} \
+            | ({"otarena.method": target["method"]} if target["method"] else {})
+    run_id = tracker.evaluation_run(f"evaluate-{args.run_id[:8] if args.run_id else _stem(args.checkpoint)}", tags)
+    evaluation.log_evaluation(tracker, run_id, result, params=params, context=context,
+                              weights=None if args.run_id else target["weights"])
+    tracker.finish(run_id)
+    return run_id
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 # ---------------------------------------------------------------------------------------------- leaderboard / ui
 def cmd_leaderboard(args) -> int:
     import leaderboard
@@ -229,6 +410,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="site", help="where the leaderboard is written")
     p.add_argument("--no-leaderboard", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="evaluate a logged trial (RUN_ID) or any checkpoint on the test split")
+    p.add_argument("run_id", nargs="?", help="an MLflow trial run to re-evaluate with its logged settings")
+    p.add_argument("--checkpoint", help="a state_dict file (loaded with weights_only=True) instead of a run")
+    p.add_argument("--arch", help="with --checkpoint: the architecture")
+    p.add_argument("--dataset", help="with --checkpoint: the dataset whose test split is used")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="with --checkpoint")
+    p.add_argument("--eps", type=float, default=0.3, help="with --checkpoint: radius in [0, 1] pixel units")
+    p.add_argument("--method", help="with --checkpoint: the method that trained it (recorded; certifies HKR)")
+    p.add_argument("--certified", action="store_true", help="also certify (1-Lipschitz nets)")
+    p.add_argument("--n-ex", type=int, help="test examples (default: the run's setting, else all)")
+    p.add_argument("--pgd-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, help="default: the run's evaluation seed")
+    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--no-sweep", action="store_true", help="skip the eps sweep")
+    p.add_argument("--state", help="AutoAttack per-batch state file: a preempted evaluation resumes from it")
+    p.add_argument("--report", help="JSON report path (default evaluations/<run or checkpoint>.json)")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI)
+    p.add_argument("--experiment", default="evaluations", help="with --checkpoint: the MLflow experiment")
+    p.add_argument("--into-run", action="store_true", help="write into the trial's own run, not a new child run")
+    p.add_argument("--no-mlflow", action="store_true", help="with --checkpoint: only write the JSON report")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("leaderboard", help="build the leaderboard tables from an MLflow store")
     p.add_argument("--tracking-uri", default=DEFAULT_URI)

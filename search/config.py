@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import methods
 from methods.common import data as data_lib
 from methods.common.attacks import check_eps
+from methods.common.evaluate import Thresholds
 from methods.common.nets import ARCHS
 from methods.space import Choice, Fixed, Float, Int, narrow
 
@@ -71,13 +72,33 @@ class Resources(_Strict):
         return gpu
 
 
+_THRESHOLDS = Thresholds()
+
+
+class FlagThresholds(_Strict):
+    """When the final evaluation raises a flag; the defaults are methods.common.evaluate.Thresholds'."""
+
+    aa_gap: float = Field(_THRESHOLDS.aa_gap, ge=0, le=1, description="AutoAttack this far below PGD: masking:aa-gap")
+    plateau: float = Field(_THRESHOLDS.plateau, ge=0, le=1, description="PGD above chance at the chance radius")
+    rise: float = Field(_THRESHOLDS.rise, ge=0, le=1, description="PGD accuracy rising this much with eps")
+    steps: float = Field(_THRESHOLDS.steps, ge=0, le=1, description="more PGD steps raising accuracy this much")
+    blackbox: float = Field(_THRESHOLDS.blackbox, ge=0, le=1, description="share of points only Square breaks")
+    small_sample: int = Field(_THRESHOLDS.small_sample, ge=1)
+    lipschitz: float = Field(_THRESHOLDS.lipschitz, ge=0, description="Lipschitz bound tolerance of a certificate")
+
+
 class FinalEval(_Strict):
     top_k: int = Field(1, ge=1, description="trials per method evaluated on the test split")
-    autoattack: Optional[Literal["standard", "plus", "rand"]] = "standard"
+    autoattack: Optional[Literal["standard", "plus"]] = "standard"
     n_ex: Optional[int] = Field(None, ge=1, description="test examples (default: the whole test split)")
     pgd_steps: int = Field(50, ge=1)
-    pgd_restarts: int = Field(1, ge=1)
+    pgd_restarts: int = Field(1, ge=1, description="random starts on cross-entropy")
+    pgd_targets: int = Field(3, ge=0, description="extra starts on the margin to each of the likeliest wrong classes")
+    eps_sweep: bool = Field(True, description="PGD accuracy at 0, eps/2, eps, 2 eps, 4 eps and the chance radius")
+    sweep_steps: int = Field(20, ge=1)
+    seeds: int = Field(1, ge=1, description="retrain the selected configuration with this many seeds (mean +- std)")
     batch_size: int = Field(500, ge=1)
+    thresholds: FlagThresholds = FlagThresholds()
 
 
 class SearchConfig(_Strict):

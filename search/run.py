@@ -3,8 +3,10 @@
 
 For each method of a config: one MLflow parent run, one Tuner with the same trial budget, one
 child run per trial (written from the driver by ``MlflowTrials``), then the top-k trials by
-*validation* PGD accuracy are evaluated on the test split (clean, PGD-k, AutoAttack) in a Ray task
-and the results, flags and checkpoint land in the trial's own run.
+*validation* PGD accuracy are evaluated on the test split (search/evaluation.py) in Ray tasks and
+the results, flags and checkpoint land in the trial's own run. With ``final_eval.seeds > 1`` the
+selected configuration is also retrained with further seeds, each a ``seed`` run beside the
+trials, and the trial's run gets the mean and standard deviation over all of them.
 
 Two traps of the stack are handled here (stack-notes 2.2, 2.3): ASHA-stopped trials are told to
 Optuna as PRUNED, not COMPLETE with a partial-budget score; and a trial maps to exactly one MLflow
@@ -13,8 +15,6 @@ run through the ``otarena.trial_id`` tag, also after ``Tuner.restore``.
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 import methods
 from methods.common import data as data_lib
-from search import spaces
+from search import evaluation, spaces
 from search.config import SearchConfig
 from search.tracking import METHOD, OUTCOME, Tracker, flatten, last_line
 from search.trainable import TrialSpec, load_state, train_trial
@@ -106,7 +106,10 @@ class MlflowTrials(tune.Callback):
                                           "val/best_clean_acc": result.get("val/best_clean_acc", float("nan")),
                                           "val/best_epoch": result.get("val/best_epoch", float("nan")),
                                           "train/epochs": epochs})
-        self.tracker.set_tags(run_id, {OUTCOME: outcome})
+        checkpoint = getattr(trial, "checkpoint", None)
+        # Where its weights live, so that `otarena evaluate RUN_ID` works on any finished trial.
+        where = {"otarena.checkpoint": checkpoint.path} if checkpoint else {}
+        self.tracker.set_tags(run_id, {OUTCOME: outcome} | where)
         self.tracker.finish(run_id)
         log(f"{self.spec.method}: trial {trial.trial_id} {outcome} after {epochs} epochs "
             f"(best val pgd {result.get('val/best_pgd_acc', float('nan')):.1%})")
@@ -226,68 +229,130 @@ def top_k(results: list, k: int) -> list:
     return scored[:k]
 
 
-def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int) -> tuple[dict, dict]:
+def _aa_state_path(cfg: SearchConfig, name: str) -> Optional[str]:
+    """Where a final evaluation checkpoints AutoAttack per batch (local storage only)."""
+    if "://" in cfg.storage_path:
+        return None
+    return os.path.join(_storage(cfg.storage_path), cfg.name, "evaluation", f"{name}-autoattack.pt")
+
+
+def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int,
+                        state_path: Optional[str] = None) -> tuple[dict, dict]:
     """Score a trial's best-epoch weights on the test split (runs as a Ray task)."""
     torch.set_num_threads(max(1, int(spec.cpus)))
     with checkpoint.as_directory() as folder:
         weights = load_state(folder)["best_model"]
-    info = test_data.info
-    device = methods.common.train.pick_device()
-    model = methods.nets.build(spec.arch, in_channels=info.in_channels, num_classes=info.num_classes,
-                               mean=info.mean, std=info.std)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    attacks = ("clean", "pgd") + (("autoattack",) if eval_cfg["autoattack"] else ()) \
-        + (("certified",) if methods.get(spec.method).certified else ())
-    result = methods.evaluate(model, test_data, methods.ThreatModel(spec.norm, spec.eps), attacks,
-                              n_ex=eval_cfg["n_ex"], pgd_steps=eval_cfg["pgd_steps"],
-                              pgd_restarts=eval_cfg["pgd_restarts"], aa_version=eval_cfg["autoattack"] or "standard",
-                              batch_size=eval_cfg["batch_size"], seed=seed, device=device)
+    result = evaluation.evaluate_weights(weights, method=spec.method, arch=spec.arch, norm=spec.norm, eps=spec.eps,
+                                         test_data=test_data, eval_cfg=eval_cfg, seed=seed, state_path=state_path)
     return result, weights
 
 
-def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, test_ref) -> list:
-    """Start the test-split evaluation of the top-k trials as Ray tasks; returns (result, ref) pairs.
+def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, val_data, test_data,
+                         eval_cfg: dict, state_path: Optional[str] = None) -> tuple[dict, dict, dict]:
+    """Multi-seed confirmation: train the selected configuration again with another seed (a Ray task).
+
+    The best epoch is chosen on validation, as in the search; only then is the test split read.
+    """
+    torch.set_num_threads(max(1, int(spec.cpus)))
+    run = methods.build_run(spec.method, {**hparams, "seed": seed}, dataset=spec.dataset, arch=spec.arch,
+                            threat=methods.ThreatModel(spec.norm, spec.eps), train=train_data, val=val_data)
+    methods.fit(run)
+    result = evaluation.evaluate_weights(run.best_model, method=spec.method, arch=spec.arch, norm=spec.norm,
+                                         eps=spec.eps, test_data=test_data, eval_cfg=eval_cfg, seed=seed,
+                                         state_path=state_path)
+    return result, run.best_model, {"val/best_pgd_acc": run.best["val/pgd_acc"],
+                                    "val/best_clean_acc": run.best["val/clean_acc"],
+                                    "val/best_epoch": run.best["epoch"], "train/epochs": run.cfg.epochs}
+
+
+@dataclass
+class PendingEvaluation:
+    """The Ray tasks evaluating one method's selected trials, and its extra seeds."""
+
+    chosen: list
+    evaluations: list
+    seeds: list = field(default_factory=list)
+    """(seed, ref) pairs retraining the first chosen trial's configuration."""
+
+
+def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple) -> PendingEvaluation:
+    """Start the test-split evaluation of the top-k trials (and their seed replicas) as Ray tasks.
 
     They run while the next method is searched, filling the cores that ASHA's tail leaves idle.
     """
-    spec = outcome.spec
-    task = ray.remote(evaluate_checkpoint).options(num_cpus=cfg.resources.cpu,
-                                                   num_gpus=1 if cfg.resources.gpu > 0 else 0)
+    train_ref, val_ref, test_ref = data_refs
+    spec, eval_cfg = outcome.spec, cfg.final_eval.model_dump()
+    options = {"num_cpus": cfg.resources.cpu, "num_gpus": 1 if cfg.resources.gpu > 0 else 0}
     chosen = top_k(outcome.results, cfg.final_eval.top_k)
     attacks = f"PGD-{cfg.final_eval.pgd_steps}" + (f", AutoAttack {cfg.final_eval.autoattack}"
                                                    if cfg.final_eval.autoattack else "")
+    pending = PendingEvaluation(chosen, [])
     for r in chosen:
-        log(f"{outcome.method}: evaluating trial {r.metrics['trial_id']} on the test split ({attacks})")
-    return [(r, task.remote(r.checkpoint, spec, test_ref, cfg.final_eval.model_dump(), cfg.seed)) for r in chosen]
+        trial_id = r.metrics["trial_id"]
+        log(f"{outcome.method}: evaluating trial {trial_id} on the test split ({attacks})")
+        pending.evaluations.append(ray.remote(evaluate_checkpoint).options(**options).remote(
+            r.checkpoint, spec, test_ref, eval_cfg, cfg.seed, _aa_state_path(cfg, f"{outcome.method}-{trial_id}")))
+    if chosen and cfg.final_eval.seeds > 1:
+        hparams = {**spec.fixed, **chosen[0].config}
+        extra = [cfg.seed + i for i in range(1, cfg.final_eval.seeds)]
+        log(f"{outcome.method}: retraining trial {chosen[0].metrics['trial_id']}'s configuration with seeds "
+            f"{', '.join(map(str, extra))}")
+        task = ray.remote(retrain_and_evaluate).options(**options)
+        pending.seeds = [(seed, task.remote(spec, hparams, seed, train_ref, val_ref, test_ref, eval_cfg,
+                                            _aa_state_path(cfg, f"{outcome.method}-{chosen[0].metrics['trial_id']}"
+                                                                f"-seed{seed}")))
+                         for seed in extra]
+    return pending
 
 
-def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: list, tracker: Tracker) -> list[dict]:
+def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: PendingEvaluation,
+                            tracker: Tracker) -> list[dict]:
     """Wait for the evaluations and write them into each trial's own MLflow run."""
+    params = {f"eval.{k}": v for k, v in flatten(cfg.final_eval.model_dump()).items()} | {"eval.seed": cfg.seed}
+    seed_results = []
+    for seed, ref in pending.seeds:
+        result, weights, val_metrics = ray.get(ref)
+        trial_id = pending.chosen[0].metrics["trial_id"]
+        run_id = tracker.seed_run(outcome.parent_id, outcome.run_ids[trial_id], seed,
+                                  name=f"{outcome.method}-{trial_id}-seed{seed}",
+                                  params={**outcome.spec.fixed, **pending.chosen[0].config, "seed": seed})
+        tracker.log_metrics(run_id, val_metrics)
+        evaluation.log_evaluation(tracker, run_id, result, params=params | {"eval.seed": seed}, weights=weights,
+                                  context=_context(outcome, trial_id, seed))
+        tracker.finish(run_id)
+        _show(outcome.method, f"trial {trial_id} seed {seed}", result)
+        seed_results.append(result)
     summaries = []
-    for r, ref in pending:
+    for i, (r, ref) in enumerate(zip(pending.chosen, pending.evaluations)):
         trial_id = r.metrics["trial_id"]
         result, weights = ray.get(ref)
         run_id = outcome.run_ids[trial_id]
-        metrics = {f"test/{k}": result[k] for k in ("clean_acc", "pgd_acc", "aa_acc", "certified_acc",
-                                                    "lipschitz_bound") if k in result}
-        metrics["test/n_ex"] = result["n_ex"]
-        metrics.update({f"test/aa/{name}": acc for name, acc in result.get("aa_per_attack", {}).items()})
-        tracker.log_metrics(run_id, metrics)
-        tracker.log_params(run_id, {f"eval.{k}": v for k, v in cfg.final_eval.model_dump().items()}
-                           | {"eval.seed": cfg.seed})
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "model.pt")
-            torch.save(weights, path)
-            tracker.log_artifact(run_id, path, "checkpoint")
-        tracker.set_tags(run_id, {"otarena.evaluated": "true", "otarena.flags": ",".join(result["flags"])}
-                         | ({"otarena.certificate_refused": result["certified_refused"]}
-                            if "certified_refused" in result else {}))
-        shown = "  ".join(f"{k.removeprefix('test/')} {v:.1%}" for k, v in metrics.items() if k.endswith("_acc"))
-        flags = f" [{', '.join(result['flags'])}]" if result["flags"] else ""
-        log(f"{outcome.method}: trial {trial_id} test {shown} on {result['n_ex']} images{flags}")
-        summaries.append({"method": outcome.method, "trial_id": trial_id, "run_id": run_id, **result})
+        replicas = [result] + (seed_results if i == 0 else [])
+        extra_flags = evaluation.single_seed_reason(len(replicas))
+        evaluation.log_evaluation(tracker, run_id, result, params=params, weights=weights,
+                                  context=_context(outcome, trial_id, cfg.seed), extra_flags=extra_flags)
+        summary = evaluation.seed_summary(replicas)
+        tracker.log_metrics(run_id, summary)
+        _show(outcome.method, f"trial {trial_id}", result, summary, extra_flags)
+        summaries.append({"method": outcome.method, "trial_id": trial_id, "run_id": run_id, **result, **summary,
+                          "flags": result["flags"] + list(extra_flags)})
     return summaries
+
+
+def _context(outcome: MethodSearch, trial_id: str, seed: int) -> dict:
+    spec = outcome.spec
+    return {"title": f"{spec.method} ({spec.arch}) on {spec.dataset}, {spec.norm} eps={spec.eps:g}",
+            "method": spec.method, "dataset": spec.dataset, "arch": spec.arch, "trial_id": trial_id, "seed": seed,
+            "split": "test"}
+
+
+def _show(method: str, what: str, result: dict, summary: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+    shown = "  ".join(f"{k.removesuffix('_acc')} {result[k]:.1%}" for k in evaluation.ACCURACIES if k in result)
+    if summary and summary.get("test/n_seeds", 1) > 1:
+        shown += f"  (AA over {summary['test/n_seeds']:.0f} seeds: {summary.get('test/aa_acc_mean', float('nan')):.1%}"\
+                 f" +- {summary.get('test/aa_acc_std', float('nan')):.1%})"
+    flags = result["flags"] + list(extra or {})
+    log(f"{method}: {what} test {shown} on {result['n_ex']} images" + (f" [{', '.join(flags)}]" if flags else ""))
 
 
 def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[str] = None,
@@ -314,7 +379,8 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
         for i, method in enumerate(cfg.methods, 1):
             log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
             outcome = search_method(cfg, method, tracker, train_ref, val_ref)
-            evaluations.append((cfg, tracker, outcome, submit_final_evaluation(cfg, outcome, test_ref)))
+            evaluations.append((cfg, tracker, outcome,
+                                submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref))))
     log("waiting for the final evaluations")
     summaries = []
     for cfg, tracker, outcome, pending in evaluations:

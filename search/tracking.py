@@ -23,6 +23,8 @@ ROLE, METHOD, TRIAL_ID, OUTCOME = "otarena.role", "otarena.method", "otarena.tri
 EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
 """Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""
 MAX_PARAM_LENGTH = 6000
+_TRIAL_ONLY_TAGS = {TRIAL_ID, OUTCOME, "otarena.evaluated", "otarena.flags", "otarena.flag_reasons",
+                    "otarena.checkpoint", "otarena.failure"}
 
 
 class TrackingError(RuntimeError):
@@ -98,6 +100,26 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, ROLE: "trial", TRIAL_ID: trial_id, **tags})
         self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def seed_run(self, parent_id: str, replicates: str, seed: int, *, name: str, params: Mapping[str, Any]) -> str:
+        """A run that retrains trial run ``replicates``' configuration with another seed.
+
+        It is a sibling of the trial (``otarena.role=seed``), so the leaderboard never takes it
+        for a trial of the search, and its ``otarena.seed_of`` tag points at the trial.
+        """
+        source = self.client.get_run(replicates).data.tags
+        kept = {k: v for k, v in source.items() if k.startswith("otarena.") and k not in _TRIAL_ONLY_TAGS}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **kept, MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, ROLE: "seed",
+            "otarena.seed_of": replicates, "otarena.seed": str(seed)})
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def evaluation_run(self, name: str, tags: Mapping[str, str]) -> str:
+        """A run holding one ``otarena evaluate`` (``otarena.role=evaluation``)."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, MLFLOW_RUN_NAME: name, ROLE: "evaluation"})
         return run.info.run_id
 
     def log_epoch(self, run_id: str, result: Mapping[str, Any], step: int) -> None:

@@ -147,3 +147,77 @@ def test_train_from_a_config_keeps_its_defaults(tmp_path, capsys):
     assert main(["train", path, "--method", "trades", "--epochs", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "lr=0.003" in out and "trades_beta=2.0" in out and "optimizer=adam" in out
+
+
+class _Payload:
+    """Unpickling this runs code: exactly what weights_only loading must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo owned > /dev/null",))
+
+
+def _evaluate_fails(argv, capsys, expected):
+    assert main(["evaluate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_evaluate_rejects_bad_input_before_any_work(tmp_path, capsys):
+    import torch
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _evaluate_fails([], capsys, "give a RUN_ID or --checkpoint")
+    _evaluate_fails(["--checkpoint", str(tmp_path / "none.pt"), "--arch", "small_cnn", "--dataset", "digits"],
+                    capsys, "not found")
+    weights = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1)}, weights)
+    _evaluate_fails(["--checkpoint", str(weights), "--dataset", "digits"], capsys, "needs --arch and --dataset")
+    _evaluate_fails(["--checkpoint", str(weights), "--arch", "nope", "--dataset", "digits", "--no-mlflow"],
+                    capsys, "unknown arch")
+    _evaluate_fails(["--checkpoint", str(weights), "--arch", "small_cnn", "--dataset", "digits", "--eps", "8",
+                     "--no-mlflow"], capsys, "eps must be in (0, 1]")
+    _evaluate_fails(["--checkpoint", str(weights), "--arch", "small_cnn", "--dataset", "cifar10", "--no-mlflow"],
+                    capsys, "needs --data-dir")
+    _evaluate_fails(["not-a-run", "--tracking-uri", uri], capsys, "no MLflow store")
+    from search.tracking import Tracker
+
+    Tracker(uri, "exists")
+    capsys.readouterr()
+    _evaluate_fails(["not-a-run", "--tracking-uri", uri], capsys, "no MLflow run 'not-a-run'")
+    assert not (tmp_path / "evaluations").exists()
+
+
+def test_evaluate_refuses_a_pickle_payload(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state": _Payload()}, path)
+    _evaluate_fails(["--checkpoint", str(path), "--arch", "small_cnn", "--dataset", "digits", "--no-mlflow"],
+                    capsys, "cannot load")
+
+
+def test_evaluate_a_checkpoint_into_mlflow(tmp_path, capsys):
+    import torch
+    from mlflow import MlflowClient
+
+    import methods
+
+    torch.manual_seed(0)
+    info = methods.data.INFO["digits"]
+    net = methods.nets.build("small_cnn", in_channels=1, num_classes=10, mean=info.mean, std=info.std)
+    weights = tmp_path / "net.pt"
+    torch.save(net.state_dict(), weights)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    report = tmp_path / "out" / "net.json"
+    assert main(["evaluate", "--checkpoint", str(weights), "--arch", "small_cnn", "--dataset", "digits",
+                 "--eps", "0.2", "--n-ex", "16", "--pgd-steps", "2", "--no-autoattack", "--tracking-uri", uri,
+                 "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "test: clean" in out and "flag small-sample" in out
+    numbers = json.loads(report.read_text())
+    assert numbers["n_ex"] == 16 and "aa_acc" not in numbers and numbers["checkpoint"] == str(weights)
+    client = MlflowClient(uri)
+    run, = client.search_runs([client.get_experiment_by_name("evaluations").experiment_id])
+    assert run.data.tags["otarena.role"] == "evaluation" and run.data.tags["otarena.arch"] == "small_cnn"
+    assert run.data.metrics["test/clean_acc"] == pytest.approx(numbers["clean_acc"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]

@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A real Ray Tune search on digits, logged to a real sqlite MLflow store (design.md section 4)."""
+import json
+
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -9,6 +11,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from search import config as config_lib
+from search.cli import main
 from search.run import PrunedAwareOptunaSearch, run_search
 from search.tracking import Tracker
 
@@ -22,7 +25,8 @@ def searched(tmp_path_factory, ray_local):
         "train": {"optimizer": "adam", "batch_size": 64, "val_n_ex": 64, "attack_steps": 3},
         "space": {"common": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}},
         "budget": {"trials": 3, "max_epochs": 2, "grace_epochs": 1, "max_concurrent": 2},
-        "final_eval": {"top_k": 1, "n_ex": 40, "pgd_steps": 5, "autoattack": "standard"},
+        "final_eval": {"top_k": 1, "n_ex": 40, "pgd_steps": 5, "autoattack": "standard", "sweep_steps": 5,
+                       "seeds": 2},
         "tracking_uri": f"sqlite:///{tmp}/mlflow.db", "storage_path": str(tmp / "ray"),
     })
     summaries = run_search(cfg, out_dir=str(tmp / "site"))
@@ -72,7 +76,8 @@ def test_child_runs_carry_params_curves_and_outcome(searched):
 
 def test_best_trial_is_evaluated_with_checkpoint(searched):
     tmp, _, summaries, client, runs = searched
-    evaluated = [r for r in runs if r.data.tags.get("otarena.evaluated") == "true"]
+    evaluated = [r for r in runs if r.data.tags.get("otarena.evaluated") == "true"
+                 and r.data.tags.get("otarena.role") == "trial"]
     assert len(evaluated) == 1 and len(summaries) == 1
     run = evaluated[0]
     children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
@@ -84,6 +89,13 @@ def test_best_trial_is_evaluated_with_checkpoint(searched):
     assert run.data.metrics["test/aa_acc"] <= run.data.metrics["test/clean_acc"]
     assert run.data.params["eval.pgd_steps"] == "5"
     assert "small-sample" in run.data.tags["otarena.flags"]
+    reasons = json.loads(run.data.tags["otarena.flag_reasons"])
+    assert set(reasons) == set(run.data.tags["otarena.flags"].split(","))
+    low, high = run.data.metrics["test/aa_acc_ci_low"], run.data.metrics["test/aa_acc_ci_high"]
+    assert low <= run.data.metrics["test/aa_acc"] <= high
+    assert run.data.metrics["test/aa/square"] == run.data.metrics["test/aa_acc"]
+    report = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
+    assert report == ["evaluation/report.eps_sweep.json", "evaluation/report.eps_sweep.png", "evaluation/report.json"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
     assert artifacts == ["checkpoint/model.pt"]
     import torch
@@ -93,6 +105,55 @@ def test_best_trial_is_evaluated_with_checkpoint(searched):
     assert "head.weight" in weights
     assert (tmp / "site" / "leaderboard.md").exists() and (tmp / "site" / "leaderboard.csv").exists()
     assert "trades" in (tmp / "site" / "leaderboard.md").read_text()
+
+
+def test_selected_configuration_is_retrained_with_more_seeds(searched):
+    tmp, cfg, summaries, client, runs = searched
+    trial = next(r for r in runs if r.data.tags.get("otarena.evaluated") == "true"
+                 and r.data.tags.get("otarena.role") == "trial")
+    seeds = [r for r in runs if r.data.tags.get("otarena.role") == "seed"]
+    assert len(seeds) == 1
+    replica = seeds[0]
+    assert replica.data.tags["otarena.seed_of"] == trial.info.run_id and replica.data.tags["otarena.seed"] == "1"
+    assert replica.data.tags["mlflow.parentRunId"] == trial.data.tags["mlflow.parentRunId"]
+    assert replica.data.params["seed"] == "1" and replica.data.params["lr"] == trial.data.params["lr"]
+    assert replica.info.status == "FINISHED"
+    values = [trial.data.metrics["test/aa_acc"], replica.data.metrics["test/aa_acc"]]
+    metrics = trial.data.metrics
+    assert metrics["test/n_seeds"] == 2
+    assert metrics["test/aa_acc_mean"] == pytest.approx(sum(values) / 2)
+    assert metrics["test/aa_acc_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "single-seed" not in trial.data.tags["otarena.flags"]
+    assert " ± " in (tmp / "site" / "leaderboard.md").read_text()
+
+
+def test_evaluate_run_id_reproduces_the_logged_numbers(searched):
+    tmp, cfg, _, client, runs = searched
+    trial = next(r for r in runs if r.data.tags.get("otarena.evaluated") == "true"
+                 and r.data.tags.get("otarena.role") == "trial")
+    report = tmp / "again.json"
+    assert main(["evaluate", trial.info.run_id, "--tracking-uri", cfg.tracking_uri, "--report", str(report)]) == 0
+    numbers = json.loads(report.read_text())
+    for key in ("clean_acc", "pgd_acc", "aa_acc"):
+        assert numbers[key] == pytest.approx(trial.data.metrics[f"test/{key}"], abs=1e-6), key
+    assert numbers["n_ex"] == 40 and numbers["settings"]["pgd_steps"] == 5
+    assert (tmp / "again.eps_sweep.png").exists()
+    # The new evaluation run hangs under the trial and is never a leaderboard candidate.
+    evaluations = client.search_runs([trial.info.experiment_id], "tags.`otarena.role` = 'evaluation'")
+    assert len(evaluations) == 1
+    assert evaluations[0].data.tags["otarena.evaluates"] == trial.info.run_id
+    assert evaluations[0].data.tags["mlflow.parentRunId"] == trial.info.run_id
+    assert evaluations[0].data.metrics["test/aa_acc"] == pytest.approx(numbers["aa_acc"])
+
+    # The same weights as a plain checkpoint file, evaluated like any PyTorch classifier.
+    weights = client.download_artifacts(trial.info.run_id, "checkpoint/model.pt", str(tmp))
+    plain = tmp / "plain.json"
+    assert main(["evaluate", "--checkpoint", weights, "--arch", "small_cnn", "--dataset", "digits", "--norm", "Linf",
+                 "--eps", "0.2", "--n-ex", "40", "--pgd-steps", "5", "--seed", "0", "--no-mlflow",
+                 "--report", str(plain)]) == 0
+    again = json.loads(plain.read_text())
+    for key in ("clean_acc", "pgd_acc", "aa_acc"):
+        assert again[key] == pytest.approx(numbers[key], abs=1e-6), key
 
 
 def test_trial_maps_to_one_run_when_resumed(tmp_path):

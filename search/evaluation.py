@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Test-split evaluation of trained weights and the records it leaves.
+
+One evaluation (``methods.evaluate``: clean, PGD-k with restarts, the AutoAttack cascade, the eps
+sweep, the steps check and, for Lipschitz nets, the certificate) becomes:
+
+- MLflow metrics ``test/*`` with 95% confidence intervals and the per-attack cascade, the flags
+  as tags (``otarena.flags`` and ``otarena.flag_reasons``), and artifacts: the weights, the full
+  JSON report, the eps sweep as JSON and as a plot (docs/mlflow-schema.md);
+- the same report as a JSON file for ``otarena evaluate``.
+
+The search's final evaluation, its multi-seed confirmation and ``otarena evaluate`` all go
+through here, so the same weights and seed give the same numbers whichever ran them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+import methods
+
+ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
+CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+SINGLE_SEED = "single-seed"
+
+
+def attacks_for(method: Optional[str], eval_cfg: Mapping[str, Any], certified: Optional[bool] = None) -> tuple:
+    certified = methods.get(method).certified if certified is None else certified
+    return (("clean", "pgd", "steps-check")
+            + (("autoattack",) if eval_cfg.get("autoattack") else ())
+            + (("eps-sweep",) if eval_cfg.get("eps_sweep", True) else ())
+            + (("certified",) if certified else ()))
+
+
+def evaluate_weights(weights: Mapping[str, torch.Tensor], *, arch: str, norm: str, eps: float, test_data,
+                     eval_cfg: Mapping[str, Any], seed: int, method: Optional[str] = None,
+                     certified: Optional[bool] = None, state_path: Optional[str] = None,
+                     log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None) -> dict:
+    """Build ``arch``, load ``weights`` and evaluate them on ``test_data`` with ``eval_cfg`` (FinalEval)."""
+    info = test_data.info
+    model = methods.nets.build(arch, in_channels=info.in_channels, num_classes=info.num_classes,
+                               mean=info.mean, std=info.std)
+    model.load_state_dict(weights)
+    device = device or methods.pick_device()
+    model.to(device).eval()
+    thresholds = methods.common.evaluate.Thresholds(**eval_cfg.get("thresholds", {}))
+    return methods.evaluate(
+        model, test_data, methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified),
+        n_ex=eval_cfg.get("n_ex"), pgd_steps=eval_cfg.get("pgd_steps", 50),
+        pgd_restarts=eval_cfg.get("pgd_restarts", 1), pgd_targets=eval_cfg.get("pgd_targets", 3),
+        aa_version=eval_cfg.get("autoattack") or "standard", sweep_steps=eval_cfg.get("sweep_steps", 20),
+        thresholds=thresholds, batch_size=eval_cfg.get("batch_size", 500), seed=seed, device=device,
+        state_path=state_path, log=log)
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name ("PGD-50 with restarts" -> "pgd-50_with_restarts")."""
+    return "".join(c if c.isalnum() or c in "-_./" else "_" for c in name.lower())
+
+
+def to_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The ``test/*`` metrics of one evaluation (docs/mlflow-schema.md)."""
+    metrics = {f"test/{k}": result[k] for k in (*ACCURACIES, "lipschitz_bound") if k in result}
+    metrics["test/n_ex"] = result["n_ex"]
+    for name, (low, high) in result.get("ci95", {}).items():
+        metrics[f"test/{name}_ci_low"], metrics[f"test/{name}_ci_high"] = low, high
+    metrics.update({f"test/aa/{metric_key(k)}": v for k, v in result.get("aa_per_attack", {}).items()})
+    if "aa_blackbox_only" in result:
+        metrics["test/aa_blackbox_only"] = result["aa_blackbox_only"]
+    metrics.update({f"test/pgd_check/{metric_key(k)}": v for k, v in result.get("pgd_steps_check", {}).items()})
+    return metrics
+
+
+def seed_summary(results: list[Mapping[str, Any]]) -> dict[str, float]:
+    """``test/n_seeds`` and, over two or more seeds, ``test/<acc>_mean`` and ``test/<acc>_std``."""
+    summary: dict[str, float] = {"test/n_seeds": len(results)}
+    if len(results) < 2:
+        return summary
+    for name in ACCURACIES:
+        values = [r[name] for r in results if name in r]
+        if len(values) == len(results):
+            summary[f"test/{name}_mean"] = statistics.fmean(values)
+            summary[f"test/{name}_std"] = statistics.stdev(values)
+    return summary
+
+
+def single_seed_reason(seeds: int) -> dict[str, str]:
+    return {SINGLE_SEED: "trained with one seed; set final_eval.seeds (e.g. 3) to report mean +- std"} \
+        if seeds < 2 else {}
+
+
+def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    reasons = {**result.get("flag_reasons", {}), **(extra_flags or {})}
+    tags = {"otarena.evaluated": "true", "otarena.flags": ",".join(reasons),
+            "otarena.flag_reasons": json.dumps(reasons)}
+    if "certified_refused" in result:
+        tags["otarena.certificate_refused"] = result["certified_refused"]
+    return tags
+
+
+def report(result: Mapping[str, Any], **context: Any) -> dict:
+    """The JSON report: where the numbers came from, then the numbers."""
+    return {"otarena_report": 1, **context, **{k: v for k, v in result.items()}}
+
+
+def write_report(content: Mapping[str, Any], path: str) -> list[str]:
+    """Write the report to ``path`` and the eps-sweep curve beside it (JSON and PNG); returns the files."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2, default=_jsonable)
+    written = [path]
+    sweep = content.get("eps_sweep")
+    if sweep:
+        stem = os.path.splitext(path)[0]
+        with open(f"{stem}.eps_sweep.json", "w") as f:
+            json.dump(sweep, f, indent=2)
+        written += [f"{stem}.eps_sweep.json", plot_sweep(sweep, f"{stem}.eps_sweep.png",
+                                                          title=content.get("title", ""))]
+    return written
+
+
+def plot_sweep(sweep: Mapping[str, Any], path: str, title: str = "") -> str:
+    """Robust accuracy against eps, with the chance bound: a curve that stays flat is masking."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    ax.plot(sweep["eps"], [100 * a for a in sweep["pgd_acc"]], "o-", label=f"PGD-{sweep['steps']}")
+    ax.plot(sweep["eps"], [100 * a for a in sweep["robust_acc"]], "s--", label="PGD + grey-image candidate")
+    ax.axhline(100 * sweep["chance_bound"], color="grey", lw=1, ls=":", label="chance bound (largest class)")
+    ax.set_xlabel(f"eps ({sweep['norm']}, [0, 1] pixels)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "Robust accuracy against eps", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_evaluation(tracker, run_id: str, result: Mapping[str, Any], *, params: Mapping[str, Any],
+                   weights: Optional[Mapping[str, torch.Tensor]] = None, context: Optional[dict] = None,
+                   extra_flags: Optional[Mapping[str, str]] = None) -> None:
+    """Write one evaluation into an MLflow run: metrics, params, flags and artifacts."""
+    tracker.log_metrics(run_id, to_metrics(result))
+    tracker.log_params(run_id, params)
+    tracker.set_tags(run_id, to_tags(result, extra_flags))
+    with tempfile.TemporaryDirectory() as folder:
+        if weights is not None:
+            path = os.path.join(folder, "model.pt")
+            torch.save(dict(weights), path)
+            tracker.log_artifact(run_id, path, os.path.dirname(CHECKPOINT_ARTIFACT))
+        reasons = {**result.get("flag_reasons", {}), **(extra_flags or {})}
+        content = report({**result, "flags": list(reasons), "flag_reasons": reasons},
+                         **{"mlflow_run_id": run_id, **(context or {})})
+        for path in write_report(content, os.path.join(folder, "report.json")):
+            tracker.log_artifact(run_id, path, "evaluation")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
