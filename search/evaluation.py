@@ -101,6 +101,11 @@ def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] 
             "otarena.flag_reasons": json.dumps(reasons)}
     if "certified_refused" in result:
         tags["otarena.certificate_refused"] = result["certified_refused"]
+    if result.get("eps_sweep"):
+        # Also a tag, so that a leaderboard of thousands of runs plots it without an artifact download each.
+        sweep = result["eps_sweep"]
+        tags["otarena.eps_sweep"] = json.dumps({k: [round(v, 5) for v in sweep[k]] if isinstance(sweep[k], list)
+                                                else sweep[k] for k in sweep}, separators=(",", ":"))
     return tags
 
 

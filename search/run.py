@@ -174,8 +174,10 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     searched = sorted(spaces.searched(space))
     spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
                      fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+    cls = methods.get(method)
     tags = {METHOD: method, "otarena.dataset": cfg.dataset, "otarena.arch": cfg.arch,
-            "otarena.norm": cfg.threat_model.norm, "otarena.eps": repr(cfg.threat_model.eps)}
+            "otarena.norm": cfg.threat_model.norm, "otarena.eps": repr(cfg.threat_model.eps),
+            "otarena.paper": cls.paper, "otarena.paper_link": cls.link or ""}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent_id = tracker.start_search(f"{method}-search-{stamp}", tags, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
