@@ -20,7 +20,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/otarena search configs/demo.yaml configs/demo-l2.yaml --out site
 
+# The HTML leaderboard test drives Debian's chromium headless (apt, as root or through sudo).
 test: $(STAMP)
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 ui: $(STAMP)

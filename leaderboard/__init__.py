@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Leaderboards of adversarially robust training runs, built from an MLflow tracking store.
 
-MLflow runs -> :mod:`~leaderboard.collect` (typed rows) -> :mod:`~leaderboard.schema` (RobustBench-like
-selection and ranking) -> :mod:`~leaderboard.render` (Markdown, CSV, terminal text).
+MLflow runs -> :mod:`~leaderboard.collect` (typed rows and trial points) -> :mod:`~leaderboard.schema`
+(RobustBench-like selection and ranking) -> :mod:`~leaderboard.render` (Markdown, CSV, LaTeX, terminal
+text), :mod:`~leaderboard.html` (the static site with plots) and :mod:`~leaderboard.robustbench`
+(RobustBench ``model_info`` JSON).
 
 This package meets ``search/`` only through the MLflow key names of ``docs/mlflow-schema.md``; it
 never imports torch, ray or ``methods``, so a leaderboard can be built on a laptop with no GPU stack.
@@ -19,15 +21,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from leaderboard import render
-from leaderboard.collect import collect
+from leaderboard import html, render, robustbench
+from leaderboard.collect import collect, collect_campaign
 from leaderboard.render import format_text
-from leaderboard.schema import Row, Table, tabulate
+from leaderboard.schema import Campaign, Row, Table, tabulate
 
-__all__ = ["FORMATS", "Row", "Table", "build", "collect", "format_text", "tabulate"]
+__all__ = ["FORMATS", "Campaign", "Row", "Table", "build", "collect", "collect_campaign", "format_text", "tabulate"]
 
-FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv"}
-"""Output formats :func:`build` writes, with their file names under ``out_dir``."""
+FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "tex": "leaderboard.tex", "html": "index.html",
+           "json": "model_info"}
+"""Output formats :func:`build` writes, with their file (or folder) names under ``out_dir``."""
 
 
 def build(
@@ -35,19 +38,24 @@ def build(
     out_dir: str | Path = "site",
     experiments: Iterable[str] | None = None,
     filter_string: str = "",
-    formats: Iterable[str] = ("md", "csv"),
+    formats: Iterable[str] = tuple(FORMATS),
     title: str = "otarena leaderboard",
+    mlflow_url: str | None = None,
 ) -> list[Table]:
     """Read a tracking store, apply the leaderboard rules and write the outputs.
 
     Args:
         tracking_uri: The MLflow store, e.g. ``sqlite:///mlflow.db`` or ``http://host:5000``.
-        out_dir: Directory for ``leaderboard.md`` / ``leaderboard.csv``; created if needed.
+        out_dir: Directory for the outputs; created if needed.
         experiments: Experiment names (or ids) to include; ``None`` includes all of them.
         filter_string: An optional MLflow search filter on the trial runs,
             e.g. ``"tags.`otarena.method` = 'trades'"``.
-        formats: Any of :data:`FORMATS`' keys, or one comma-separated string (``"md,csv"``).
-        title: The Markdown page heading.
+        formats: Any of :data:`FORMATS`' keys (``md``, ``csv``, ``tex``, ``html`` for the static
+            site ``index.html``, ``json`` for RobustBench ``model_info/<dataset>/<norm>/<entry>.json``),
+            or one comma-separated string (``"md,csv"``).
+        title: The page heading.
+        mlflow_url: Base URL of the MLflow UI that runs link to; default: the tracking URI when it
+            is a server (without the credentials it may carry), else no links.
 
     Returns:
         The tables, one per (dataset, norm, eps); empty for a store with no evaluated trials
@@ -57,23 +65,28 @@ def build(
         ValueError: An unknown format, a missing store, an unknown experiment or a bad filter.
         RuntimeError: The store exists but cannot be read.
     """
-    formats = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
+    formats = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
     unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ValueError(f"unknown leaderboard format(s) {', '.join(unknown)}; "
+    if unknown or not formats:
+        raise ValueError(f"unknown leaderboard format(s) {', '.join(unknown) or '(none given)'}; "
                          f"supported: {', '.join(FORMATS)}")
-    tables = tabulate(collect(tracking_uri, experiments, filter_string))
-    # Runs link to the MLflow UI only when the store is a server (a local file has no UI URL),
-    # and never with the credentials a server URI may carry: the page is meant to be published.
-    run_url = None
-    if urlparse(tracking_uri).scheme in ("http", "https"):
-        run_url = re.sub(r"//[^/@]*@", "//", tracking_uri)
+    campaign = collect_campaign(tracking_uri, experiments, filter_string)
+    tables = tabulate(list(campaign.rows))
+    # Never publish the credentials a server URI may carry: the page is meant to be public.
+    if mlflow_url is None and urlparse(tracking_uri).scheme in ("http", "https"):
+        mlflow_url = tracking_uri
+    run_url = re.sub(r"//[^/@]*@", "//", mlflow_url).rstrip("/") if mlflow_url else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     texts = {
         "md": lambda: render.to_markdown(tables, title=title, run_url=run_url),
         "csv": lambda: render.to_csv(tables),
+        "tex": lambda: render.to_latex(tables, title=title),
+        "html": lambda: html.to_html(tables, campaign, title=title, run_url=run_url),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
-        (out / FORMATS[fmt]).write_text(texts[fmt](), encoding="utf-8", newline="")
+        if fmt == "json":
+            robustbench.write_model_info(tables, out / FORMATS["json"])
+        else:
+            (out / FORMATS[fmt]).write_text(texts[fmt](), encoding="utf-8", newline="")
     return tables

@@ -83,6 +83,16 @@ class Row:
     certified_acc_std: float | None = None
     flag_reasons: tuple[tuple[str, str], ...] = ()
     """(flag, one-line reason) pairs, in ``flags`` order, for the flags that came with a reason."""
+    device_hours: float | None = None
+    """Search cost: device-hours (trial wall-clock hours times the devices each trial held)."""
+    paper: str | None = None
+    """The method's paper (tag ``otarena.paper``), and its link (``otarena.paper_link``)."""
+    paper_link: str | None = None
+    eps_sweep: "EpsSweep | None" = None
+    """Robust accuracy against eps from the final evaluation (tag ``otarena.eps_sweep``)."""
+    run_name: str = ""
+    """The MLflow run name: user text, escaped in every output."""
+    experiment_name: str = ""
 
     def headline(self, metric: str) -> float | None:
         """The number a reader should take for ``metric`` (one of :data:`ACCURACIES`).
@@ -102,6 +112,54 @@ class Row:
     def notes(self) -> tuple[str, ...]:
         """The flags about statistical precision only."""
         return tuple(f for f in self.flags if not is_warning(f))
+
+
+@dataclass(frozen=True)
+class EpsSweep:
+    """PGD accuracy at growing radii (fractions), and the chance bound no classifier can beat at the last."""
+
+    eps: tuple[float, ...]
+    pgd_acc: tuple[float, ...]
+    """White-box PGD-``steps``: a curve that stays flat at large eps betrays gradient masking."""
+    robust_acc: tuple[float, ...]
+    """PGD plus the gradient-free grey-image candidate: reaches ``chance_bound`` at the last radius."""
+    chance_bound: float
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """Any trial of a search, evaluated or not: what the sensitivity, progress and Pareto plots show."""
+
+    run_id: str
+    experiment_id: str
+    parent_id: str
+    dataset: str
+    norm: str
+    eps: float
+    method: str
+    arch: str
+    outcome: str
+    """``completed``, ``pruned`` or ``failed``."""
+    val_pgd_acc: float | None
+    """Best validation PGD accuracy (what the search maximizes)."""
+    epochs: float | None
+    """Epochs trained: its share of the search's trial-epochs."""
+    end_time: int | None
+    """When the run ended (ms since the epoch); orders the search's progress."""
+    hparams: tuple[tuple[str, str], ...] = ()
+    """The searched hyperparameters as (name, value as logged)."""
+    clean_acc: float | None = None
+    """Test numbers, only for evaluated trials (the Pareto plot)."""
+    aa_acc: float | None = None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """Everything a leaderboard build read: the candidate rows and every trial of their searches."""
+
+    rows: tuple[Row, ...]
+    trials: tuple[TrialPoint, ...]
 
 
 def is_warning(flag: str) -> bool:

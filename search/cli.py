@@ -7,6 +7,7 @@ training start.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -353,10 +354,20 @@ def _stem(path: str) -> str:
 def cmd_leaderboard(args) -> int:
     import leaderboard
 
+    # build() checks the formats before it opens the store: a bad one is a one-line error (exit 2).
+    chosen = ",".join(leaderboard.FORMATS) if args.format is None else args.format
+    formats = [f.strip() for f in chosen.split(",") if f.strip()]
     tables = leaderboard.build(args.tracking_uri, args.out, experiments=args.experiment or None,
-                               filter_string=args.filter or "", formats=args.format)
+                               filter_string=args.filter or "", formats=formats, title=args.title,
+                               mlflow_url=args.mlflow_url)
     print(leaderboard.format_text(tables))
-    print(f"written to {args.out}/")
+    for fmt in dict.fromkeys(formats):
+        path = os.path.join(args.out, leaderboard.FORMATS[fmt])
+        if fmt == "json":  # one RobustBench entry per row, under <dataset>/<norm>/
+            entries = glob.glob(os.path.join(glob.escape(path), "*", "*", "otarena_*.json"))
+            print(f"wrote {path}{os.sep} ({len(entries)} model_info JSON files)")
+        else:
+            print(f"wrote {path}")
     return 0
 
 
@@ -441,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="site")
     p.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all)")
     p.add_argument("--filter", help="an MLflow filter string on the trial runs")
-    p.add_argument("--format", default="md,csv", help="comma-separated formats (md, csv)")
+    p.add_argument("--format", help="comma-separated subset of md,csv,tex,html,json (default: all): Markdown, "
+                                    "CSV, LaTeX, the static HTML site, RobustBench model_info JSON")
+    p.add_argument("--title", default="otarena leaderboard", help="heading of the page and the LaTeX captions")
+    p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
+                                        "(default: the tracking URI when it is a server, else no links)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("ui", help="open the MLflow UI for a store, on 127.0.0.1")

@@ -1,0 +1,322 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The static site (leaderboard/html.py), on a real MLflow sqlite store, then in headless Chromium.
+
+The store (built once per module):
+
+* experiment ``robust <img src=x onerror=alert(2)>``, digits / Linf / eps=0.2: searches for pgd_at
+  (with a paper link and an eps sweep), trades (3 seeds, a CI, flag reasons, a hostile flag, reason and
+  hyperparameter value, a ``javascript:`` paper link that must be dropped, a hostile run name) and a
+  method whose name is itself markup; pruned and failed trials for the plots;
+* the same experiment, mnist / L2 / eps=1.5: one search with a categorical hyperparameter.
+
+The browser test needs Debian's ``chromium`` (``scripts/ensure-chromium.sh``, run by ``make test``) and
+the ``playwright`` Python package (dev extras); it never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from leaderboard import build, html, render
+from leaderboard.schema import Campaign
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+RUN_URL = "http://mlflow.invalid:5000"
+PAPER = "https://arxiv.org/abs/1706.06083"
+EXPERIMENT = "robust <img src=x onerror=alert(2)>"
+RUN_NAME = "<script>alert(1)</script>"
+HOSTILE_VALUE = "</script><script>alert(4)</script>"
+HOSTILE_REASON = '"><script>alert(3)</script> & more'
+HOSTILE_FLAG = "<i>masking:odd</i>"
+HOSTILE_METHOD = "mart<svg onload=alert(6)>"
+_ids = itertools.count()
+
+
+def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", paper=None, link=None):
+    tags = {"otarena.role": "search", "otarena.method": method, "otarena.dataset": dataset,
+            "otarena.arch": "small_cnn", "otarena.norm": norm, "otarena.eps": eps}
+    if paper:
+        tags |= {"otarena.paper": paper, "otarena.paper_link": link or ""}
+    run_id = c.create_run(exp, tags=tags, run_name=f"{method}-search").info.run_id
+    c.log_metric(run_id, "search/device_hours", 0.25)
+    c.set_terminated(run_id, "FINISHED")
+    return SimpleNamespace(exp=exp, id=run_id, tags=tags)
+
+
+def _trial(c, parent, *, val, params, aa=None, clean=None, outcome="completed", run_name=None, flags="",
+           tags=None, metrics=None, epochs=4):
+    """A trial run; evaluated (with test metrics) when ``aa`` is given."""
+    t = {**parent.tags, "otarena.role": "trial", "mlflow.parentRunId": parent.id, "otarena.outcome": outcome,
+         "otarena.trial_id": f"t{next(_ids)}", "otarena.searched": ",".join(params), "otarena.flags": flags,
+         **(tags or {})}
+    if aa is not None:
+        t["otarena.evaluated"] = "true"
+    run_id = c.create_run(parent.exp, tags=t, run_name=run_name).info.run_id
+    m = {"val/best_pgd_acc": val, "val/best_clean_acc": 0.9, "train/epochs": epochs, **(metrics or {})}
+    if aa is not None:
+        m |= {"test/aa_acc": aa, "test/clean_acc": clean, "test/pgd_acc": aa + 0.03, "test/n_ex": 500}
+    c.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in m.items()],
+                params=[Param(k, v) for k, v in params.items()])
+    c.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
+    return run_id
+
+
+def _sweep(accs):
+    return json.dumps({"eps": [0, 0.1, 0.2, 0.4, 0.8], "pgd_acc": accs, "robust_acc": accs[:-1] + [0.1],
+                       "chance_bound": 0.1, "steps": 20})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment(EXPERIMENT)
+    r = SimpleNamespace(uri=uri, tmp=tmp, exp=exp)
+
+    p = _parent(c, exp, "pgd_at", paper="Towards Deep Learning Models Resistant to Adversarial Attacks", link=PAPER)
+    r.pgd = _trial(c, p, val=0.55, params={"lr": "0.1", "attack_steps": "10"}, aa=0.45, clean=0.95,
+                   tags={"otarena.eps_sweep": _sweep([0.95, 0.7, 0.45, 0.2, 0.05])}, flags="small-sample")
+    _trial(c, p, val=0.35, params={"lr": "0.001", "attack_steps": "5"}, outcome="pruned", epochs=1)
+    _trial(c, p, val=0.50, params={"lr": "0.01", "attack_steps": "7"}, aa=0.40, clean=0.90)
+
+    p = _parent(c, exp, "trades", paper="TRADES <b>", link="javascript:alert(5)")
+    r.trades = _trial(
+        c, p, val=0.60, params={"trades_beta": "6.0", "note": HOSTILE_VALUE}, aa=0.50, clean=0.85,
+        run_name=RUN_NAME, flags=f"masking:aa-gap,single-seed,{HOSTILE_FLAG}",
+        tags={"otarena.flag_reasons": json.dumps({"masking:aa-gap": HOSTILE_REASON}),
+              "otarena.eps_sweep": _sweep([0.85, 0.75, 0.5, 0.3, 0.1])},
+        metrics={"test/n_seeds": 3, "test/aa_acc_mean": 0.49, "test/aa_acc_std": 0.01,
+                 "test/aa_acc_ci_low": 0.46, "test/aa_acc_ci_high": 0.54})
+    _trial(c, p, val=0.20, params={"trades_beta": "1.0", "note": "x"}, outcome="pruned", epochs=1)
+    _trial(c, p, val=0.58, params={"trades_beta": "3.0", "note": "y"}, aa=0.47, clean=0.97)
+
+    p = _parent(c, exp, HOSTILE_METHOD)
+    r.mart = _trial(c, p, val=0.50, params={"mart_beta": "5.0"}, aa=0.30, clean=0.99)
+    _trial(c, p, val=0.10, params={"mart_beta": "50.0"}, outcome="failed", epochs=2)
+
+    p = _parent(c, exp, "pgd_at", dataset="mnist", norm="L2", eps="1.5")
+    r.l2 = _trial(c, p, val=0.7, params={"optimizer": "sgd"}, aa=0.65, clean=0.98)
+    _trial(c, p, val=0.6, params={"optimizer": "adam"}, outcome="pruned", epochs=1)
+    return r
+
+
+@pytest.fixture(scope="module")
+def site(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    tables = build(store.uri, out, formats="html", mlflow_url=RUN_URL)
+    return SimpleNamespace(tables=tables, path=out / "index.html", text=(out / "index.html").read_text("utf-8"))
+
+
+class _Tags(HTMLParser):
+    """Every start tag as (name, attrs), plus the text inside <script> and <style>."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.raw, self._in = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in = tag if tag in ("script", "style") else None
+
+    def handle_data(self, data):
+        if self._in:
+            self.raw.append((self._in, data))
+            self._in = None
+
+    def find(self, tag, **attrs):
+        return [a for t, a in self.tags if t == tag and all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+def _run_link(exp_id, run_id):
+    return f"{RUN_URL}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The markup
+
+
+def test_tables_rows_and_plots(store, site):
+    assert [(t.dataset, t.norm, t.eps, len(t.rows)) for t in site.tables] == [
+        ("digits", "Linf", 0.2, 3), ("mnist", "L2", 1.5, 1)]
+    doc = _Tags(site.text)
+    assert len(doc.find("table", **{"class": "board"})) == 2
+    assert len(doc.find("tr")) == 2 + 3 + 1  # two header rows, 4 body rows
+    assert [a["data-run"] for a in doc.find("tr") if "data-run" in a] == [store.trades, store.pgd, store.mart, store.l2]
+    plots = [a["data-plot"] for a in doc.find("svg") if a.get("class") == "plot"]
+    # Per table: Pareto, eps sweep, progress; then one sensitivity plot per (method, hyperparameter).
+    assert plots.count("pareto") == plots.count("eps-sweep") == plots.count("progress") == 2
+    assert sorted((a["data-method"], a["data-param"]) for a in doc.find("svg", data_plot="sensitivity")) == sorted([
+        ("trades", "trades_beta"), ("trades", "note"), ("pgd_at", "lr"), ("pgd_at", "attack_steps"),
+        (HOSTILE_METHOD, "mart_beta"), ("pgd_at", "optimizer")])
+    assert render.table_title(site.tables[0]) in site.text and render.RULES in site.text.replace("&#x27;", "'")
+
+
+def test_cells_show_headline_numbers_and_sort_values(store, site):
+    doc = _Tags(site.text)
+    head = [a for a in doc.find("th")][:17]
+    assert [a["data-type"] for a in head][:4] == ["num", "text", "num", "num"]
+    row = re.search(rf'<tr data-rank="1" data-run="{store.trades}".*?</tr>', site.text).group(0)
+    assert "49.0 ± 1.0" in row and 'data-value="0.49"' in row  # the 3-seed mean, as render shows it
+    assert "[46.0, 54.0]" in row and 'data-value="0.46"' in row  # AA 95% CI, sorted by its low end
+    assert "0.25" in row  # device-hours from the parent
+    assert '<td class="num"><span>–</span></td>' in row  # no certified accuracy: no data-value, sorted last
+
+
+def test_links_and_no_external_resources(store, site):
+    doc = _Tags(site.text)
+    hrefs = [a["href"] for _, a in doc.tags if "href" in a]
+    runs = {_run_link(store.exp, r) for r in (store.pgd, store.trades, store.mart, store.l2)}
+    external = [h for h in hrefs if h.lower().startswith(("http:", "https:", "//"))]
+    assert set(external) == runs | {PAPER}
+    assert all(h.startswith(("#", "data:")) for h in hrefs if h not in external)
+    assert not any("src" in a for _, a in doc.tags)  # no image, script, frame or media source at all
+    assert [a for t, a in doc.tags if t == "link"] == [{"rel": "icon", "href": "data:,"}]
+    lowered = site.text.lower()
+    assert "<script src" not in lowered and "@import" not in lowered and "url(" not in lowered
+    assert not re.search(r"<link[^>]+href=[\"']?https?:", lowered)
+    csp = doc.find("meta", http_equiv="Content-Security-Policy")[0]["content"]
+    assert "default-src 'none'" in csp
+    (a,) = [a for _, a in doc.tags if a.get("href") == PAPER]
+    assert a["title"] == "Towards Deep Learning Models Resistant to Adversarial Attacks"
+
+
+def test_user_text_is_escaped(store, site):
+    text, doc = site.text, _Tags(site.text)
+    for hostile in (RUN_NAME, HOSTILE_VALUE, HOSTILE_REASON, HOSTILE_FLAG, HOSTILE_METHOD, EXPERIMENT, "TRADES <b>"):
+        assert hostile not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # the run name
+    assert "&lt;/script&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in text  # the hyperparameter value
+    assert "&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt; &amp; more" in text  # the flag reason (a title)
+    assert "&lt;i&gt;masking:odd&lt;/i&gt;" in text and "robust &lt;img src=x onerror=alert(2)&gt;" in text
+    assert "javascript:" not in text.lower()  # the bad paper link is dropped, its title kept
+    assert [t for t, _ in doc.tags].count("script") == 1 and text.count("<script") == 1
+    assert not [(t, k) for t, a in doc.tags for k in a if k.startswith("on")]  # no event handler anywhere
+    assert {t for t, _ in doc.tags} <= {
+        "html", "head", "meta", "link", "title", "style", "body", "h1", "h2", "h4", "p", "nav", "a", "section",
+        "div", "table", "thead", "tbody", "tr", "th", "td", "button", "span", "b", "br", "code", "figure",
+        "figcaption", "svg", "text", "rect", "line", "polyline", "circle", "path", "details", "summary",
+        "footer", "script"}
+    # The reason is shown on hover, unescaped by the parser back to the original text.
+    assert HOSTILE_REASON in [a.get("title") for t, a in doc.tags if t == "span"]
+
+
+def test_empty_campaign():
+    page = html.to_html([], Campaign((), ()), title="<b>empty</b>", run_url=None)
+    assert render.EMPTY_MESSAGE in page and "&lt;b&gt;empty&lt;/b&gt;" in page and "<b>empty" not in page
+    assert "<table" not in page and 'data-plot="' not in page
+    # (An empty store's build, html included, is covered by test_no_torch.py.)
+
+
+def test_without_run_url_run_ids_are_text(store, tmp_path):
+    build(store.uri, tmp_path, formats="html")
+    text = (tmp_path / "index.html").read_text("utf-8")
+    assert "/#/experiments/" not in text and f"<code>{store.pgd}</code>" in text
+
+
+def test_helpers():
+    assert html._pareto_front([(90, 40), (95, 30), (80, 45), (85, 35), (95, 20)]) == [(80, 45), (90, 40), (95, 30)]
+    for bad in ("javascript:alert(1)", " javascript:x", "JaVaScRiPt:x", "data:text/html,x", "//evil.example",
+                "http://", "https://a.example/\"onmouseover=x", "ftp://a.example"):
+        assert html._safe_url(bad) is None, bad
+    assert html._safe_url("https://arxiv.org/abs/1706.06083") == "https://arxiv.org/abs/1706.06083"
+    assert html._nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    axis = html._Axis("lr", log=True)
+    axis.fit([1e-4, 1e-1])
+    assert [label for _, label in axis.ticks] == ["0.0001", "0.001", "0.01", "0.1"]
+
+
+def test_plot_survives_odd_numbers():
+    svg = html._svg_plot("x", "odd", [html._Series("s", [(1.0, float("nan")), (float("inf"), 2.0), (-1.0, 3.0),
+                                                       (10.0, 4.0), (100.0, 5.0)], "#000")],
+                         html._Axis("x", log=True), html._Axis("y"))
+    assert "nan" not in svg.lower() and "inf" not in svg.lower() and svg.count("<circle") == 2 + 1  # + legend
+
+
+# ----------------------------------------------------------------------------------------------------
+# In a browser
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: run scripts/ensure-chromium.sh (make test does)")
+    from playwright import sync_api as playwright  # a dev dependency: never skipped
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def _order(table):
+    return table.locator("tbody tr").evaluate_all("rs => rs.map(r => r.getAttribute('data-run'))")
+
+
+def test_in_chromium(store, site, browser):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    url = site.path.as_uri()
+    requests, problems = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.route("**/*", lambda route: route.continue_() if route.request.url == url else route.abort())
+    page.goto(url)
+
+    tables = page.locator("table.board")
+    assert tables.count() == 2
+    assert [tables.nth(k).locator("tbody tr").count() for k in range(2)] == [3, 1]
+    first = tables.nth(0)
+    ranked = [store.trades, store.pgd, store.mart]
+    assert _order(first) == ranked
+
+    clean = first.locator("thead th", has_text="Clean")
+    clean.locator("button").click()  # accuracies sort best first
+    assert clean.get_attribute("aria-sort") == "descending"
+    assert _order(first) == [store.mart, store.pgd, store.trades]  # clean 99, 95, 85
+    clean.locator("button").click()
+    assert clean.get_attribute("aria-sort") == "ascending"
+    assert _order(first) == [store.trades, store.pgd, store.mart]
+    ci = first.locator("thead th", has_text="AA 95% CI")
+    ci.locator("button").click()
+    assert clean.get_attribute("aria-sort") is None and _order(first) == ranked  # only trades has a CI
+    first.locator("thead th", has_text="Rank").locator("button").click()
+    first.locator("thead th", has_text="Method").locator("button").click()  # text, ascending first
+    assert _order(first) == [store.mart, store.pgd, store.trades]  # "mart<svg…" < "pgd_at" < "trades"
+    assert first.locator("tbody tr").first.locator("td").nth(1).inner_text().startswith(HOSTILE_METHOD)
+    first.locator("thead th", has_text="Rank").locator("button").click()
+    assert _order(first) == ranked
+
+    plots = page.locator("svg.plot[data-plot]")
+    assert plots.count() == 2 * 3 + 6
+    for k in range(plots.count()):
+        box = plots.nth(k).bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 100
+        assert plots.nth(k).evaluate("s => s.querySelectorAll('line, polyline, circle, path').length") > 5
+    assert page.locator('svg[data-plot="pareto"] circle').count() >= 3 + 5
+    assert page.locator('svg[data-plot="eps-sweep"] polyline').count() >= 2 + 1
+    assert page.evaluate("() => window.__pwned === undefined && !document.querySelector('img, iframe, i')")
+
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "leaderboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    page.close()
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert requests == [url], requests  # nothing but the page itself, not even a favicon
+    assert not problems, problems  # no CSP violation, no script error
+
