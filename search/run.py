@@ -75,6 +75,7 @@ class MlflowTrials(tune.Callback):
     searched: list
     max_epochs: int
     run_ids: dict = field(default_factory=dict)
+    nodes: dict = field(default_factory=dict)
 
     def run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
@@ -93,6 +94,10 @@ class MlflowTrials(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_epoch(self.run_id(trial), result, step=epoch)
+        if "node_id" in result and trial.trial_id not in self.nodes:
+            # Which Ray node trained it: on a cluster, the trials of one search spread over nodes.
+            self.nodes[trial.trial_id] = result["node_id"]
+            self.tracker.set_tags(self.run_id(trial), {"otarena.node_id": result["node_id"]})
         log(f"{self.spec.method}: trial {trial.trial_id} epoch {epoch}/{self.max_epochs} "
             f"val clean {result['val/clean_acc']:.1%} pgd {result['val/pgd_acc']:.1%} "
             f"({result['time/epoch_s']:.1f}s)")

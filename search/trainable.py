@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -50,9 +51,12 @@ def train_trial(config: dict[str, Any], *, spec: TrialSpec, train_data, val_data
         with checkpoint.as_directory() as folder:
             run.load_state_dict(load_state(folder))
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, run: Run) -> None:
         metrics = {**metrics, "val/best_pgd_acc": run.best["val/pgd_acc"],
-                   "val/best_clean_acc": run.best["val/clean_acc"], "val/best_epoch": run.best["epoch"]}
+                   "val/best_clean_acc": run.best["val/clean_acc"], "val/best_epoch": run.best["epoch"],
+                   "node_id": node_id}
         with tempfile.TemporaryDirectory() as folder:
             torch.save(run.state_dict(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A real multi-node Ray cluster on loopback and a real MLflow server: the cluster path, proven on one machine.
+
+Two `ray start` processes (a head and a worker, each with one CPU and its own custom resource,
+token authentication on as on real clusters since Ray 2.59) and one `mlflow server` with a sqlite
+backend and an artifact folder. `otarena search --address --tracking-uri --storage` runs a search
+whose two concurrent trials must land on different nodes; every trial's run reaches the server
+with its metrics, and the checkpoints land under the shared storage path. Every process the test
+started is stopped through its own process group, never with `ray stop` (which would kill any Ray
+of the user's).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # A session of its own: the process group holds everything it spawns, so one kill stops all.
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def _wait_for(check, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp)}
+    ray_port, mlflow_port = _free_port(), _free_port()
+    started = []
+    try:
+        started.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                               "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                               "--artifacts-destination", str(tmp / "artifacts")], tmp / "mlflow.log", env))
+        # Token authentication, as on real clusters: one token for the head, the worker and the driver.
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                       timeout=60)
+        started.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
+                               "--num-cpus=1", "--num-gpus=0", '--resources={"node_a": 1}', "--include-dashboard=false",
+                               f"--temp-dir={tmp}/ray"], tmp / "head.log", env))
+        address = f"127.0.0.1:{ray_port}"
+        _wait_for(lambda: _node_count(address, env) == 1, "the Ray head")
+        started.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
+                               "--num-gpus=0", '--resources={"node_b": 1}'], tmp / "worker.log", env))
+        _wait_for(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "mlflow server", timeout=180)
+        _wait_for(lambda: _node_count(address, env) == 2, "the two-node cluster", timeout=120)
+        yield {"tmp": tmp, "env": env, "address": address, "tracking_uri": f"http://127.0.0.1:{mlflow_port}",
+               "processes": started}
+    finally:
+        for process in reversed(started):
+            _stop(process)
+
+
+def _node_count(address: str, env: dict) -> int:
+    probe = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def test_search_spreads_over_both_nodes_and_logs_to_the_server(cluster):
+    tmp, env = cluster["tmp"], cluster["env"]
+    config = tmp / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "multinode", "dataset": "digits", "arch": "small_cnn", "threat_model": {"norm": "Linf", "eps": 0.2},
+        "methods": ["pgd_at"],
+        "train": {"optimizer": "adam", "lr": 2e-3, "batch_size": 64, "val_n_ex": 48, "attack_steps": 2},
+        "budget": {"trials": 4, "max_epochs": 2, "grace_epochs": 2, "max_concurrent": 2},
+        "final_eval": {"n_ex": 20, "pgd_steps": 2, "pgd_targets": 0, "autoattack": None, "eps_sweep": False},
+    }))
+    storage = tmp / "shared" / "ray_results"
+    search = subprocess.run(
+        [str(BIN / "otarena"), "search", str(config), "--address", cluster["address"],
+         "--tracking-uri", cluster["tracking_uri"], "--storage", str(storage), "--out", str(tmp / "site")],
+        env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+
+    client = MlflowClient(cluster["tracking_uri"])
+    experiment = client.get_experiment_by_name("multinode")
+    trials = client.search_runs([experiment.experiment_id], "tags.`otarena.role` = 'trial'")
+    assert len(trials) == 4
+    nodes = {t.data.tags["otarena.node_id"] for t in trials}
+    assert len(nodes) == 2, f"all trials ran on {nodes}"
+    for trial in trials:
+        history = client.get_metric_history(trial.info.run_id, "val/pgd_acc")
+        assert [m.step for m in history] == list(range(1, int(trial.data.metrics["train/epochs"]) + 1))
+        assert trial.info.status == "FINISHED"
+        # The checkpoint the trial ended with lives on the shared storage path.
+        assert trial.data.tags["otarena.checkpoint"].startswith(str(storage))
+        assert (Path(trial.data.tags["otarena.checkpoint"]) / "state.pt").is_file()
+    evaluated = [t for t in trials if t.data.tags.get("otarena.evaluated") == "true"]
+    assert len(evaluated) == 1
+    # Artifacts went through the server into its artifact folder.
+    assert [a.path for a in client.list_artifacts(evaluated[0].info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
+    assert any((tmp / "artifacts").rglob("model.pt"))
+
+
+def test_processes_are_ours_and_alive(cluster):
+    assert all(p.poll() is None for p in cluster["processes"])
