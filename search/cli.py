@@ -155,7 +155,7 @@ def cmd_search(args) -> int:
         _check_writable(cfg.storage_path)
     from search.run import run_search
 
-    run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out)
+    run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out, resume=args.resume)
     return 0
 
 
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (budget.trials=4)")
     p.add_argument("--out", default="site", help="where the leaderboard is written")
     p.add_argument("--no-leaderboard", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished searches of these configs (after a crash or a kill)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("evaluate", help="evaluate a logged trial (RUN_ID) or any checkpoint on the test split")

@@ -49,6 +49,7 @@ class Budget(_Strict):
     grace_epochs: int = Field(2, ge=1, description="epochs before ASHA may prune (grace_period)")
     reduction_factor: int = Field(3, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; default: as resources allow")
+    max_failures: int = Field(0, ge=0, description="retries of a trial that raised, from its last checkpoint")
 
 
 class Resources(_Strict):

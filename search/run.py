@@ -31,9 +31,11 @@ import methods
 from methods.common import data as data_lib
 from search import evaluation, spaces
 from search.config import SearchConfig
-from search.tracking import METHOD, OUTCOME, Tracker, flatten, last_line
+from search.tracking import METHOD, OUTCOME, TRIAL_ID, Tracker, flatten, last_line
 from search.trainable import TrialSpec, load_state, train_trial
 
+RAY_PATH = "otarena.ray_path"
+"""Tag of a search's parent run: the Ray experiment folder that ``--resume`` restores."""
 METRIC, MODE = "val/pgd_acc", "max"
 """What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
 
@@ -174,7 +176,8 @@ def _max_concurrent(cfg: SearchConfig) -> int:
     return max(1, int(slots))
 
 
-def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref) -> MethodSearch:
+def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
+                  resume: bool = False) -> MethodSearch:
     space = cfg.spaces()[method]
     searched = sorted(spaces.searched(space))
     spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
@@ -183,14 +186,53 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     tags = {METHOD: method, "otarena.dataset": cfg.dataset, "otarena.arch": cfg.arch,
             "otarena.norm": cfg.threat_model.norm, "otarena.eps": repr(cfg.threat_model.eps),
             "otarena.paper": cls.paper, "otarena.paper_link": cls.link or ""}
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    previous = tracker.open_search(tags) if resume else None
+    path = previous.data.tags.get(RAY_PATH) if previous else None
+    if path and tune.Tuner.can_restore(path):
+        parent_id = previous.info.run_id
+        log(f"{method}: resuming the search of MLflow parent run {parent_id} from {path}")
+        # The searcher (Optuna's history), ASHA's rungs, the trials and their checkpoints all come back.
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        if resume:
+            log(f"{method}: nothing to resume; starting its search")
+        parent_id, tuner = _new_search(cfg, method, tracker, tags, space, searched, spec, trainable)
+
+    start = time.time()
+    grid = tuner.fit()
+    wall = time.time() - start
+    results = [r for r in grid]
+    lost = tracker.retire_lost_trials(parent_id, _trial_ids(results))
+    stale = tracker.close_stale_trials(parent_id)
+    if lost or stale:
+        log(f"{method}: of the runs an earlier driver left, {lost} belonged to trials Ray had not saved "
+            f"(now otarena.role=lost) and {stale} were still RUNNING (now KILLED)")
+    trial_epochs = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in results)
+    devices = cfg.resources.gpu or cfg.resources.cpu
+    trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
+    tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
+                                    "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
+    log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
+    # By the otarena.trial_id tag, not the callback's memory: after a restore the callback is a copy.
+    run_ids = {r.data.tags[TRIAL_ID]: r.info.run_id for r in tracker.trial_runs(parent_id) if TRIAL_ID in r.data.tags}
+    return MethodSearch(method, spec, parent_id, results, run_ids)
+
+
+def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, space: dict, searched: list,
+                spec: TrialSpec, trainable) -> tuple[str, tune.Tuner]:
+    """A fresh search: its MLflow parent run and its Tuner (TPE + ASHA)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags, {
+    name = f"{cfg.name}-{method}-{stamp}"
+    storage = _storage(cfg.storage_path)
+    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {RAY_PATH: _join(storage, name)}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
         "search.algorithm": "optuna-tpe", "search.scheduler": "asha", "search.metric": METRIC,
         "search.space": {k: space[k].describe() for k in searched}})
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
-
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.budget.trials // 2)))
     searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
@@ -198,9 +240,6 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
                               grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
     callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
-        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, _max_concurrent(cfg)),
@@ -208,20 +247,22 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
                                     # One actor per slot for the whole search: no process start per trial.
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"{cfg.name}-{method}-{stamp}", storage_path=_storage(cfg.storage_path), verbose=0,
+            name=name, storage_path=storage, verbose=0,
             callbacks=[callback], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0)))
-    start = time.time()
-    grid = tuner.fit()
-    wall = time.time() - start
-    results = [r for r in grid]
-    trial_epochs = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in results)
-    devices = cfg.resources.gpu or cfg.resources.cpu
-    trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
-    tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
-                                    "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
-    log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
-    return MethodSearch(method, spec, parent_id, results, callback.run_ids)
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures)))
+    return parent_id, tuner
+
+
+def _trial_ids(results: list) -> set[str]:
+    """Ray's trial ids of a search's results; a trial that failed before reporting has them only in its folder name."""
+    ids = {str(r.metrics["trial_id"]) for r in results if (r.metrics or {}).get("trial_id")}
+    folders = [os.path.basename(str(r.path)) for r in results if not (r.metrics or {}).get("trial_id") and r.path]
+    # Ray names a trial's folder <trainable>_<trial_id>_<index>_<params>.
+    return ids | {part for folder in folders for part in folder.split("_") if len(part) >= 8}
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
 
 
 def _storage(path: str) -> str:
@@ -363,7 +404,7 @@ def _show(method: str, what: str, result: dict, summary: Optional[dict] = None, 
 
 
 def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[str] = None,
-               out_dir: Optional[str] = "site") -> list[dict]:
+               out_dir: Optional[str] = "site", resume: bool = False) -> list[dict]:
     """Search every method of each config, evaluate the best trials, and build the leaderboard.
 
     Several configs share one Ray session, and every final evaluation runs while later searches
@@ -385,7 +426,7 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
         train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
         for i, method in enumerate(cfg.methods, 1):
             log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
-            outcome = search_method(cfg, method, tracker, train_ref, val_ref)
+            outcome = search_method(cfg, method, tracker, train_ref, val_ref, resume=resume)
             evaluations.append((cfg, tracker, outcome,
                                 submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref))))
     log("waiting for the final evaluations")
@@ -399,5 +440,5 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
         for uri in dict.fromkeys(cfg.tracking_uri for cfg in configs):
             tables = leaderboard.build(uri, out_dir, experiments=[c.name for c in configs if c.tracking_uri == uri])
             print(leaderboard.format_text(tables), flush=True)
-        log(f"leaderboard written to {out_dir}/leaderboard.md and {out_dir}/leaderboard.csv")
+        log(f"leaderboard written to {out_dir}/ (index.html, leaderboard.md, .csv, .tex, model_info/)")
     return summaries

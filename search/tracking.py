@@ -23,6 +23,8 @@ ROLE, METHOD, TRIAL_ID, OUTCOME = "otarena.role", "otarena.method", "otarena.tri
 EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
 """Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""
 MAX_PARAM_LENGTH = 6000
+_SEARCH_KEYS = (METHOD, "otarena.dataset", "otarena.arch", "otarena.norm", "otarena.eps")
+"""Tags that identify one method's search within a campaign's experiment."""
 _TRIAL_ONLY_TAGS = {TRIAL_ID, OUTCOME, "otarena.evaluated", "otarena.flags", "otarena.flag_reasons",
                     "otarena.checkpoint", "otarena.failure"}
 
@@ -80,6 +82,45 @@ class Tracker:
         if found is not None and found.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {experiment!r} is deleted; restore it or pick another name")
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def __getstate__(self):
+        # Ray pickles the Tuner's callbacks into its experiment state; a client is reopened, not pickled.
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.client = MlflowClient(self.tracking_uri)
+
+    def open_search(self, tags: Mapping[str, str]) -> Optional[Any]:
+        """The latest unfinished search parent run with these tags (what ``--resume`` continues)."""
+        clauses = [f"tags.`{ROLE}` = 'search'", "attributes.status = 'RUNNING'"]
+        clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in _SEARCH_KEYS]
+        found = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        return found[0] if found else None
+
+    def retire_lost_trials(self, parent_id: str, known: set[str]) -> int:
+        """Trial runs of trials that Ray's restored state does not know: a driver killed between a
+        trial's start and Ray's next save of the experiment. The trial never ran on after that, and
+        the search replaced it, so its run leaves the trials (``otarena.role=lost``) but keeps its data."""
+        lost = [r for r in self.trial_runs(parent_id)
+                if r.data.tags.get(ROLE) == "trial" and r.data.tags.get(TRIAL_ID) not in known]
+        for run in lost:
+            self.set_tags(run.info.run_id, {ROLE: "lost", OUTCOME: "failed",
+                                            "otarena.failure": "driver stopped before Ray saved this trial"})
+            if run.info.status == "RUNNING":
+                self.finish(run.info.run_id, "KILLED")
+        return len(lost)
+
+    def close_stale_trials(self, parent_id: str) -> int:
+        """Trial runs a crash left RUNNING that no trial continued: KILLED, never RUNNING forever."""
+        stale = [r for r in self.trial_runs(parent_id) if r.info.status == "RUNNING"]
+        for run in stale:
+            self.set_tags(run.info.run_id, {OUTCOME: run.data.tags.get(OUTCOME, "failed"),
+                                            "otarena.failure": run.data.tags.get("otarena.failure",
+                                                                                 "driver stopped; not resumed")})
+            self.finish(run.info.run_id, "KILLED")
+        return len(stale)
 
     def start_search(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "search", **tags})
