@@ -165,6 +165,8 @@ def _check_writable(path: str) -> None:
     target = os.path.abspath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        raise UsageError(f"storage path {path!r} is not writable: {target} is not a directory")
     if not os.access(target, os.W_OK):
         raise UsageError(f"storage path {path!r} is not writable")
 

@@ -403,6 +403,17 @@ def _show(method: str, what: str, result: dict, summary: Optional[dict] = None, 
     log(f"{method}: {what} test {shown} on {result['n_ex']} images" + (f" [{', '.join(flags)}]" if flags else ""))
 
 
+def _report_tracking(tracker: Tracker) -> None:
+    """Say what a tracking outage cost: nothing, or exactly which writes are saved where."""
+    undelivered = tracker.client.drain()
+    if tracker.client.outage_s:
+        log(f"MLflow was unreachable for {tracker.client.outage_s:.0f}s in all; up to {tracker.client.buffered} "
+            f"writes were buffered and delivered when it came back")
+    if undelivered:
+        log(f"ERROR: {len(tracker.client.pending)} MLflow writes could not be delivered to "
+            f"{tracker.tracking_uri}; they are saved in {undelivered}")
+
+
 def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[str] = None,
                out_dir: Optional[str] = "site", resume: bool = False) -> list[dict]:
     """Search every method of each config, evaluate the best trials, and build the leaderboard.
@@ -433,7 +444,11 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
     summaries = []
     for cfg, tracker, outcome, pending in evaluations:
         summaries += record_final_evaluation(cfg, outcome, pending, tracker)
+        if tracker.client.outage_s:
+            tracker.set_tags(outcome.parent_id, {"otarena.tracking_outage_s": f"{tracker.client.outage_s:.0f}"})
         tracker.finish(outcome.parent_id)
+    for tracker in dict.fromkeys(t for _, t, _, _ in evaluations):
+        _report_tracking(tracker)
     names = list(dict.fromkeys(cfg.name for cfg in configs))
     log(f"all searches done in {time.time() - start:.0f}s; MLflow experiments {', '.join(names)}")
     if out_dir:

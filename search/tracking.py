@@ -72,11 +72,136 @@ def _tags(values: Mapping[str, Any]) -> list[RunTag]:
     return [RunTag(k, str(v)) for k, v in values.items()]
 
 
+OUTAGE_TIMEOUT_S = 900.0
+"""How long a search waits for a tracking server that went away before it gives up on a write."""
+
+
+def _is_outage(err: BaseException) -> bool:
+    """A server that cannot be reached (down, restarting, network), not a request it rejected."""
+    text = f"{type(err).__name__}: {err}"
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        marker in text for marker in ("Max retries exceeded", "Connection refused", "ConnectionError",
+                                      "Failed to establish", "Read timed out", "RemoteDisconnected",
+                                      "503", "502", "504"))
+
+
+class ResilientClient:
+    """An MlflowClient that survives a tracking server going away and coming back.
+
+    Writes (metrics, params, tags, run status, artifacts) made while the server is unreachable
+    are kept in order, with artifacts copied aside, and delivered as soon as it answers again;
+    calls that need an answer (creating or finding a run) wait for it, up to ``timeout_s``. What
+    could not be delivered at the end is written to a JSON file and reported, never dropped silently.
+    """
+
+    WRITES = ("log_batch", "set_terminated", "update_run", "log_artifact")
+
+    def __init__(self, tracking_uri: str, timeout_s: float = OUTAGE_TIMEOUT_S, say=None):
+        if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
+            # Fail fast inside MLflow (its default retries back off for minutes); we retry ourselves.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.tracking_uri, self.timeout_s = tracking_uri, timeout_s
+        self.say = say or (lambda line: print(f"[otarena {time.strftime('%H:%M:%S')}] {line}", flush=True))
+        self.client = MlflowClient(tracking_uri)
+        self.pending: list[tuple[str, tuple, dict]] = []
+        self.spool: Optional[str] = None
+        self.outage_started: Optional[float] = None
+        self.outage_s, self.buffered = 0.0, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        if name in self.WRITES:
+            return lambda *args, **kwargs: self._write(name, args, kwargs)
+        return lambda *args, **kwargs: self._wait(method, args, kwargs)
+
+    def _write(self, name: str, args: tuple, kwargs: dict) -> None:
+        self.pending.append((name, args, kwargs))
+        if not self.flush() and name == "log_artifact":
+            # Still inside the caller, whose file may live in a temporary folder: keep a copy.
+            self.pending[-1] = (name, (args[0], self._keep(args[1]), *args[2:]), kwargs)
+
+    def _keep(self, path: str) -> str:
+        """A copy of an artifact that outlives the caller's temporary folder."""
+        import shutil
+        import tempfile
+
+        self.spool = self.spool or tempfile.mkdtemp(prefix="otarena-mlflow-spool-")
+        target = os.path.join(self.spool, f"{len(self.pending)}-{os.path.basename(path)}")
+        shutil.copy2(path, target)
+        return target
+
+    def flush(self) -> bool:
+        """Deliver the buffered writes in order; False while the server is still unreachable."""
+        while self.pending:
+            name, args, kwargs = self.pending[0]
+            try:
+                getattr(self.client, name)(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - only an outage is retried; the rest propagates
+                if not _is_outage(err):
+                    self.pending.pop(0)
+                    raise
+                if self.outage_started is None:
+                    self.outage_started = time.time()
+                    self.say(f"MLflow at {self.tracking_uri} is unreachable; buffering writes until it is back "
+                             f"({last_line(str(err), 160)})")
+                self.buffered = max(self.buffered, len(self.pending))
+                return False
+            self.pending.pop(0)
+        if self.outage_started is not None:
+            self.outage_s += time.time() - self.outage_started
+            self.say(f"MLflow is back after {time.time() - self.outage_started:.0f}s; buffered writes delivered")
+            self.outage_started = None
+        return True
+
+    def _wait(self, method, args: tuple, kwargs: dict):
+        deadline = time.time() + self.timeout_s
+        while True:
+            try:
+                if self.flush():
+                    return method(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                if not _is_outage(err) or time.time() > deadline:
+                    raise
+                if self.outage_started is None:
+                    self.outage_started = time.time()
+                    self.say(f"MLflow at {self.tracking_uri} is unreachable; waiting for it "
+                             f"({last_line(str(err), 160)})")
+            if time.time() > deadline:
+                raise TrackingError(f"MLflow at {self.tracking_uri} unreachable for {self.timeout_s:.0f}s")
+            time.sleep(2)
+
+    def drain(self, timeout_s: Optional[float] = None, report_dir: str = ".") -> Optional[str]:
+        """Wait for the buffered writes to go out; if they cannot, save them to a JSON file and return its path."""
+        deadline = time.time() + (self.timeout_s if timeout_s is None else timeout_s)
+        while not self.flush() and time.time() < deadline:
+            time.sleep(2)
+        if not self.pending:
+            return None
+        import json
+
+        path = os.path.abspath(os.path.join(report_dir, f"mlflow-undelivered-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+        with open(path, "w") as f:
+            json.dump([{"call": name, "args": [_plain(a) for a in args], "kwargs": {k: _plain(v) for k, v in
+                                                                                 kwargs.items()}}
+                       for name, args, kwargs in self.pending], f, indent=1)
+        return path
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of a buffered call's argument (MLflow entities become dicts)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (Metric, Param, RunTag)):
+        return {k.lstrip("_"): v for k, v in vars(value).items()}
+    return value
+
+
 class Tracker:
     """One search campaign's MLflow experiment: its parent runs and trial runs."""
 
     def __init__(self, tracking_uri: str, experiment: str):
-        self.client = MlflowClient(tracking_uri)
+        self.client = ResilientClient(tracking_uri)
         self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment)
         if found is not None and found.lifecycle_stage == "deleted":
@@ -89,7 +214,7 @@ class Tracker:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = ResilientClient(self.tracking_uri)
 
     def open_search(self, tags: Mapping[str, str]) -> Optional[Any]:
         """The latest unfinished search parent run with these tags (what ``--resume`` continues)."""

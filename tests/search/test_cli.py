@@ -59,6 +59,17 @@ BAD_CONFIGS = {
     "unknown top-level key": (_with(budgte={"trials": 3}), "unknown key"),
     "grace above budget": (_with(budget={"trials": 2, "max_epochs": 2, "grace_epochs": 5}), "grace_epochs"),
     "malformed yaml": ("name: [unclosed\nmethods: {", "malformed YAML"),
+    "negative wasserstein radius": (
+        _with(methods=["armor_trades"], space={"armor_trades": {"armor_radius": {"low": -0.1, "high": 0.5}}}),
+        "leaves the valid domain"),
+    "negative langevin sigma": (
+        _with(methods=["langevin"], space={"langevin": {"langevin_sigma": {"low": -0.1, "high": 0.1}}}),
+        "leaves the valid domain"),
+    "alpha-divergence with alpha <= 1": (
+        _with(methods=["armor_trades"], space={"armor_trades": {"armor_alpha": 1.0}}), "armor_alpha=1.0"),
+    "got theta <= 0": (_with(methods=["got_trades_lm"], space={"got_trades_lm": {"got_theta": 0.0}}), "got_theta=0.0"),
+    "wrong type of a section": (_with(budget="lots"), "budget"),
+    "storage path not writable": (_with(storage_path="/etc/hostname/ray_results"), "not writable"),
 }
 
 
@@ -79,6 +90,15 @@ def test_search_rejects_bad_config_with_one_line_and_exit_2(case, tmp_path, caps
     # Rejected before any work: no MLflow store was created and Ray was not started.
     assert not (tmp_path / "mlflow.db").exists()
     assert ray.is_initialized() == ray_was_running
+
+
+def test_unreachable_tracking_server(tmp_path, capsys):
+    from processes import free_port
+
+    path = _write(tmp_path, GOOD)
+    assert main(["search", path, "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unreachable" in err
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -12,85 +12,39 @@ of the user's).
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
-    # A session of its own: the process group holds everything it spawns, so one kill stops all.
-    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
-def _wait_for(check, what: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=2).status == 200
-    except OSError:
-        return False
-
+from processes import BIN, free_port, mlflow_server, start, stop, wait_for
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp)}
-    ray_port, mlflow_port = _free_port(), _free_port()
+    ray_port, mlflow_port = free_port(), free_port()
     started = []
     try:
-        started.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                               "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                               "--artifacts-destination", str(tmp / "artifacts")], tmp / "mlflow.log", env))
+        started.append(mlflow_server(tmp, mlflow_port, env=env))
         # Token authentication, as on real clusters: one token for the head, the worker and the driver.
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
                        timeout=60)
-        started.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
+        started.append(start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
                                "--num-cpus=1", "--num-gpus=0", '--resources={"node_a": 1}', "--include-dashboard=false",
                                f"--temp-dir={tmp}/ray"], tmp / "head.log", env))
         address = f"127.0.0.1:{ray_port}"
-        _wait_for(lambda: _node_count(address, env) == 1, "the Ray head")
-        started.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
+        wait_for(lambda: _node_count(address, env) == 1, "the Ray head")
+        started.append(start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
                                "--num-gpus=0", '--resources={"node_b": 1}'], tmp / "worker.log", env))
-        _wait_for(lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), "mlflow server", timeout=180)
-        _wait_for(lambda: _node_count(address, env) == 2, "the two-node cluster", timeout=120)
+        wait_for(lambda: _node_count(address, env) == 2, "the two-node cluster", timeout=120)
         yield {"tmp": tmp, "env": env, "address": address, "tracking_uri": f"http://127.0.0.1:{mlflow_port}",
                "processes": started}
     finally:
         for process in reversed(started):
-            _stop(process)
+            stop(process)
 
 
 def _node_count(address: str, env: dict) -> int:
