@@ -173,7 +173,11 @@ def _max_concurrent(cfg: SearchConfig) -> int:
     slots = total.get("CPU", 1) // cfg.resources.cpu
     if cfg.resources.gpu > 0:
         slots = min(slots, total.get("GPU", 0) // cfg.resources.gpu)
-    return max(1, int(slots))
+    if slots < 1:
+        # An autoscaling cluster that has scaled to zero: queue the whole budget, and the autoscaler
+        # adds the nodes the pending trials ask for.
+        return cfg.budget.trials
+    return int(slots)
 
 
 def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
