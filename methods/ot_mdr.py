@@ -121,19 +121,22 @@ SEARCH_SPACE = {
 
 def global_norm(grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     """One L2 norm over every parameter's gradient (``None`` for an unused parameter), a scalar."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None]))
+    # One fused kernel per dtype and device instead of one per parameter: this bookkeeping would
+    # otherwise cost a visible share of a step on small models (benchmarks/method_cost.py).
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for g in grads if g is not None])))
 
 
 @torch.no_grad()
 def ascend(params: Sequence[torch.Tensor], direction: Sequence[Optional[torch.Tensor]], scale: torch.Tensor,
            noise_std: float) -> None:
     """One ascent step in place: ``p += scale * d + noise_std * N(0, I)`` for each parameter with a direction."""
-    for p, d in zip(params, direction):
-        if d is None:
-            continue
-        p.add_(d * scale)
-        if noise_std > 0:
-            p.add_(torch.randn_like(p), alpha=noise_std)
+    moved = [(p, d) for p, d in zip(params, direction) if d is not None]
+    if not moved:
+        return
+    targets, steps = [p for p, _ in moved], [d for _, d in moved]
+    torch._foreach_add_(targets, torch._foreach_mul(steps, scale))
+    if noise_std > 0:
+        torch._foreach_add_(targets, [torch.randn_like(p) for p in targets], alpha=noise_std)
 
 
 class OtMdr(Method):
@@ -177,7 +180,7 @@ class OtMdr(Method):
             x_adv = self.base.perturb(x, y)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        theta = [p.detach().clone() for p in params]
+        theta = torch._foreach_mul(params, 1.0)   # a copy of every weight in one fused call
         buffers = None
         total, sums = None, {}
         for k in range(c.n_particles):
@@ -194,15 +197,15 @@ class OtMdr(Method):
                 ascend(params, merged, scale, c.weight_noise_std)
             grads, loss, metrics = self._grad(x, y, x_adv, None, params)
             with torch.no_grad():
-                metrics.update(loss=loss, ascent_norm=global_norm([p - t for p, t in zip(params, theta)]))
-                for p, t in zip(params, theta):
-                    p.copy_(t)
+                metrics.update(loss=loss, ascent_norm=global_norm(torch._foreach_sub(params, theta)))
+                torch._foreach_copy_(params, theta)
             total = grads if total is None else [None if a is None else a + b for a, b in zip(total, grads)]
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         with torch.no_grad():
-            for b, kept in zip(self.model.buffers(), buffers):
-                b.copy_(kept)
+            live = list(self.model.buffers())
+            if live:
+                torch._foreach_copy_(live, buffers)
         if c.n_particles > 1:
             total = [None if g is None else g / c.n_particles for g in total]
         self.optimizer.zero_grad(set_to_none=True)
