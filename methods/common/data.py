@@ -7,6 +7,8 @@
   on-disk formats under ``data_dir`` (the layout torchvision downloads to). MNIST and Fashion-MNIST go
   through torchvision's loaders; CIFAR and SVHN are read here (see ``_cifar`` and ``_svhn``).
   Nothing downloads unless ``download=True``, which lets torchvision fetch and md5-verify the files.
+- ``augment`` crops and flips training batches where they already are (the GPU), vectorized over
+  the batch: there is no DataLoader and no worker process.
 
 Validation is always carved out of the training split with a fixed seed, independent of the trial
 seed, so that every trial and every method is selected on the same held-out images; the test
@@ -20,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0
@@ -231,3 +234,46 @@ def batches(data: TensorData, batch_size: int, *, shuffle: bool, generator: Opti
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
         yield data.x[idx], data.y[idx], idx
+
+
+AUGMENTS = ("none", "crop", "crop_flip")
+"""Training-batch augmentations of ``augment``: CIFAR-10/100 use ``crop_flip``, SVHN ``crop`` (a
+flipped digit is another digit, or none), digits and MNIST-like datasets ``none``."""
+
+
+def augment(x: torch.Tensor, kind: str, *, generator: Optional[torch.Generator] = None,
+            padding: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded image, then (``crop_flip``) a horizontal flip, on ``x``'s device.
+
+    Per image, the same distribution as torchvision's ``RandomCrop(size, padding=4)`` followed by
+    ``RandomHorizontalFlip()``, but drawn for the whole batch at once and applied as one gather, so
+    it needs neither a per-image Python loop nor worker processes (airbench's GPU loader does the
+    same). A crop is exact: every output image is a window of the padded input, flipped or not.
+
+    Args:
+        x: images (N, C, H, W), on any device.
+        kind: one of ``AUGMENTS``; ``none`` returns ``x`` itself.
+        generator: the source of the offsets and flips (a CUDA generator for CUDA ``x`` avoids a
+            host-to-device copy per batch; a CPU one works too, at that cost).
+        padding: zero pixels added on each side before cropping back to (H, W).
+
+    Returns:
+        the augmented images, (N, C, H, W), same dtype and value range as ``x``.
+    """
+    if kind not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {kind!r}")
+    if kind == "none":
+        return x
+    n, c, h, w = x.shape
+    draw_on = generator.device if generator is not None else x.device
+    offset = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=draw_on).to(x.device)
+    rows = offset[0, :, None] + torch.arange(h, device=x.device)                  # (N, H)
+    cols = offset[1, :, None] + torch.arange(w, device=x.device)                  # (N, W)
+    if kind == "crop_flip":
+        # Reading the window's columns right to left flips the crop: crop and flip in one gather.
+        flip = torch.rand(n, generator=generator, device=draw_on).to(x.device) < 0.5
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]

@@ -4,20 +4,31 @@
 The loop owns model mode, data order, the learning-rate schedule, validation and checkpoint state;
 methods own one optimizer step. It reports through an injected ``on_epoch_end(metrics, run)``
 callback, so it knows nothing of Ray or MLflow (cleanrl's decoupling, without argv patching).
+
+The fast path (``augment``, ``precision``, ``channels_last``, ``compile``) is off by default: the
+data already sit on the device, augmentation runs there as one gather, bf16 autocast puts the
+convolutions on tensor cores, channels-last spares them layout transposes, and ``torch.compile``
+fuses the elementwise rest. None of it changes what a checkpoint holds: fp32 weights under their
+usual names (``prepare``, ``train_step``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from methods.common.attacks import ThreatModel
-from methods.common.data import TensorData, batches
+from methods.common.data import AUGMENTS, TensorData, augment, batches
 from methods.common.evaluate import accuracy, pgd_accuracy
 from methods.space import Choice, Float, Int
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,31 @@ class TrainConfig:
     val_pgd_steps: int = 10
     """PGD steps of the per-epoch validation attack."""
     seed: int = 0
+    augment: str = "none"
+    """Augmentation of training batches, on their device (``data.augment``): ``none``, ``crop``
+    (random crop of the 4-px zero-padded image) or ``crop_flip`` (then a random horizontal flip).
+    Use ``crop_flip`` for CIFAR-10/100, ``crop`` for SVHN (digits must not flip), ``none`` for
+    digits, MNIST and Fashion-MNIST."""
+    precision: str = "fp32"
+    """``bf16``: each training step, attack included, runs under bfloat16 autocast (weights and
+    optimizer stay fp32); validation and evaluation always run in fp32."""
+    channels_last: bool = False
+    """Model and training batches in channels-last memory format (faster convolutions on GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model in place (state_dict keys unchanged); skipped with a warning
+    where compilation is unavailable. The first epoch pays the compilation time."""
 
     def __post_init__(self):
         step = self.attack_step_size
         if step is not None and not (isinstance(step, (int, float)) and 0 < step <= 1):
             raise ValueError(f"attack_step_size must be null or in (0, 1] pixel units, got {step!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "TrainConfig":
@@ -69,7 +100,14 @@ TRAIN_SPACE = {
     "val_pgd_steps": Int(1, 100, 10, valid=(1, 1000)),
     "seed": Int(0, 2**31 - 1, 0, valid=(0, 2**31 - 1)),
 }
-"""Domains of the shared knobs: fixed at their defaults unless a config searches them."""
+"""Domains of the shared knobs: fixed at their defaults unless a config searches them.
+
+``augment``, ``precision``, ``channels_last`` and ``compile`` have no domain on purpose: they are
+settings of the run (a config fixes them under ``train:``), not hyperparameters to search."""
+
+
+_AUGMENT_STREAM = 0x5EED_0A06
+"""Offset of the augmentation generator's seed from the shuffling generator's."""
 
 
 class DivergedError(RuntimeError):
@@ -145,6 +183,60 @@ def validate(model: torch.nn.Module, val: TensorData, threat: ThreatModel, cfg: 
     }
 
 
+def prepare(run: Run) -> None:
+    """Put ``run.model`` on the fast path its ``cfg`` asks for: channels-last, then compiled.
+
+    Both act in place and keep the parameters' identity and names, so the optimizer, the
+    checkpoint and ``best_model`` are unaffected; calling it again does nothing.
+    """
+    cfg, model = run.cfg, run.model
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)   # 4-d weights only; values unchanged
+    if cfg.compile and getattr(model, "_compiled_call_impl", None) is None and \
+            compile_available(next(model.parameters()).device):
+        model.compile()   # in place: unlike torch.compile(model), no "_orig_mod." key prefix
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether ``torch.compile`` works here; if not, say why in one warning line.
+
+    Compilation is lazy, so a missing compiler toolchain or an unsupported Python would only fail
+    at the first training step; a two-element probe finds out at once.
+    """
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(2, device=device))
+    except Exception as err:   # noqa: BLE001 (any failure means: train without compiling)
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"compile: skipped, torch.compile is unavailable here ({type(err).__name__}: {reason})",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast on ``device`` for ``precision="bf16"`` (CUDA or CPU), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *,
+               generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """One ``method.step`` on a training batch, on the fast path of ``run.cfg``.
+
+    The batch is augmented (with ``generator``), put in channels-last, and the whole step runs
+    under autocast: the method owns its forward, attack, backward and optimizer step, so the
+    autocast region cannot stop at the loss. Backward ops still run in the dtypes their forward
+    ops chose, and the optimizer updates fp32 weights.
+    """
+    cfg = run.cfg
+    x = augment(x, cfg.augment, generator=generator)
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, cfg.precision):
+        return run.method.step(x, y, idx)
+
+
 def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) -> Run:
     """Train ``run`` from ``run.epoch`` to ``run.cfg.epochs``, validating after each epoch.
 
@@ -152,15 +244,21 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
     ``time/epoch_s``, ``epoch``) and the run, whose ``state_dict()`` is the checkpoint.
     """
     cfg, model = run.cfg, run.model
+    prepare(run)
     while run.epoch < cfg.epochs:
         start = time.perf_counter()
         model.train()
         # Seeded per epoch, so a run resumed from a checkpoint sees the same batches.
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + run.epoch)
+        epoch_seed = cfg.seed * 100_003 + run.epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        # Augmentation draws on the data's device (no host-to-device copy per batch) from its own
+        # generator, so the batch order stays that of an unaugmented run with the same seed.
+        crops = None if cfg.augment == "none" else \
+            torch.Generator(device=run.train.x.device).manual_seed(epoch_seed + _AUGMENT_STREAM)
         sums: dict[str, torch.Tensor] = {}
         n_batches = 0
         for x, y, idx in batches(run.train, cfg.batch_size, shuffle=True, generator=generator):
-            for key, value in run.method.step(x, y, idx).items():
+            for key, value in train_step(run, x, y, idx, generator=crops).items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
         run.schedule.step()
@@ -175,7 +273,9 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
                 (run.best["val/pgd_acc"], run.best["val/clean_acc"]):
             run.best = {"val/pgd_acc": metrics["val/pgd_acc"], "val/clean_acc": metrics["val/clean_acc"],
                         "epoch": run.epoch}
-            run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            # Contiguous, so that the copy is the same whatever the run's memory format.
+            run.best_model = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                              for k, v in model.state_dict().items()}
         if on_epoch_end is not None:
             on_epoch_end(metrics, run)
     return run
