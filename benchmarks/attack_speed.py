@@ -36,7 +36,6 @@ much less than wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._report import save  # noqa: E402
 
 import methods  # noqa: E402
 from methods.common.attacks import frozen, pgd, random_start  # noqa: E402
@@ -264,10 +265,7 @@ def main(argv=None) -> int:
     for res in results:
         assert all(row["images_per_s"] > 0 for row in res["rows"])
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"written to {args.out}")
+        save(report, args.out)
     return 0
 
 

@@ -29,7 +29,6 @@ so a CPU run never overwrites a GPU one; ``--quick`` (the CI smoke test) writes 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -44,6 +43,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._report import save  # noqa: E402
 
 import methods  # noqa: E402
 from methods.common.data import INFO, TensorData, batches  # noqa: E402
@@ -352,10 +353,7 @@ def main(argv=None) -> int:
     if not args.quick:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                        f"gpu_throughput-{slug(name)}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"written to {out}")
+        save(report, out)
     return 0
 
 

@@ -39,6 +39,8 @@ from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._report import save  # noqa: E402
+
 import mlflow  # noqa: E402
 import sqlalchemy  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
@@ -425,10 +427,7 @@ def main(argv=None) -> int:
               "skipped_formats": skipped, "tables": len(tables), "rows": len(campaign.rows),
               "median_s": median, "ratios": ratios, "machine": machine()}
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"written to {args.out}")
+        save(report, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ method declares it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._report import save  # noqa: E402
 
 import methods  # noqa: E402
 from methods.common.data import INFO, TensorData, batches  # noqa: E402
@@ -131,10 +132,7 @@ def main(argv=None) -> int:
     for row in rows:
         assert row["ratio_to_erm"] > 0 and row["seconds_per_step"] > 0
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"written to {args.out}")
+        save(report, args.out)
     return 0
 
 

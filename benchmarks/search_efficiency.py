@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._report import save  # noqa: E402
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -185,10 +186,7 @@ def main(argv=None) -> int:
               "searched": ["lr", "weight_decay"], "machine": host, "runs": rows, "per_seed": seeds,
               "summary": summary}
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"written to {args.out}")
+        save(report, args.out)
     return 0
 
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-SCRIPTS = sorted((pathlib.Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+SCRIPTS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                 if not p.name.startswith("_"))  # _report.py is a shared helper, not a benchmark
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
