@@ -78,14 +78,20 @@ class MlflowTrials(tune.Callback):
     max_epochs: int
     run_ids: dict = field(default_factory=dict)
     nodes: dict = field(default_factory=dict)
+    logged: dict = field(default_factory=dict)
+    """Per trial: the last epoch already in MLflow when this driver first saw it."""
 
     def run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
             params = {**self.spec.fixed, **trial.config, "method": self.spec.method, "dataset": self.spec.dataset,
                       "arch": self.spec.arch, "norm": self.spec.norm, "eps": self.spec.eps}
-            self.run_ids[trial.trial_id] = self.tracker.trial_run(
+            run_id = self.tracker.trial_run(
                 self.parent_id, trial.trial_id, name=f"{self.spec.method}-{trial.trial_id}",
                 tags={**self.tags, "otarena.searched": ",".join(self.searched)}, params=params)
+            self.run_ids[trial.trial_id] = run_id
+            # After a restore, a trial goes on from the checkpoint Ray saved, which may be older than
+            # the last epoch MLflow got: those epochs are trained again (same seed, same numbers).
+            self.logged[trial.trial_id] = self.tracker.last_step(run_id, METRIC)
         return self.run_ids[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -95,7 +101,12 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_epoch(self.run_id(trial), result, step=epoch)
+        run_id = self.run_id(trial)
+        if epoch <= self.logged.get(trial.trial_id, 0):
+            log(f"{self.spec.method}: trial {trial.trial_id} epoch {epoch} trained again after a restore "
+                f"(already logged)")
+            return
+        self.tracker.log_epoch(run_id, result, step=epoch)
         if "node_id" in result and trial.trial_id not in self.nodes:
             # Which Ray node trained it: on a cluster, the trials of one search spread over nodes.
             self.nodes[trial.trial_id] = result["node_id"]

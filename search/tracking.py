@@ -288,6 +288,10 @@ class Tracker:
                                      tags={**tags, MLFLOW_RUN_NAME: name, ROLE: "evaluation"})
         return run.info.run_id
 
+    def last_step(self, run_id: str, key: str) -> int:
+        """The last step logged for ``key`` (0 for none): what a restored trial has already reported."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+
     def log_epoch(self, run_id: str, result: Mapping[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
