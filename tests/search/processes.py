@@ -63,3 +63,16 @@ def mlflow_server(tmp: Path, port: int, log_name: str = "mlflow.log", env: dict 
         stop(server)
         raise
     return server
+
+
+def count_rows(db: Path, table: str, key: str) -> int:
+    """Rows of an MLflow sqlite ``table`` (metrics, tags) with ``key``, read while a driver writes the store."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute(f"select count(*) from {table} where key = ?", (key,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0

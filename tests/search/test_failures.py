@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from processes import count_rows
 
 import leaderboard
 
@@ -39,14 +39,6 @@ def _trial_processes(session: int) -> list[int]:
     return pids
 
 
-def _epochs_logged(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from metrics where key = 'val/pgd_acc'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def _search_with_a_killed_trial(tmp: Path, max_failures: int):
     config = tmp / "failures.yaml"
     config.write_text(yaml.safe_dump({
@@ -63,7 +55,8 @@ def _search_with_a_killed_trial(tmp: Path, max_failures: int):
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while _epochs_logged(tmp / "mlflow.db") < 1 and time.time() < deadline and driver.poll() is None:
+        while (count_rows(tmp / "mlflow.db", "metrics", "val/pgd_acc") < 1 and time.time() < deadline
+               and driver.poll() is None):
             time.sleep(0.3)
         victims = _trial_processes(driver.pid)
         assert victims, (tmp / "search.log").read_text()[-2000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
+from processes import count_rows
 
 OTARENA = str(Path(sys.executable).parent / "otarena")
 TRIALS, EPOCHS = 6, 3
@@ -36,17 +36,6 @@ def _config(tmp: Path) -> Path:
     return path
 
 
-def _finished_trials(db: Path) -> int:
-    """Trial runs with an outcome, read straight from the store while the driver writes it."""
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from tags where key = 'otarena.outcome'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_sigkill_then_resume_reaches_the_budget_once(tmp_path):
     config = _config(tmp_path)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -55,10 +44,11 @@ def test_sigkill_then_resume_reaches_the_budget_once(tmp_path):
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while _finished_trials(tmp_path / "mlflow.db") < 2 and time.time() < deadline and driver.poll() is None:
+        while (count_rows(tmp_path / "mlflow.db", "tags", "otarena.outcome") < 2 and time.time() < deadline
+               and driver.poll() is None):
             time.sleep(0.5)
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert _finished_trials(tmp_path / "mlflow.db") >= 2, "the search never got going"
+        assert count_rows(tmp_path / "mlflow.db", "tags", "otarena.outcome") >= 2, "the search never got going"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)

@@ -8,24 +8,15 @@ are buffered by the driver and delivered when the server is back; the search say
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
-from processes import BIN, free_port, mlflow_server, stop
+from processes import BIN, free_port, count_rows, mlflow_server, stop
 
 EPOCHS = 6
-
-
-def _epochs_logged(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from metrics where key = 'val/pgd_acc'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_server_restart_mid_search_loses_no_metric(tmp_path):
@@ -45,7 +36,8 @@ def test_server_restart_mid_search_loses_no_metric(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while _epochs_logged(tmp_path / "mlflow.db") < 1 and time.time() < deadline and driver.poll() is None:
+        while (count_rows(tmp_path / "mlflow.db", "metrics", "val/pgd_acc") < 1 and time.time() < deadline
+               and driver.poll() is None):
             time.sleep(0.3)
         assert driver.poll() is None
         stop(server)
