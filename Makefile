@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean ui
 
+# torch's CUDA build and its libraries take about 6 GB in $(VENV); pip would fail midway without it.
+NEED_GB ?= 7
+
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+		[ "$$free_gb" -ge $(NEED_GB) ] || { echo "error: installing needs about $(NEED_GB) GB free here, only $$free_gb GB left (set NEED_GB to override)"; exit 1; }; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
