@@ -167,6 +167,22 @@ def pgd(
     Returns:
         adversarial inputs, (N, C, H, W) in [0, 1] and within eps of ``x``.
     """
+    return _pgd(model, x, y, eps=eps, norm=norm, steps=steps, step_size=step_size, random_init=random_init,
+                restarts=restarts, loss_fn=loss_fn, keep_best=keep_best, init=init, generator=generator)[0]
+
+
+def pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pgd` with ``keep_best`` on class labels ``y``, also returning which kept iterates are misclassified.
+
+    The verdict comes from the forward pass that scored each iterate, so an evaluation needs no
+    further pass over the adversarial inputs.
+    """
+    x_adv, score = _pgd(model, x, y, keep_best=True, **kwargs)
+    return x_adv, score >= _FOOLED - _LOSS_CLAMP
+
+
+def _pgd(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
+         loss_fn=ce_loss, keep_best=False, init=None, generator=None):
     if restarts > 1 and not keep_best:
         raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
@@ -190,11 +206,15 @@ def pgd(
                     best, best_score = _keep(best, best_score, x_adv.detach(), logits.detach(), losses.detach(), y)
                 x_adv = project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm)
             if not keep_best:
-                return x_adv.detach()
+                return x_adv.detach(), None
             with torch.no_grad():
                 logits = model(x_adv)
                 best, best_score = _keep(best, best_score, x_adv, logits, loss_fn(logits, y), y)
-    return best
+    return best, best_score
+
+
+_FOOLED = 1e6
+_LOSS_CLAMP = 1e5
 
 
 def _keep(best, best_score, x_adv, logits, losses, y):
@@ -204,7 +224,7 @@ def _keep(best, best_score, x_adv, logits, losses, y):
     else:
         fooled = torch.zeros_like(losses)
     # A misclassified iterate always beats a correctly classified one, whatever its loss.
-    score = fooled * 1e6 + losses.float().clamp(-1e5, 1e5)
+    score = fooled * _FOOLED + losses.float().clamp(-_LOSS_CLAMP, _LOSS_CLAMP)
     better = score > best_score
     mask = better.view(-1, *([1] * (x_adv.dim() - 1)))
     return torch.where(mask, x_adv, best), torch.where(better, score, best_score)

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode, pgd, project, targeted_margin_loss
+from methods.common.attacks import ThreatModel, eval_mode, pgd, pgd_best, project, targeted_margin_loss
 
 ATTACKS = ("clean", "pgd", "autoattack", "eps-sweep", "steps-check", "certified")
 DEFAULT_ATTACKS = ATTACKS[:-1]
@@ -57,21 +57,25 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
     counts as robust only if it survives all of them. With ``keep_best`` each run keeps its most
     adversarial iterate, else (as most published evaluations) its last one.
     """
+    keep_best = keep_best or restarts > 1
+    attack = dict(eps=threat.eps, norm=threat.norm, steps=steps, step_size=step_size, generator=generator)
+
+    def fooled(xb, yb, **kwargs):
+        if keep_best:  # the attack scored its kept iterate already
+            return pgd_best(model, xb, yb, **attack, **kwargs)[1]
+        return ~_correct(model, pgd(model, xb, yb, **attack, **kwargs), yb, len(yb))
+
     with eval_mode(model):
         correct = []
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            survived = _correct(model, xb, yb, batch_size)
-            x_adv = pgd(model, xb, yb, eps=threat.eps, norm=threat.norm, steps=steps, step_size=step_size,
-                        restarts=restarts, keep_best=keep_best or restarts > 1, generator=generator)
-            survived &= _correct(model, x_adv, yb, batch_size)
-            if targets:
-                with torch.no_grad():
-                    wrong = model(xb).scatter(1, yb[:, None], -float("inf"))
-                for target in wrong.argsort(1, descending=True)[:, :targets].T:
-                    x_adv = pgd(model, xb, yb, eps=threat.eps, norm=threat.norm, steps=steps, step_size=step_size,
-                                loss_fn=targeted_margin_loss(target), keep_best=keep_best, generator=generator)
-                    survived &= _correct(model, x_adv, yb, batch_size)
+            with torch.no_grad():
+                clean_logits = model(xb)
+            survived = clean_logits.argmax(1) == yb
+            survived &= ~fooled(xb, yb, restarts=restarts)
+            wrong = clean_logits.scatter(1, yb[:, None], -float("inf"))
+            for target in wrong.argsort(1, descending=True)[:, :targets].T:
+                survived &= ~fooled(xb, yb, loss_fn=targeted_margin_loss(target))
             correct.append(survived)
         return torch.cat(correct)
 

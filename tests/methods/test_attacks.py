@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import methods
-from methods.common.attacks import ThreatModel, eval_mode, fgsm, pgd
+from methods.common.attacks import ThreatModel, eval_mode, fgsm, pgd, pgd_best
 from methods.common.evaluate import accuracy, pgd_accuracy
 
 
@@ -180,6 +180,19 @@ def test_keep_best_examples_only_get_more_adversarial(erm_model, digits_test):
     for short, long in zip(fooled, fooled[1:]):
         assert not (short & ~long).any()
     assert fooled[-1].sum() > fooled[0].sum()
+
+
+@pytest.mark.parametrize("norm,eps,restarts", [("Linf", 0.1, 1), ("L2", 0.5, 3)])
+def test_pgd_best_verdict_matches_a_fresh_forward(erm_model, digits_test, norm, eps, restarts):
+    """The evaluation trusts pgd_best's verdict instead of classifying the returned inputs again."""
+    x, y = digits_test.x[:160], digits_test.y[:160]
+    with eval_mode(erm_model):
+        x_adv, fooled = pgd_best(erm_model, x, y, eps=eps, norm=norm, steps=5, restarts=restarts, generator=_gen())
+        with torch.no_grad():
+            assert torch.equal(fooled, erm_model(x_adv).argmax(1) != y)
+    assert torch.equal(x_adv, pgd(erm_model, x, y, eps=eps, norm=norm, steps=5, restarts=restarts, keep_best=True,
+                                  generator=_gen()))
+    assert 0 < fooled.sum() < len(y)
 
 
 # --------------------------------------------------------------------------------------------------
