@@ -4,9 +4,8 @@
 Both arms are otarena's own search, ``search.run.search_method``: PrunedAwareOptunaSearch (TPE,
 sampler seeded with ``seed``) behind a ConcurrencyLimiter, the real ``train_trial`` on digits with
 per-epoch checkpoints, ``reuse_actors=True``, and every trial written to MLflow by ``MlflowTrials``
-(a temporary sqlite store). The FIFO arm differs in one object only: for the duration of its
-call, the ``ASHAScheduler`` that ``search.run._new_search`` builds is replaced by Ray's
-``FIFOScheduler`` (``unittest.mock.patch``), so every trial trains ``max_epochs``. Both arms get
+(a temporary sqlite store). The arms differ in one setting only, ``budget.scheduler`` (``asha`` or
+``fifo``): Ray's ``FIFOScheduler`` prunes nothing, so every trial trains ``max_epochs``. Both arms get
 the same trial budget, the same seed (TPE sampler and the trials' torch seed) and the same data.
 The two arms of a seed run back to back, their order alternating between seeds, so that machine
 noise hits them alike; the trial-epoch ratio does not depend on machine speed at all.
@@ -14,8 +13,8 @@ noise hits them alike; the trial-epoch ratio does not depend on machine speed at
 With two concurrent trials, the order in which trials finish decides what TPE has seen when it
 suggests the next one, so two runs with the same seed need not suggest the same configurations
 (stack-notes 2.2); averaging over seeds is what makes the accuracy gap meaningful. The parent
-run's ``search.scheduler`` param reads ``asha`` in both arms (``_new_search`` writes it); the
-experiment name (``search-efficiency-fifo-s0``) tells the arms apart.
+run's ``search.scheduler`` param and the experiment name (``search-efficiency-fifo-s0``) tell the
+arms apart.
 
     python benchmarks/search_efficiency.py            # pgd_at, 12 trials x 9 epochs, 3 seeds
     python benchmarks/search_efficiency.py --quick    # CI smoke test: 1 seed, 3 trials x 2 epochs
@@ -23,7 +22,6 @@ experiment name (``search-efficiency-fifo-s0``) tells the arms apart.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -42,7 +40,6 @@ from benchmarks._report import save  # noqa: E402
 import optuna  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 
 import search.run  # noqa: E402
 from methods.common import data as data_lib  # noqa: E402
@@ -68,20 +65,10 @@ def build_config(args, seed: int, scheduler: str, tmp: str) -> config_lib.Search
         # demo.yaml's lr range; weight_decay keeps TRAIN_SPACE's (pgd_at's SEARCH_SPACE) range.
         "space": {METHOD: {"lr": {"low": 3.0e-4, "high": 1.0e-2, "default": 2.0e-3, "log": True}}},
         "budget": {"trials": args.trials, "max_epochs": args.max_epochs, "grace_epochs": args.grace,
-                   "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent},
+                   "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent, "scheduler": scheduler},
         "resources": {"cpu": 1, "gpu": 0},
         "tracking_uri": f"sqlite:///{tmp}/mlflow.db", "storage_path": os.path.join(tmp, "ray"), "seed": seed,
     })
-
-
-@contextlib.contextmanager
-def scheduler_of(kind: str):
-    """ASHA: search_method untouched. FIFO: its ASHAScheduler(...) call builds a FIFOScheduler."""
-    if kind == "asha":
-        yield
-        return
-    with mock.patch.object(search.run, "ASHAScheduler", lambda **_: FIFOScheduler()):
-        yield
 
 
 def run_arm(args, seed: int, scheduler: str, tmp: str, refs) -> dict:
@@ -89,7 +76,7 @@ def run_arm(args, seed: int, scheduler: str, tmp: str, refs) -> dict:
     tracker = Tracker(cfg.tracking_uri, cfg.name)
     quiet = mock.patch.object(search.run, "log", search.run.log if args.verbose else (lambda message: None))
     start = time.perf_counter()
-    with scheduler_of(scheduler), quiet:
+    with quiet:
         outcome = search.run.search_method(cfg, METHOD, tracker, *refs)
     wall = time.perf_counter() - start
     tracker.finish(outcome.parent_id)
@@ -101,6 +88,7 @@ def run_arm(args, seed: int, scheduler: str, tmp: str, refs) -> dict:
     # The numbers below must be what otarena logged: one MLflow run per trial, the same trial-epochs.
     assert logged["search/trial_epochs"] == sum(epochs) and len(trial_runs) == len(outcome.results), logged
     assert all(r.error is None for r in outcome.results), [str(r.error) for r in outcome.results if r.error]
+    assert tracker.client.get_run(outcome.parent_id).data.params["search.scheduler"] == scheduler
     return {"seed": seed, "scheduler": scheduler, "trials": len(outcome.results), "trial_epochs": sum(epochs),
             "completed": sum(e >= args.max_epochs for e in epochs), "best_val_pgd_acc": best["val/best_pgd_acc"],
             "best_val_clean_acc": best["val/best_clean_acc"], "best_epochs": int(best["training_iteration"]),

@@ -48,6 +48,8 @@ class Budget(_Strict):
     max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never pruned (ASHA max_t)")
     grace_epochs: int = Field(2, ge=1, description="epochs before ASHA may prune (grace_period)")
     reduction_factor: int = Field(3, ge=2)
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha prunes weak trials; fifo trains every trial "
+                                               "max_epochs (a baseline for what pruning costs)")
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; default: as resources allow")
     max_failures: int = Field(0, ge=0, description="retries of a trial that raised, from its last checkpoint")
 

@@ -23,7 +23,7 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -238,13 +238,13 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
 
 def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, space: dict, searched: list,
                 spec: TrialSpec, trainable) -> tuple[str, tune.Tuner]:
-    """A fresh search: its MLflow parent run and its Tuner (TPE + ASHA)."""
+    """A fresh search: its MLflow parent run and its Tuner (TPE + ASHA, or FIFO when budget.scheduler says so)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.name}-{method}-{stamp}"
     storage = _storage(cfg.storage_path)
     parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {RAY_PATH: _join(storage, name)}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
-        "search.algorithm": "optuna-tpe", "search.scheduler": "asha", "search.metric": METRIC,
+        "search.algorithm": "optuna-tpe", "search.scheduler": cfg.budget.scheduler, "search.metric": METRIC,
         "search.space": {k: space[k].describe() for k in searched}})
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
@@ -252,8 +252,9 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
                                        max_epochs=cfg.budget.max_epochs)
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
-                              grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
+    scheduler = FIFOScheduler() if cfg.budget.scheduler == "fifo" else ASHAScheduler(
+        time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
+        grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
     callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs)
     tuner = tune.Tuner(
         trainable,

@@ -58,6 +58,8 @@ BAD_CONFIGS = {
     "fractional gpus above one": (_with(resources={"gpu": 1.5}), "whole number"),
     "unknown top-level key": (_with(budgte={"trials": 3}), "unknown key"),
     "grace above budget": (_with(budget={"trials": 2, "max_epochs": 2, "grace_epochs": 5}), "grace_epochs"),
+    "unknown scheduler": (_with(budget={"trials": 2, "max_epochs": 2, "grace_epochs": 1, "scheduler": "hyperband"}),
+                          "budget.scheduler"),
     "malformed yaml": ("name: [unclosed\nmethods: {", "malformed YAML"),
     "negative wasserstein radius": (
         _with(methods=["armor_trades"], space={"armor_trades": {"armor_radius": {"low": -0.1, "high": 0.5}}}),
