@@ -64,17 +64,13 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def targeted_margin_loss(target: torch.Tensor) -> LossFn:
+def targeted_margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``z_target - z_y``: the margin toward one wrong class (multi-targeted PGD, Gowal et al. 2019).
 
     It is a difference of logits, so it neither saturates like cross-entropy on a confident
-    model nor changes with a rescaling of the logits; its labels are still the true ones.
+    model nor changes with a rescaling of the logits.
     """
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return logits.gather(1, target[:, None])[:, 0] - logits.gather(1, y[:, None])[:, 0]
-
-    return loss
+    return logits.gather(1, target[:, None])[:, 0] - logits.gather(1, y[:, None])[:, 0]
 
 
 @contextlib.contextmanager
@@ -144,6 +140,7 @@ def pgd(
     random_init: bool = True,
     restarts: int = 1,
     loss_fn: LossFn = ce_loss,
+    target: Optional[torch.Tensor] = None,
     keep_best: bool = False,
     init: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -158,17 +155,33 @@ def pgd(
         random_init: start from a random point of the ball (else from ``x``, or ``init``).
         restarts: independent starts (the first from ``init`` when given, the others random);
             they need ``keep_best``, which keeps the most adversarial.
+        target: classes (N,) to attack toward: the ascent is then on :func:`targeted_margin`
+            instead of ``loss_fn``, still with the true labels ``y``.
         keep_best: keep, per example, the most adversarial iterate seen (a misclassified one
             first, then the highest loss). This makes a longer or restarted attack never weaker
-            than a shorter one with the same seed, which evaluation relies on. Training leaves it
-            off and takes the last iterate, as in Madry et al.
+            than a shorter one with the same seed, which evaluation relies on. With class labels
+            the attack also stops on a point once it is misclassified, as AutoAttack's attacks do:
+            its verdict cannot change, and the points still standing run alone, which is where
+            evaluation saves most of its time. Training leaves it off and takes the last iterate
+            of every point, as in Madry et al.
         init: a starting point (e.g. TRADES' x + 0.001 N(0, I)).
 
     Returns:
         adversarial inputs, (N, C, H, W) in [0, 1] and within eps of ``x``.
     """
-    return _pgd(model, x, y, eps=eps, norm=norm, steps=steps, step_size=step_size, random_init=random_init,
-                restarts=restarts, loss_fn=loss_fn, keep_best=keep_best, init=init, generator=generator)[0]
+    kwargs = dict(eps=eps, norm=norm, steps=steps, step_size=step_size, random_init=random_init, restarts=restarts,
+                  loss_fn=loss_fn, target=target, init=init, generator=generator)
+    if keep_best:
+        return _pgd_keep_best(model, x, y, **kwargs)[0]
+    if restarts > 1:
+        raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
+    x = x.detach()
+    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    with frozen(model):
+        x_adv = _start(x, eps, norm, init, random_init, generator)
+        for _ in range(steps):
+            x_adv = _step(model, x_adv, x, y, target, loss_fn, alpha, eps, norm)[0]
+    return x_adv
 
 
 def pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,52 +190,75 @@ def pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tu
     The verdict comes from the forward pass that scored each iterate, so an evaluation needs no
     further pass over the adversarial inputs.
     """
-    x_adv, score = _pgd(model, x, y, keep_best=True, **kwargs)
-    return x_adv, score >= _FOOLED - _LOSS_CLAMP
+    x_adv, score = _pgd_keep_best(model, x, y, **kwargs)
+    return x_adv, score >= _FOOLED_FLOOR
 
 
-def _pgd(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
-         loss_fn=ce_loss, keep_best=False, init=None, generator=None):
-    if restarts > 1 and not keep_best:
-        raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
+def _start(x, eps, norm, init, random_init, generator):
+    if init is not None:
+        return project(init.detach(), x, eps, norm)
+    return random_start(x, eps, norm, generator) if random_init else x.clone()
+
+
+def _step(model, x_adv, x, y, target, loss_fn, alpha, eps, norm):
+    """One ascent step from ``x_adv``; also returns the logits and losses of ``x_adv`` itself."""
+    x_adv.requires_grad_(True)
+    logits = model(x_adv)
+    losses = loss_fn(logits, y) if target is None else targeted_margin(logits, y, target)
+    grad, = torch.autograd.grad(losses.sum(), x_adv)
+    return project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm), logits.detach(), losses.detach()
+
+
+def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
+                   loss_fn=ce_loss, target=None, init=None, generator=None):
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     x = x.detach()
     best = x.clone()
     best_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    stops = _is_labels(y)
     with frozen(model):
         for restart in range(max(restarts, 1)):
-            if init is not None and restart == 0:
-                x_adv = project(init.detach(), x, eps, norm)
-            elif random_init or restart > 0:
-                x_adv = random_start(x, eps, norm, generator)
-            else:
-                x_adv = x.clone()
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                losses = loss_fn(logits, y)
-                grad, = torch.autograd.grad(losses.sum(), x_adv)
-                if keep_best:
-                    best, best_score = _keep(best, best_score, x_adv.detach(), logits.detach(), losses.detach(), y)
-                x_adv = project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm)
-            if not keep_best:
-                return x_adv.detach(), None
-            with torch.no_grad():
-                logits = model(x_adv)
-                best, best_score = _keep(best, best_score, x_adv, logits, loss_fn(logits, y), y)
+            # Drawn for the whole batch, so that no point's start depends on which others are left.
+            start = _start(x, eps, norm, init if restart == 0 else None, random_init or restart > 0, generator)
+            rows = (best_score < _FOOLED_FLOOR).nonzero()[:, 0] if stops else torch.arange(len(x), device=x.device)
+            if not len(rows):
+                break
+            x_adv, xs, ys = start[rows], x[rows], y[rows]
+            ts = None if target is None else target[rows]
+            for step in range(steps + 1):
+                if step < steps:
+                    next_adv, logits, losses = _step(model, x_adv, xs, ys, ts, loss_fn, alpha, eps, norm)
+                else:
+                    with torch.no_grad():
+                        logits = model(x_adv)
+                        losses = loss_fn(logits, ys) if ts is None else targeted_margin(logits, ys, ts)
+                best[rows], best_score[rows] = _keep(best[rows], best_score[rows], x_adv.detach(), logits, losses, ys)
+                if step == steps:
+                    break
+                x_adv = next_adv
+                if stops:
+                    standing = best_score[rows] < _FOOLED_FLOOR
+                    if not standing.all():
+                        rows, x_adv, xs, ys = rows[standing], x_adv[standing], xs[standing], ys[standing]
+                        ts = None if ts is None else ts[standing]
+                        if not len(rows):
+                            break
     return best, best_score
+
+
+def _is_labels(y: torch.Tensor) -> bool:
+    return y.dtype in (torch.int64, torch.int32) and y.dim() == 1
 
 
 _FOOLED = 1e6
 _LOSS_CLAMP = 1e5
+_FOOLED_FLOOR = _FOOLED - _LOSS_CLAMP
+"""Every misclassified iterate scores at least this, every other one less."""
 
 
 def _keep(best, best_score, x_adv, logits, losses, y):
     """Per-example running argmax of (misclassified, loss)."""
-    if y.dtype in (torch.int64, torch.int32) and y.dim() == 1:
-        fooled = (logits.argmax(1) != y).float()
-    else:
-        fooled = torch.zeros_like(losses)
+    fooled = (logits.argmax(1) != y).float() if _is_labels(y) else torch.zeros_like(losses)
     # A misclassified iterate always beats a correctly classified one, whatever its loss.
     score = fooled * _FOOLED + losses.float().clamp(-_LOSS_CLAMP, _LOSS_CLAMP)
     better = score > best_score

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode, pgd, pgd_best, project, targeted_margin_loss
+from methods.common.attacks import ThreatModel, eval_mode, pgd, pgd_best, project
 
 ATTACKS = ("clean", "pgd", "autoattack", "eps-sweep", "steps-check", "certified")
 DEFAULT_ATTACKS = ATTACKS[:-1]
@@ -54,16 +54,17 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
 
     The attack runs ``restarts`` random starts on cross-entropy, then one start per target on the
     margin toward each of the ``targets`` most likely wrong classes (multi-targeted PGD); a point
-    counts as robust only if it survives all of them. With ``keep_best`` each run keeps its most
-    adversarial iterate, else (as most published evaluations) its last one.
+    counts as robust only if it survives all of them. Like AutoAttack, each run attacks only the
+    points that are still standing. With ``keep_best`` each run keeps its most adversarial iterate,
+    else (as most published evaluations) its last one.
     """
     keep_best = keep_best or restarts > 1
     attack = dict(eps=threat.eps, norm=threat.norm, steps=steps, step_size=step_size, generator=generator)
 
-    def fooled(xb, yb, **kwargs):
+    def fooled(xs, ys, **kwargs):
         if keep_best:  # the attack scored its kept iterate already
-            return pgd_best(model, xb, yb, **attack, **kwargs)[1]
-        return ~_correct(model, pgd(model, xb, yb, **attack, **kwargs), yb, len(yb))
+            return pgd_best(model, xs, ys, **attack, **kwargs)[1]
+        return ~_correct(model, pgd(model, xs, ys, **attack, **kwargs), ys, len(ys))
 
     with eval_mode(model):
         correct = []
@@ -72,10 +73,14 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
             with torch.no_grad():
                 clean_logits = model(xb)
             survived = clean_logits.argmax(1) == yb
-            survived &= ~fooled(xb, yb, restarts=restarts)
             wrong = clean_logits.scatter(1, yb[:, None], -float("inf"))
-            for target in wrong.argsort(1, descending=True)[:, :targets].T:
-                survived &= ~fooled(xb, yb, loss_fn=targeted_margin_loss(target))
+            runs = [dict(restarts=restarts)] + [dict(target=t) for t in wrong.argsort(1, descending=True)[:, :targets].T]
+            for run in runs:
+                rows = survived.nonzero()[:, 0]
+                if not len(rows):
+                    break
+                run = {k: v[rows] if k == "target" else v for k, v in run.items()}
+                survived[rows] = ~fooled(xb[rows], yb[rows], **run)
             correct.append(survived)
         return torch.cat(correct)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import methods
-from methods.common.attacks import ThreatModel, eval_mode, fgsm, pgd, pgd_best
+from methods.common.attacks import ThreatModel, ce_loss, eval_mode, fgsm, pgd, pgd_best, project, random_start
 from methods.common.evaluate import accuracy, pgd_accuracy
 
 
@@ -193,6 +193,28 @@ def test_pgd_best_verdict_matches_a_fresh_forward(erm_model, digits_test, norm, 
     assert torch.equal(x_adv, pgd(erm_model, x, y, eps=eps, norm=norm, steps=5, restarts=restarts, keep_best=True,
                                   generator=_gen()))
     assert 0 < fooled.sum() < len(y)
+
+
+@pytest.mark.parametrize("norm,eps,step_size", [("Linf", 0.1, 0.02), ("L2", 0.5, 0.1)])
+def test_stopping_on_fooled_points_changes_no_verdict(erm_model, digits_test, norm, eps, step_size):
+    """keep_best stops attacking a point once it is misclassified; every point still gets the verdict
+    of a PGD that attacks all points for all steps from the same starts."""
+    x, y = digits_test.x[:160], digits_test.y[:160]
+    steps = 10
+    with eval_mode(erm_model):
+        _, fooled = pgd_best(erm_model, x, y, eps=eps, norm=norm, steps=steps, step_size=step_size, generator=_gen())
+        x_adv = random_start(x, eps, norm, _gen())
+        ever_fooled = torch.zeros_like(y, dtype=torch.bool)
+        for step in range(steps + 1):
+            x_adv.requires_grad_(True)
+            logits = erm_model(x_adv)
+            ever_fooled |= logits.argmax(1) != y
+            grad, = torch.autograd.grad(ce_loss(logits, y).sum(), x_adv)
+            direction = grad.sign() if norm == "Linf" else grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            x_adv = project(x_adv.detach() + step_size * direction, x, eps, norm)
+    assert 0.2 < ever_fooled.float().mean() < 0.95  # points stop at different steps, so the check has teeth
+    # The same arithmetic on smaller batches may round differently; at most one verdict in 160 may follow.
+    assert (fooled != ever_fooled).sum() <= 1
 
 
 # --------------------------------------------------------------------------------------------------
