@@ -153,19 +153,24 @@ class Thresholds:
     """When an evaluation raises a flag (accuracies as fractions)."""
 
     aa_gap: float = 0.05
-    """``masking:aa-gap``: AutoAttack at least this far below PGD."""
+    """``masking:aa-gap``: AutoAttack more than this far below PGD."""
     plateau: float = 0.10
-    """``masking:eps-plateau``: PGD accuracy at the chance radius this far above the chance bound..."""
+    """``masking:eps-plateau``: PGD accuracy at the chance radius more than this above the chance bound..."""
     rise: float = 0.02
-    """...or PGD accuracy rising by this much from one radius to the next."""
+    """...or PGD accuracy rising by more than this from one radius to the next."""
     steps: float = 0.015
-    """``masking:steps``: a longer or restarted PGD this much *more* accurate than a shorter one."""
+    """``masking:steps``: a longer or restarted PGD more than this *more* accurate than a shorter one."""
     blackbox: float = 0.01
     """``masking:blackbox``: Square fools at least this share of the points the white-box attacks could not."""
     small_sample: int = 1000
     """``small-sample``: fewer test points than this."""
     lipschitz: float = 0.02
     """``unsound-certificate``: a measured Lipschitz bound above 1 + this."""
+
+
+def _beyond(delta: float, threshold: float) -> bool:
+    """``delta > threshold`` for differences of accuracies: 0.66 - 0.61 is not more than 0.05."""
+    return delta > threshold + 1e-9
 
 
 def _points(delta: float) -> str:
@@ -182,13 +187,13 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     """
     t, flags = thresholds, {}
     pgd_name = f"PGD-{result.get('settings', {}).get('pgd_steps', 'k')}"
-    if "aa_acc" in result and "pgd_acc" in result and result["pgd_acc"] - result["aa_acc"] > t.aa_gap:
+    if "aa_acc" in result and "pgd_acc" in result and _beyond(result["pgd_acc"] - result["aa_acc"], t.aa_gap):
         flags["masking:aa-gap"] = f"AutoAttack {_points(result['pgd_acc'] - result['aa_acc'])} below {pgd_name}"
     sweep = result.get("eps_sweep")
     if sweep:
         eps, acc, bound = sweep["eps"], sweep["pgd_acc"], sweep["chance_bound"]
-        rises = [(i, acc[i + 1] - acc[i]) for i in range(len(acc) - 1) if acc[i + 1] - acc[i] > t.rise]
-        if acc[-1] > bound + t.plateau:
+        rises = [(i, acc[i + 1] - acc[i]) for i in range(len(acc) - 1) if _beyond(acc[i + 1] - acc[i], t.rise)]
+        if _beyond(acc[-1] - bound, t.plateau):
             flags["masking:eps-plateau"] = (f"PGD accuracy {acc[-1]:.1%} at eps={eps[-1]:g}, where no classifier "
                                             f"beats {bound:.1%}")
         elif rises:
@@ -199,7 +204,7 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     if ladder:
         runs = list(ladder.items())
         for (short, short_acc), (long, long_acc) in zip(runs, runs[1:]):
-            if long_acc - short_acc > t.steps:
+            if _beyond(long_acc - short_acc, t.steps):
                 flags["masking:steps"] = f"{long} is {_points(long_acc - short_acc)} more accurate than {short}"
                 break
     if result.get("aa_blackbox_only", 0.0) >= t.blackbox and result.get("aa_blackbox_only", 0.0) > 0:

@@ -145,6 +145,9 @@ def test_flags_follow_their_thresholds():
     assert "rises" in flags["masking:eps-plateau"]
     assert flags_for(result, Thresholds(aa_gap=0.1, steps=0.1, plateau=0.5, rise=0.1, blackbox=0.05)) == {}
     assert "small-sample" in flags_for({"n_ex": 999})
+    # Accuracies are counts over n_ex: a gap of exactly the threshold is not more than it, whatever the rounding.
+    assert flags_for({"n_ex": 5000, "pgd_acc": 132 / 200, "aa_acc": 122 / 200}) == {}
+    assert "masking:aa-gap" in flags_for({"n_ex": 5000, "pgd_acc": 133 / 200, "aa_acc": 122 / 200})
     plateau = flags_for({"eps_sweep": {"eps": [0, 0.5], "pgd_acc": [0.9, 0.4], "chance_bound": 0.1}})
     assert plateau["masking:eps-plateau"] == "PGD accuracy 40.0% at eps=0.5, where no classifier beats 10.0%"
 
