@@ -204,9 +204,13 @@ def _step(model, x_adv, x, y, target, loss_fn, alpha, eps, norm):
     """One ascent step from ``x_adv``; also returns the logits and losses of ``x_adv`` itself."""
     x_adv.requires_grad_(True)
     logits = model(x_adv)
-    losses = loss_fn(logits, y) if target is None else targeted_margin(logits, y, target)
+    losses = _loss(logits, y, target, loss_fn)
     grad, = torch.autograd.grad(losses.sum(), x_adv)
     return project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm), logits.detach(), losses.detach()
+
+
+def _loss(logits, y, target, loss_fn):
+    return loss_fn(logits, y) if target is None else targeted_margin(logits, y, target)
 
 
 def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
@@ -231,7 +235,7 @@ def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, r
                 else:
                     with torch.no_grad():
                         logits = model(x_adv)
-                        losses = loss_fn(logits, ys) if ts is None else targeted_margin(logits, ys, ts)
+                        losses = _loss(logits, ys, ts, loss_fn)
                 best[rows], best_score[rows] = _keep(best[rows], best_score[rows], x_adv.detach(), logits, losses, ys)
                 if step == steps:
                     break

@@ -74,12 +74,12 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
                 clean_logits = model(xb)
             survived = clean_logits.argmax(1) == yb
             wrong = clean_logits.scatter(1, yb[:, None], -float("inf"))
-            runs = [dict(restarts=restarts)] + [dict(target=t) for t in wrong.argsort(1, descending=True)[:, :targets].T]
-            for run in runs:
+            # First the cross-entropy starts (target None), then one margin start per likeliest wrong class.
+            for target in [None, *wrong.argsort(1, descending=True)[:, :targets].T]:
                 rows = survived.nonzero()[:, 0]
                 if not len(rows):
                     break
-                run = {k: v[rows] if k == "target" else v for k, v in run.items()}
+                run = dict(restarts=restarts) if target is None else dict(target=target[rows])
                 survived[rows] = ~fooled(xb[rows], yb[rows], **run)
             correct.append(survived)
         return torch.cat(correct)
