@@ -75,10 +75,7 @@ def _train_config(args):
     from search import config as config_lib
 
     if args.config:
-        with open(args.config) as f:
-            raw = yaml.safe_load(f)
-        if not isinstance(raw, dict):
-            raise config_lib.ConfigError(f"{args.config}: a config must be a YAML mapping")
+        raw = config_lib.read_mapping(args.config)
         method = args.method or (raw.get("methods") or [None])[0]
         raw["methods"] = [method]
         # Keep the config's defaults for this method (and the common ones), drop other methods'.

@@ -257,8 +257,8 @@ def parse(raw: Any, *, local: bool = True) -> SearchConfig:
     return validate(cfg, local=local)
 
 
-def load(path: str, *, overrides: Optional[dict[str, Any]] = None, local: bool = True) -> SearchConfig:
-    """Read and validate a YAML config; ``overrides`` are dotted keys (``budget.trials``) to values."""
+def read_mapping(path: str) -> dict:
+    """A YAML config file's top-level mapping; ``ConfigError`` for a missing, malformed or empty file."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     try:
@@ -268,6 +268,16 @@ def load(path: str, *, overrides: Optional[dict[str, Any]] = None, local: bool =
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: malformed YAML{where}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping")
+    return raw
+
+
+def load(path: str, *, overrides: Optional[dict[str, Any]] = None, local: bool = True) -> SearchConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``budget.trials``) to values."""
+    raw = read_mapping(path)
     for dotted, value in (overrides or {}).items():
         apply_override(raw, dotted, value)
     return parse(raw, local=local)

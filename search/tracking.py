@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -17,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 ROLE, METHOD, TRIAL_ID, OUTCOME = "otarena.role", "otarena.method", "otarena.trial_id", "otarena.outcome"
@@ -76,13 +78,40 @@ OUTAGE_TIMEOUT_S = 900.0
 """How long a search waits for a tracking server that went away before it gives up on a write."""
 
 
+_OUTAGE_STATUS = frozenset({502, 503, 504})
+"""HTTP statuses of a server (or the proxy before it) that is down or restarting."""
+_NETWORK_MARKERS = ("Connection refused", "ConnectionError", "Failed to establish", "Read timed out",
+                    "RemoteDisconnected", "Connection aborted", "Connection reset")
+# MLflow words a status as "failed with error code 503 != 200", and urllib3, once MLflow's own
+# retries are spent, as "too many 503 error responses". Only these phrasings carry a status: a bare
+# number in an error's text may be part of a run id or a path.
+_STATUS_IN_TEXT = re.compile(r"(?:failed with error code|too many) (\d{3})\b")
+
+
+def _http_status(err: BaseException) -> Optional[int]:
+    """The HTTP status behind an MLflow or requests error, where it carries one."""
+    response = getattr(err, "response", None)
+    if isinstance(getattr(response, "status_code", None), int):
+        return response.status_code
+    found = _STATUS_IN_TEXT.search(str(err))
+    if found:
+        return int(found.group(1))
+    if isinstance(err, MlflowException) and err.error_code != "INTERNAL_ERROR":
+        # A JSON error body from the server names its error code; 500 is MLflow's default for errors
+        # that came with no status at all, so it is not read as one.
+        return err.get_http_status_code()
+    return None
+
+
 def _is_outage(err: BaseException) -> bool:
     """A server that cannot be reached (down, restarting, network), not a request it rejected."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    status = _http_status(err)
+    if status is not None:
+        return status in _OUTAGE_STATUS
     text = f"{type(err).__name__}: {err}"
-    return isinstance(err, (ConnectionError, TimeoutError)) or any(
-        marker in text for marker in ("Max retries exceeded", "Connection refused", "ConnectionError",
-                                      "Failed to establish", "Read timed out", "RemoteDisconnected",
-                                      "503", "502", "504"))
+    return "Max retries exceeded" in text or any(marker in text for marker in _NETWORK_MARKERS)
 
 
 class ResilientClient:

@@ -61,6 +61,8 @@ BAD_CONFIGS = {
     "unknown scheduler": (_with(budget={"trials": 2, "max_epochs": 2, "grace_epochs": 1, "scheduler": "hyperband"}),
                           "budget.scheduler"),
     "malformed yaml": ("name: [unclosed\nmethods: {", "malformed YAML"),
+    "empty file": ("", "the config file is empty"),
+    "a list, not a mapping": ("- pgd_at\n- trades\n", "a config must be a YAML mapping"),
     "negative wasserstein radius": (
         _with(methods=["armor_trades"], space={"armor_trades": {"armor_radius": {"low": -0.1, "high": 0.5}}}),
         "leaves the valid domain"),
@@ -112,6 +114,14 @@ def test_unreachable_tracking_folder(tmp_path, capsys):
     path = _write(tmp_path, GOOD)
     assert main(["search", path, "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_rejects_an_empty_config_with_one_line(tmp_path, capsys):
+    path = _write(tmp_path, "")
+    assert main(["train", path, "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the config file is empty" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_train_rejects_unknown_method(capsys):
