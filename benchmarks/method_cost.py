@@ -3,7 +3,7 @@
 
 The methods are timed side by side, interleaved round by round, so that machine noise hits them
 alike; the ratio of medians is what to read, not the seconds. Beside each ratio stands the
-theoretical number of forward+backward passes per step from methods-spec section 7, when the
+theoretical number of forward+backward passes per step (``Method.passes()``), when the
 method declares it.
 
     python benchmarks/method_cost.py                 # digits, small_cnn, 5 rounds

@@ -12,7 +12,7 @@ noise hits them alike; the trial-epoch ratio does not depend on machine speed at
 
 With two concurrent trials, the order in which trials finish decides what TPE has seen when it
 suggests the next one, so two runs with the same seed need not suggest the same configurations
-(stack-notes 2.2); averaging over seeds is what makes the accuracy gap meaningful. The parent
+(Ray Tune reports this for any searcher with concurrency above one); averaging over seeds is what makes the accuracy gap meaningful. The parent
 run's ``search.scheduler`` param and the experiment name (``search-efficiency-fifo-s0``) tell the
 arms apart.
 

@@ -8,9 +8,10 @@ the results, flags and checkpoint land in the trial's own run. With ``final_eval
 selected configuration is also retrained with further seeds, each a ``seed`` run beside the
 trials, and the trial's run gets the mean and standard deviation over all of them.
 
-Two traps of the stack are handled here (stack-notes 2.2, 2.3): ASHA-stopped trials are told to
-Optuna as PRUNED, not COMPLETE with a partial-budget score; and a trial maps to exactly one MLflow
-run through the ``otarena.trial_id`` tag, also after ``Tuner.restore``.
+Two traps of Ray Tune 2.x are handled here. Its OptunaSearch tells Optuna that an ASHA-stopped trial
+is COMPLETE, with a partial-budget score; here it is PRUNED. Its MLflowLoggerCallback keeps the
+trial-to-run map in memory and opens a second run after ``Tuner.restore``; here a trial maps to
+exactly one MLflow run through the ``otarena.trial_id`` tag.
 """
 from __future__ import annotations
 

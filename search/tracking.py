@@ -4,7 +4,7 @@
 All writes happen in the driver process through one ``MlflowClient``, so a sqlite store has a
 single writer. A trial's run is found by its ``otarena.trial_id`` tag, never by an in-memory map
 alone: after ``Tuner.restore`` a resumed trial reopens its run instead of creating a duplicate
-(Ray's MLflowLoggerCallback creates a new one; stack-notes 2.3).
+(Ray's MLflowLoggerCallback keeps the trial-to-run map in memory and creates a new one).
 """
 from __future__ import annotations
 

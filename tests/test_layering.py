@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Layering (house-style 9.1): methods/ is pure torch, leaderboard/ never needs torch.
+"""Layering (docs/architecture.md): methods/ is pure torch, leaderboard/ never needs torch.
 
 Checked twice: dynamically, by importing every module in a fresh interpreter (as Ray's
 test_soft_imports and POT's guarded backends do), and statically, by reading every import

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Layering: the leaderboard imports and runs with torch blocked (design.md section 1)."""
+"""Layering: the leaderboard imports and runs with torch blocked (docs/architecture.md)."""
 
 from __future__ import annotations
 

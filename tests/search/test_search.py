@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A real Ray Tune search on digits, logged to a real sqlite MLflow store (design.md section 4)."""
+"""A real Ray Tune search on digits, logged to a real sqlite MLflow store (docs/mlflow-schema.md)."""
 import json
 
 import optuna

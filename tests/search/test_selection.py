@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Model selection never sees the test split (methods-spec section 10.7).
+"""Model selection never sees the test split (docs/architecture.md, Selection rules).
 
 The validation split is carved from the training files and never overlaps the test split
 (tests/methods/test_data.py checks every dataset's splits image by image). Here: training loads no
