@@ -65,8 +65,8 @@ METHODS = {  # searched hyperparameters: name -> (low, high, log scale or int); 
     "trades": ({"trades_beta": (1.0, 12.0, "log"), "lr": (0.005, 0.2, "log")}, 0.48),
     "mart": ({"mart_beta": (1.0, 10.0, "lin"), "lr": (0.005, 0.2, "log")}, 0.47),
     "langevin": ({"langevin_eta": (0.003, 0.3, "log"), "langevin_sigma": (0.0, 0.3, "lin"),
-                  "langevin_K": (1, 4, "int"), "langevin_T": (1, 5, "int")}, 0.44),
-    "ot_mdr": ({"wasserstein_radius": (0.01, 0.3, "log"), "n_particles": (1, 4, "int"),
+                  "langevin_k": (1, 4, "int"), "langevin_t": (1, 5, "int")}, 0.44),
+    "ot_mdr": ({"ot_mdr_radius": (0.01, 0.3, "log"), "ot_mdr_particles": (1, 4, "int"),
                 "lr": (0.005, 0.2, "log")}, 0.49),
 }
 EPOCH_KEYS = ("train/loss", "train/adv_acc", "val/clean_acc", "val/pgd_acc", "time/epoch_s")

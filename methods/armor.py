@@ -104,9 +104,9 @@ class Config:
     """kappa: temperature floor of the KL dual, T = lambda + kappa (``k_`` in the code)."""
     armor_cost: str = "hard"
     """OT cost c: ``hard`` eps-ball (the base attack) or ``udr`` soft ball (L-inf only)."""
-    ot_cost_weight: float = 0.1
+    armor_ot_cost_weight: float = 0.1
     """s: scale of the UDR cost, c = s / tau * 0.5 ||delta - clip(delta, -eps, eps)||^2, tau = attack step."""
-    natural_weight: float = 0.0
+    armor_natural_weight: float = 0.0
     """t: weight of the clean cross-entropy, loss = t CE(f(x), y) + (1 - t) J."""
 
     def __post_init__(self):
@@ -117,16 +117,16 @@ class Config:
             raise ValueError(f"armor_alpha must be > 1 (alpha -> 1 is KL: armor_divergence='kl'), "
                              f"got {self.armor_alpha}")
         if not (self.armor_radius > 0 and self.armor_lambda_init > LAMBDA_MIN and self.armor_dual_lr >= 0
-                and self.armor_kappa >= 0 and self.ot_cost_weight >= 0):
+                and self.armor_kappa >= 0 and self.armor_ot_cost_weight >= 0):
             raise ValueError("need armor_radius > 0, armor_lambda_init > 1e-6 and armor_dual_lr, armor_kappa, "
-                             "ot_cost_weight >= 0")
-        if not 0 <= self.natural_weight <= 1:
-            raise ValueError(f"natural_weight must be in [0, 1], got {self.natural_weight}")
+                             "armor_ot_cost_weight >= 0")
+        if not 0 <= self.armor_natural_weight <= 1:
+            raise ValueError(f"armor_natural_weight must be in [0, 1], got {self.armor_natural_weight}")
 
 
 @dataclass(frozen=True)
 class TradesConfig(Config):
-    natural_weight: float = 0.5
+    armor_natural_weight: float = 0.5
     """t: weight of the clean cross-entropy (the code's 0.5 for ARMOR-TRADES)."""
     trades_beta: float = 6.0
     """beta of the base TRADES loss CE + beta KL (the code uses 19)."""
@@ -149,7 +149,7 @@ def _search_space(cfg: Config, **base) -> dict:
         "armor_lambda_init": Choice((0.5, 1.0, 2.0), cfg.armor_lambda_init),
         "armor_nu_init": Float(-1.0, 1.0, cfg.armor_nu_init, valid=(-100.0, 100.0)),
         "armor_dual_lr": Float(1e-6, 1e-2, cfg.armor_dual_lr, log=True, valid=(0.0, 1.0)),
-        "natural_weight": Choice((0.0, 0.5, 0.9, 0.97), cfg.natural_weight),
+        "armor_natural_weight": Choice((0.0, 0.5, 0.9, 0.97), cfg.armor_natural_weight),
         "lr": TRAIN_SPACE["lr"],
         **base,
     }
@@ -159,9 +159,9 @@ OPTIONAL_SPACE = {
     "armor_divergence": Choice(DIVERGENCES),
     "armor_kappa": Float(0.05, 0.5, 0.1, valid=(0.0, 10.0)),
     "armor_cost": Choice(COSTS),
-    "ot_cost_weight": Float(1e-3, 0.5, 0.1, log=True, valid=(0.0, 100.0)),
+    "armor_ot_cost_weight": Float(1e-3, 0.5, 0.1, log=True, valid=(0.0, 100.0)),
 }
-"""Searched only when a config asks: kappa acts under KL only, ot_cost_weight under udr only."""
+"""Searched only when a config asks: kappa acts under KL only, armor_ot_cost_weight under udr only."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +370,8 @@ class Armor(Method):
     def _needs_clean(self) -> bool:
         """f(x) is needed by the base loss, the natural term, or (KL with udr) the stay option of z_i."""
         cfg = self.cfg
-        return self.uses_clean or cfg.natural_weight > 0 or (cfg.armor_divergence, cfg.armor_cost) == ("kl", "udr")
+        return (self.uses_clean or cfg.armor_natural_weight > 0
+                or (cfg.armor_divergence, cfg.armor_cost) == ("kl", "udr"))
 
     def _attack_objective(self, x, y):
         """``(target, loss_fn, init)`` of the base method's attack; ``init`` None: uniform start."""
@@ -385,15 +386,15 @@ class Armor(Method):
         t = self.threat
         target, loss_fn, init = self._attack_objective(x, y)
         if self.cfg.armor_cost == "hard":
-            return pgd(self.model, x, target, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha,
+            return pgd(self.model, x, target, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.step_size,
                        init=init, loss_fn=loss_fn)
         if self.cfg.armor_divergence == "alpha":
             lam = self.dual.lam.detach()
         else:
             lam = self.kl_lambda + self.cfg.armor_kappa
-        tau = t.alpha   # the code's choice: the cost is scaled by the attack step
-        return udr_attack(self.model, x, target, eps=t.eps, steps=t.steps, step_size=t.alpha,
-                          pull=t.alpha * lam / tau, loss_fn=loss_fn, init=init)
+        tau = t.step_size   # the code's choice: the cost is scaled by the attack step
+        return udr_attack(self.model, x, target, eps=t.eps, steps=t.steps, step_size=t.step_size,
+                          pull=t.step_size * lam / tau, loss_fn=loss_fn, init=init)
 
     def loss(self, x, y, x_adv):
         """t CE(f(x), y) + (1 - t) J at the current lambda, nu (alpha-div) or at this batch's lambda* (KL)."""
@@ -429,7 +430,7 @@ class Armor(Method):
         metrics = {"adv_acc": (logits_adv.argmax(1) == y).float().mean()}
         costs = torch.zeros_like(losses.detach())
         if cfg.armor_cost == "udr":
-            costs = udr_cost(x_adv, x, self.threat.eps, cfg.ot_cost_weight / self.threat.alpha)
+            costs = udr_cost(x_adv, x, self.threat.eps, cfg.armor_ot_cost_weight / self.threat.step_size)
             metrics["cost"] = costs.mean()
         if cfg.armor_divergence == "alpha":
             lam, nu = self.dual.lam, self.dual.nu
@@ -443,8 +444,8 @@ class Armor(Method):
         if logits is not None:
             natural = F.cross_entropy(logits, y)
             metrics["natural"] = natural.detach()
-            if cfg.natural_weight > 0:   # the "adv + nat" variant (the code's _worig scripts, t = 0.5)
-                loss = cfg.natural_weight * natural + (1 - cfg.natural_weight) * J
+            if cfg.armor_natural_weight > 0:   # the "adv + nat" variant (the code's _worig scripts, t = 0.5)
+                loss = cfg.armor_natural_weight * natural + (1 - cfg.armor_natural_weight) * J
         entropy, zero_frac = weight_stats(w)
         metrics.update({"J": J.detach(), "base": losses.detach().mean(), "lambda": lam.detach(),
                         "weights_entropy": entropy, "weights_zero_frac": zero_frac})

@@ -211,7 +211,7 @@ class Got(Method):
             with torch.no_grad():
                 p_clean = F.softmax(self.model(x), 1)
             return trades_attack(self.model, x, p_clean, t)
-        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha)
+        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.step_size)
 
     def loss(self, x, y, x_adv):
         """Base loss + beta * W(phi) with the current phi, which this does not update."""

@@ -85,9 +85,9 @@ class Config:
     langevin_lambda: Optional[float] = None
     """lambda = 2 eta / sigma^2, the inverse temperature (paper's best: 10). When set, it overrides
     ``langevin_sigma`` with sigma = sqrt(2 eta / lambda), so (eta, lambda) can be searched instead."""
-    langevin_K: int = 1
+    langevin_k: int = 1
     """K: adversarial samples kept per training example."""
-    langevin_T: int = 1
+    langevin_t: int = 1
     """T: Langevin steps per visit of an example."""
     langevin_noise: str = "gaussian"
     """xi ~ N(0, I) (paper) or U[-1, 1] (official code)."""
@@ -100,8 +100,8 @@ class Config:
                              f"got {self.langevin_eta}, {self.langevin_sigma}")
         if self.langevin_lambda is not None and not self.langevin_lambda > 0:
             raise ValueError(f"langevin_lambda must be null or > 0, got {self.langevin_lambda}")
-        if self.langevin_K < 1 or self.langevin_T < 1:
-            raise ValueError(f"need langevin_K >= 1 and langevin_T >= 1, got {self.langevin_K}, {self.langevin_T}")
+        if self.langevin_k < 1 or self.langevin_t < 1:
+            raise ValueError(f"need langevin_k >= 1 and langevin_t >= 1, got {self.langevin_k}, {self.langevin_t}")
         if self.langevin_noise not in NOISES:
             raise ValueError(f"langevin_noise must be one of {NOISES}, got {self.langevin_noise!r}")
 
@@ -155,8 +155,8 @@ class Langevin(Method):
     SEARCH_SPACE = {
         "langevin_eta": Float(0.003, 0.3, 0.01, log=True, valid=(1e-6, 1.0)),
         "langevin_sigma": Float(0.0, 0.3, 0.01, valid=(0.0, 1.0)),
-        "langevin_K": Int(1, 4, 1, valid=(1, 64)),
-        "langevin_T": Int(1, 5, 1, valid=(1, 100)),
+        "langevin_k": Int(1, 4, 1, valid=(1, 64)),
+        "langevin_t": Int(1, 5, 1, valid=(1, 100)),
     }
     OPTIONAL_SPACE = {"langevin_lambda": Float(1.0, 1000.0, 10.0, log=True, valid=(1e-3, 1e9))}
     """Not searched by default: a config may search lambda instead of ``langevin_sigma``."""
@@ -185,7 +185,7 @@ class Langevin(Method):
     def _allocate(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         if self.n_train < 1:
             raise ValueError("langevin keeps one buffer row per training example: pass n_train")
-        shape = (self.n_train, self.cfg.langevin_K, *shape)
+        shape = (self.n_train, self.cfg.langevin_k, *shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self.device.type == "cuda" and nbytes < GPU_FRACTION * torch.cuda.mem_get_info(self.device)[0]:
             return torch.zeros(shape, dtype=dtype, device=self.device)
@@ -204,13 +204,13 @@ class Langevin(Method):
         return project(x_rep + delta, x_rep, self.threat.eps, self.threat.norm)
 
     def passes(self):
-        return float((self.cfg.langevin_T + 1) * self.cfg.langevin_K)
+        return float((self.cfg.langevin_t + 1) * self.cfg.langevin_k)
 
     def perturb(self, x, y):
         """T Langevin steps from ``x`` (a fresh buffer entry); ``step`` moves the buffer instead."""
         c, t = self.cfg, self.threat
         return langevin_sample(self.model, x, y, x, eps=t.eps, norm=t.norm, eta=c.langevin_eta, sigma=self.sigma,
-                               steps=c.langevin_T, noise=c.langevin_noise)
+                               steps=c.langevin_t, noise=c.langevin_noise)
 
     def loss(self, x, y, x_adv):
         logits_adv = self.model(x_adv)
@@ -222,10 +222,10 @@ class Langevin(Method):
             raise ValueError("langevin needs the examples' ids (idx) to key its buffer")
         c, t = self.cfg, self.threat
         start = self.read(x, idx)                                   # Algorithm 1, line 5
-        x_rep, y_rep = _flat(x.unsqueeze(1).expand_as(start)), y.repeat_interleave(c.langevin_K)
+        x_rep, y_rep = _flat(x.unsqueeze(1).expand_as(start)), y.repeat_interleave(c.langevin_k)
         with eval_mode(self.model):                                 # lines 6-10
             x_adv = langevin_sample(self.model, x_rep, y_rep, _flat(start), eps=t.eps, norm=t.norm,
-                                    eta=c.langevin_eta, sigma=self.sigma, steps=c.langevin_T, noise=c.langevin_noise)
+                                    eta=c.langevin_eta, sigma=self.sigma, steps=c.langevin_t, noise=c.langevin_noise)
         delta = (x_adv - x_rep).view_as(start)
         self.delta.index_copy_(0, self._ids(idx), delta.to(self.delta.device))   # line 13
         self.model.train()                                          # lines 11-12
@@ -256,8 +256,8 @@ class Langevin(Method):
         if saved is None:
             self.delta = None
             return
-        if saved.shape[:2] != (self.n_train, self.cfg.langevin_K):
+        if saved.shape[:2] != (self.n_train, self.cfg.langevin_k):
             raise ValueError(f"buffer of shape {tuple(saved.shape)} does not fit n_train={self.n_train}, "
-                             f"K={self.cfg.langevin_K}")
+                             f"K={self.cfg.langevin_k}")
         self.delta = self._allocate(tuple(saved.shape[2:]), saved.dtype)
         self.delta.copy_(saved)

@@ -65,7 +65,7 @@ class Mart(Method):
 
     def perturb(self, x, y):
         t = self.threat
-        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha,
+        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.step_size,
                    init=x + 0.001 * torch.randn_like(x))
 
     def loss(self, x, y, x_adv):

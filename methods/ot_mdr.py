@@ -23,15 +23,15 @@ batch, and the update takes the full-batch gradient there but applies it at :mat
 where :math:`g_1 = \nabla \mathcal{L}_{B_1}(\theta)`, :math:`g_2 = \nabla \mathcal{L}_{B_2}(\theta_1)`,
 :math:`\xi_i \sim \mathcal N(0, I)`, and norms are global over all parameters. SAM [1] is the
 special case of one step of radius :math:`\rho_1` on the whole batch without noise
-(``ot_mdr_chain=False, weight_noise_std=0``). Cost: 0.5 + 0.5 + 1 = 2 loss passes per particle
+(``ot_mdr_chain=False, ot_mdr_noise_std=0``). Cost: 0.5 + 0.5 + 1 = 2 loss passes per particle
 (as SAM), plus the base method's attack once per step.
 
 Variants: ``ot_mdr`` wraps clean CE (``erm``), ``ot_mdr_pgd`` the PGD-AT loss, ``ot_mdr_trades`` the
 TRADES loss. Every loss evaluation is the base method's own ``loss`` on its (sub)batch, so with
-``wasserstein_radius=0`` and no noise a step is exactly the base method's step.
+``ot_mdr_radius=0`` and no noise a step is exactly the base method's step.
 
 Deviations:
-    - Weight noise is really applied (``weight_noise_std``, after both ascent steps). The official
+    - Weight noise is really applied (``ot_mdr_noise_std``, after both ascent steps). The official
       single-model and ensemble scripts never pass ``--noise_var`` to the optimizer, so they run
       noise-free whatever the flag (methods-spec 10.5); ``SAMnChain`` also scales its second noise by lr.
     - The second step is normalised by :math:`\|g_2\|`, not by the merged :math:`\|g_1 + g_2\|`, as
@@ -46,7 +46,7 @@ Deviations:
       (eval mode, true labels) and shared by every pass of every chain, as AWP does. OT-MDR on its
       own is not an adversarial-example defence (the paper reports clean accuracy only): ``ot_mdr``
       is a flat-minimum regulariser, and the stacked variants are the rows comparable to AT.
-    - ``n_particles`` M > 1 runs M independent chains, each on its own split of the batch into
+    - ``ot_mdr_particles`` M > 1 runs M independent chains, each on its own split of the batch into
       halves (the first as given, the others reshuffled), and applies the mean of their final
       gradients (``SAMnChain`` mode 1.1). It is not the paper's ensemble of M networks (nor its BNN
       centre), which would change the model.
@@ -84,24 +84,24 @@ EPS = 1e-12
 
 @dataclass(frozen=True)
 class Config:
-    wasserstein_radius: float = 0.05
+    ot_mdr_radius: float = 0.05
     """rho_1: length of the first ascent step in weight space (rho of SAM); 0 gives the base method."""
-    wasserstein_ratio: float = 2.0
+    ot_mdr_ratio: float = 2.0
     """rho_2 / rho_1: scale of the second (merged) ascent step (code: rho_lst 0.05_0.1 on CIFAR-10)."""
-    weight_noise_std: float = 1e-4
+    ot_mdr_noise_std: float = 1e-4
     """sigma_w: std of the Gaussian noise added to every weight after each ascent step (code: noise_var)."""
-    n_particles: int = 1
+    ot_mdr_particles: int = 1
     """M: independent chains per step, on reshuffled halves; their gradients are averaged."""
     ot_mdr_chain: bool = True
     """Two chained steps on the half-batches (OT-MDR); False takes one step on the whole batch (SAM)."""
 
     def __post_init__(self):
-        if not 0 <= self.wasserstein_radius <= 10 or not 0 <= self.wasserstein_ratio <= 100:
-            raise ValueError(f"need 0 <= wasserstein_radius <= 10 and 0 <= wasserstein_ratio <= 100, "
-                             f"got {self.wasserstein_radius}, {self.wasserstein_ratio}")
-        if not 0 <= self.weight_noise_std <= 1 or self.n_particles < 1:
-            raise ValueError(f"need 0 <= weight_noise_std <= 1 and n_particles >= 1, "
-                             f"got {self.weight_noise_std}, {self.n_particles}")
+        if not 0 <= self.ot_mdr_radius <= 10 or not 0 <= self.ot_mdr_ratio <= 100:
+            raise ValueError(f"need 0 <= ot_mdr_radius <= 10 and 0 <= ot_mdr_ratio <= 100, "
+                             f"got {self.ot_mdr_radius}, {self.ot_mdr_ratio}")
+        if not 0 <= self.ot_mdr_noise_std <= 1 or self.ot_mdr_particles < 1:
+            raise ValueError(f"need 0 <= ot_mdr_noise_std <= 1 and ot_mdr_particles >= 1, "
+                             f"got {self.ot_mdr_noise_std}, {self.ot_mdr_particles}")
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,10 @@ class TradesConfig(Config):
 
 
 SEARCH_SPACE = {
-    "wasserstein_radius": Float(0.01, 0.3, 0.05, log=True, valid=(0.0, 10.0)),
-    "wasserstein_ratio": Choice((1.0, 2.0), 2.0),
-    "weight_noise_std": Choice((0.0, 1e-4, 1e-3), 1e-4),
-    "n_particles": Int(1, 4, 1, valid=(1, 64)),
+    "ot_mdr_radius": Float(0.01, 0.3, 0.05, log=True, valid=(0.0, 10.0)),
+    "ot_mdr_ratio": Choice((1.0, 2.0), 2.0),
+    "ot_mdr_noise_std": Choice((0.0, 1e-4, 1e-3), 1e-4),
+    "ot_mdr_particles": Int(1, 4, 1, valid=(1, 64)),
     "lr": TRAIN_SPACE["lr"],
 }
 
@@ -158,7 +158,7 @@ class OtMdr(Method):
 
     def passes(self):
         base = self.base.passes()   # the attack plus one loss evaluation
-        return None if base is None else base + (2 * self.cfg.n_particles - 1) * self.loss_passes
+        return None if base is None else base + (2 * self.cfg.ot_mdr_particles - 1) * self.loss_passes
 
     def perturb(self, x, y):
         return self.base.perturb(x, y)
@@ -183,18 +183,18 @@ class OtMdr(Method):
         theta = torch._foreach_mul(params, 1.0)   # a copy of every weight in one fused call
         buffers = None
         total, sums = None, {}
-        for k in range(c.n_particles):
+        for k in range(c.ot_mdr_particles):
             first, second = self._halves(len(y), reshuffle=k > 0, device=y.device)
             g1 = self._grad(x, y, x_adv, first, params)[0]
             if buffers is None:   # the one pass at theta: the only one allowed to move running statistics
                 buffers = [b.detach().clone() for b in self.model.buffers()]
-            ascend(params, g1, c.wasserstein_radius / (global_norm(g1) + EPS), c.weight_noise_std)
+            ascend(params, g1, c.ot_mdr_radius / (global_norm(g1) + EPS), c.ot_mdr_noise_std)
             if c.ot_mdr_chain:
                 g2 = self._grad(x, y, x_adv, second, params)[0]
                 merged = [None if a is None else a + b for a, b in zip(g2, g1)]
                 # Normalised by ||g2||, not ||g1 + g2||, as the official code (see Deviations).
-                scale = c.wasserstein_ratio * c.wasserstein_radius / (global_norm(g2) + EPS)
-                ascend(params, merged, scale, c.weight_noise_std)
+                scale = c.ot_mdr_ratio * c.ot_mdr_radius / (global_norm(g2) + EPS)
+                ascend(params, merged, scale, c.ot_mdr_noise_std)
             grads, loss, metrics = self._grad(x, y, x_adv, None, params)
             with torch.no_grad():
                 metrics.update(loss=loss, ascent_norm=global_norm(torch._foreach_sub(params, theta)))
@@ -206,13 +206,13 @@ class OtMdr(Method):
             live = list(self.model.buffers())
             if live:
                 torch._foreach_copy_(live, buffers)
-        if c.n_particles > 1:
-            total = [None if g is None else g / c.n_particles for g in total]
+        if c.ot_mdr_particles > 1:
+            total = [None if g is None else g / c.ot_mdr_particles for g in total]
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, total):
             p.grad = g
         self.optimizer.step()
-        out = {key: value / c.n_particles for key, value in sums.items()}
+        out = {key: value / c.ot_mdr_particles for key, value in sums.items()}
         out["grad_norm"] = global_norm(total).detach()
         return out
 

@@ -37,7 +37,7 @@ class PgdAT(Method):
 
     def perturb(self, x, y):
         t = self.threat
-        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.alpha)
+        return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.step_size)
 
     def loss(self, x, y, x_adv):
         logits_adv = self.model(x_adv)

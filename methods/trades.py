@@ -50,7 +50,7 @@ def trades_attack(model, x, p_clean, threat):
     """The TRADES inner maximization: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, I)."""
     init = x + 0.001 * torch.randn_like(x)
     return pgd(model, x, p_clean, eps=threat.eps, norm=threat.norm, steps=threat.steps,
-               step_size=threat.alpha, init=init,
+               step_size=threat.step_size, init=init,
                loss_fn=lambda logits, p: kl_per_example(F.log_softmax(logits, 1), p))
 
 

@@ -38,18 +38,18 @@ class ThreatModel:
     eps: float = 8 / 255
     """Radius in [0, 1] pixel units (8/255 for CIFAR L-inf, 0.3 for MNIST, 0.5 for CIFAR L2)."""
     steps: int = 10
-    """PGD iterations of the training attack."""
+    """PGD iterations of the training attack (the training knob ``attack_steps``)."""
     step_size: Optional[float] = None
-    """PGD step in pixel units; ``None`` means 2.5 * eps / steps (Madry et al.'s rule)."""
+    """PGD step in pixel units (the training knob ``attack_step_size``, as ``steps`` is ``attack_steps``).
+    Pass ``None`` for 2.5 * eps / steps (Madry et al.'s rule): it is resolved on construction, so
+    every reader sees the step actually taken."""
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         check_eps(self.norm, self.eps)
-
-    @property
-    def alpha(self) -> float:
-        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        if self.step_size is None:   # frozen: set once, here, through object.__setattr__
+            object.__setattr__(self, "step_size", 2.5 * self.eps / max(self.steps, 1))
 
 
 def check_eps(norm: str, eps: float) -> None:

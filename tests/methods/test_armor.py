@@ -51,7 +51,7 @@ def _method(cls, digits, *, threat=THREAT, seed=0, lr=1e-3, **hparams):
 @pytest.fixture(scope="module")
 def trained_state(digits):
     """A briefly trained net: its per-example losses differ, so weights and duals have something to do."""
-    method = _method(ArmorPgd, digits, lr=3e-3, natural_weight=0.5)
+    method = _method(ArmorPgd, digits, lr=3e-3, armor_natural_weight=0.5)
     train, _ = digits
     for i in range(30):
         sl = slice(64 * (i % 8), 64 * (i % 8 + 1))
@@ -230,7 +230,7 @@ def test_kl_small_radius_gives_uniform_weights_and_the_mean_loss():
 def test_armor_kl_with_tiny_radius_is_the_base_method(armor_cls, base_cls, digits, batch, trained_state):
     """r -> 0 (KL, t = 0): uniform weights, and the base method's loss and gradient."""
     x, y = batch
-    armor = _method(armor_cls, digits, armor_divergence="kl", armor_radius=1e-6, natural_weight=0.0)
+    armor = _method(armor_cls, digits, armor_divergence="kl", armor_radius=1e-6, armor_natural_weight=0.0)
     base = _method(base_cls, digits)
     armor.model.load_state_dict(trained_state)
     base.model.load_state_dict(trained_state)
@@ -297,7 +297,7 @@ def test_udr_transport_may_leave_the_ball_but_is_capped_and_in_unit_box(digits, 
     assert deltas[0.05].max() <= UDR_CAP * threat.eps + 1e-6   # ...but never past the cap
     # tau = a: a pixel settles at most tau / lambda outside the ball; large lambda is the hard ball.
     for lam in (2.0, 1e3):
-        assert deltas[lam].max() <= threat.eps + threat.alpha / lam + 1e-6
+        assert deltas[lam].max() <= threat.eps + threat.step_size / lam + 1e-6
     assert deltas[0.05].mean() > deltas[2.0].mean()
 
 
@@ -322,7 +322,7 @@ def test_udr_needs_linf(digits):
 
 @pytest.mark.parametrize("bad", [{"armor_alpha": 1.0}, {"armor_alpha": 0.5}, {"armor_alpha": -2.0},
                                  {"armor_divergence": "chi2"}, {"armor_cost": "soft"}, {"armor_radius": 0.0},
-                                 {"natural_weight": 1.5}, {"armor_lambda_init": 0.0}])
+                                 {"armor_natural_weight": 1.5}, {"armor_lambda_init": 0.0}])
 def test_config_rejects_invalid_values(bad):
     for cls in (ArmorTrades, ArmorMart, ArmorPgd):
         with pytest.raises(ValueError):
@@ -330,13 +330,13 @@ def test_config_rejects_invalid_values(bad):
 
 
 def test_config_defaults_follow_the_code():
-    assert ArmorTrades.Config().natural_weight == 0.5 and ArmorTrades.Config().trades_beta == 6.0
+    assert ArmorTrades.Config().armor_natural_weight == 0.5 and ArmorTrades.Config().trades_beta == 6.0
     assert ArmorMart.Config().armor_alpha == 10.0 and ArmorMart.Config().armor_nu_init == 1.0
     assert ArmorPgd.Config().armor_alpha == 6.0 and ArmorPgd.Config().armor_cost == "hard"
 
 
 @pytest.mark.parametrize("hparams", [{}, {"armor_divergence": "kl", "armor_radius": 0.02},
-                                     {"armor_cost": "udr", "natural_weight": 0.5}])
+                                     {"armor_cost": "udr", "armor_natural_weight": 0.5}])
 def test_step_metrics(hparams, digits, batch):
     x, y = batch
     method = _method(ArmorPgd, digits, **hparams)
@@ -351,7 +351,7 @@ def test_step_metrics(hparams, digits, batch):
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
     assert 0 < metrics["weights_entropy"].item() <= math.log(64) + 1e-5
     assert 0 <= metrics["weights_zero_frac"].item() <= 1 and metrics["lambda"].item() > 0
-    if "natural_weight" in hparams:
+    if "armor_natural_weight" in hparams:
         torch.testing.assert_close(metrics["loss"], 0.5 * metrics["natural"] + 0.5 * metrics["J"])
     else:
         torch.testing.assert_close(metrics["loss"], metrics["J"])
@@ -376,7 +376,7 @@ def test_passes():
     assert ArmorTrades(model, opt, threat).passes() == Trades(model, opt, threat).passes()
     assert ArmorMart(model, opt, threat).passes() == Mart(model, opt, threat).passes() == 12
     assert ArmorPgd(model, opt, threat).passes() == PgdAT(model, opt, threat).passes() == 11
-    assert ArmorPgd(model, opt, threat, ArmorPgd.Config(natural_weight=0.5)).passes() == 12
+    assert ArmorPgd(model, opt, threat, ArmorPgd.Config(armor_natural_weight=0.5)).passes() == 12
 
 
 @pytest.mark.parametrize("divergence", ["alpha", "kl"])

@@ -276,7 +276,7 @@ def test_beta_zero_trades_equals_trades_step_for_step(digits):
 def _pgd_reference_step(model, optimizer, x, y, alpha):
     """Eq. (3) without the OT term: alpha CE(f(x'), y) + CE(f(x), y), x' = PGD on CE."""
     with eval_mode(model):
-        x_adv = pgd(model, x, y, eps=THREAT.eps, norm=THREAT.norm, steps=THREAT.steps, step_size=THREAT.alpha)
+        x_adv = pgd(model, x, y, eps=THREAT.eps, norm=THREAT.norm, steps=THREAT.steps, step_size=THREAT.step_size)
     model.train()
     loss = alpha * F.cross_entropy(model(x_adv), y) + F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)

@@ -50,7 +50,7 @@ def _batch(digits, start, size=64):
 def test_buffer_entries_stay_in_ball_and_image_range(norm, digits):
     threat = THREATS[norm]
     # Steps and noise far larger than eps, so that only the projection keeps samples in the ball.
-    method = _run(digits, threat=threat, langevin_eta=0.5, langevin_sigma=0.3, langevin_K=2, langevin_T=2).method
+    method = _run(digits, threat=threat, langevin_eta=0.5, langevin_sigma=0.3, langevin_k=2, langevin_t=2).method
     train, _ = digits
     for start in (0, 64, 128):
         metrics = method.step(*_batch(digits, start))
@@ -95,7 +95,7 @@ def test_buffer_persists_between_visits(digits):
 
 
 def test_state_dict_round_trip_through_torch_save(digits):
-    run = _run(digits, langevin_K=2, langevin_sigma=0.02)
+    run = _run(digits, langevin_k=2, langevin_sigma=0.02)
     for start in (0, 64):
         run.method.step(*_batch(digits, start))
     buf = io.BytesIO()
@@ -103,7 +103,7 @@ def test_state_dict_round_trip_through_torch_save(digits):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    resumed = _run(digits, langevin_K=2, langevin_sigma=0.02, seed=1)   # other weights, empty buffer
+    resumed = _run(digits, langevin_k=2, langevin_sigma=0.02, seed=1)   # other weights, empty buffer
     assert resumed.method.delta is None
     resumed.load_state_dict(state)
     assert resumed.method.delta.device == run.method.delta.device
@@ -125,7 +125,7 @@ def test_state_dict_round_trip_through_torch_save(digits):
 def test_sigma_zero_is_pgd_without_random_start(norm, steps, digits):
     threat = THREATS[norm]
     eta = 0.04 if norm == "Linf" else 0.2
-    method = _run(digits, threat=threat, langevin_eta=eta, langevin_sigma=0.0, langevin_T=steps).method
+    method = _run(digits, threat=threat, langevin_eta=eta, langevin_sigma=0.0, langevin_t=steps).method
     assert method.lam == math.inf
     x, y, idx = _batch(digits, 64)
     model = copy.deepcopy(method.model)
@@ -172,7 +172,7 @@ def test_sign_update_moves_each_weight_by_lr(digits):
 
 def test_perturb_is_a_fresh_buffer_entry(digits):
     threat = THREATS["Linf"]
-    method = _run(digits, threat=threat, langevin_eta=0.5, langevin_T=2).method
+    method = _run(digits, threat=threat, langevin_eta=0.5, langevin_t=2).method
     x, y, _ = _batch(digits, 0)
     with eval_mode(method.model):
         x_adv = method.perturb(x, y)
@@ -190,8 +190,8 @@ def test_config_and_search_space():
         assert key in own and domain.contains(domain.default)
         if key in Langevin.SEARCH_SPACE:
             assert domain.default == own[key]
-    assert Langevin.config_from({"lr": 0.1, "langevin_K": 2}) == Config(langevin_K=2)
-    for bad in ({"langevin_eta": 0.0}, {"langevin_sigma": -0.1}, {"langevin_K": 0}, {"langevin_T": 0},
+    assert Langevin.config_from({"lr": 0.1, "langevin_k": 2}) == Config(langevin_k=2)
+    for bad in ({"langevin_eta": 0.0}, {"langevin_sigma": -0.1}, {"langevin_k": 0}, {"langevin_t": 0},
                 {"langevin_noise": "laplace"}, {"langevin_lambda": 0.0}):
         with pytest.raises(ValueError):
             Config(**bad)
@@ -202,7 +202,7 @@ def test_one_epoch_improves_validation_pgd_accuracy(digits):
     # T = 2 steps of 0.1 reach the eps = 0.2 boundary on the first visit; with a step of 0.05 and
     # T = 1 the buffer is still within 0.05 of x after one epoch, which trains a clean model
     # (val PGD accuracy 5%, below the untrained 12%): the buffer needs eps / eta visits to fill.
-    run = _run(digits, threat=threat, langevin_eta=0.1, langevin_sigma=0.02, langevin_T=2)
+    run = _run(digits, threat=threat, langevin_eta=0.1, langevin_sigma=0.02, langevin_t=2)
     before = validate(run.model, run.val, threat, run.cfg)
     epochs = []
     fit(run, lambda metrics, _: epochs.append(metrics))

@@ -79,9 +79,9 @@ def _assert_params(model, expected, atol=1e-6):
                                                 (OtMdrTrades, Trades, 1)])
 def test_radius_zero_without_noise_is_the_base_step(cls, base, particles, digits):
     hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-    ours = _method(cls, _model(digits), wasserstein_radius=0.0, weight_noise_std=0.0, n_particles=particles, **hp)
+    ours = _method(cls, _model(digits), ot_mdr_radius=0.0, ot_mdr_noise_std=0.0, ot_mdr_particles=particles, **hp)
     ref = _method(base, _model(digits), **hp)
-    moved = _method(cls, _model(digits), wasserstein_radius=0.1, weight_noise_std=0.0, **hp)   # control
+    moved = _method(cls, _model(digits), ot_mdr_radius=0.1, ot_mdr_noise_std=0.0, **hp)   # control
     for i in range(4):
         x, y = _batch(digits, 32 * i)
         outs = []
@@ -97,7 +97,7 @@ def test_radius_zero_without_noise_is_the_base_step(cls, base, particles, digits
 def test_sam_mode_is_sam_by_hand(digits):
     model = _model(digits, "tiny_bn")
     hand = copy.deepcopy(model)
-    method = _method(OtMdr, model, momentum=0.9, weight_decay=5e-4, wasserstein_radius=0.1, weight_noise_std=0.0,
+    method = _method(OtMdr, model, momentum=0.9, weight_decay=5e-4, ot_mdr_radius=0.1, ot_mdr_noise_std=0.0,
                      ot_mdr_chain=False)
     x, y = _batch(digits)
     out = method.step(x, y, None)
@@ -134,14 +134,14 @@ def test_chain_gradient_is_taken_at_theta2_and_applied_at_theta(digits):
     """theta_after = theta - lr * grad L_B(theta_2), with x_adv crafted once at theta; plain SGD."""
     model = _model(digits, "tiny_bn")
     hand = copy.deepcopy(model)
-    method = _method(OtMdrPgd, model, lr=0.1, wasserstein_radius=0.1, wasserstein_ratio=2.0, weight_noise_std=0.0)
+    method = _method(OtMdrPgd, model, lr=0.1, ot_mdr_radius=0.1, ot_mdr_ratio=2.0, ot_mdr_noise_std=0.0)
     x, y = _batch(digits, size=31)   # odd: the halves are 15 and 16
     torch.manual_seed(0)
     out = method.step(x, y, None)
 
     torch.manual_seed(0)
     with eval_mode(hand):
-        x_adv = pgd(hand, x, y, eps=THREAT.eps, steps=THREAT.steps, step_size=THREAT.alpha)
+        x_adv = pgd(hand, x, y, eps=THREAT.eps, steps=THREAT.steps, step_size=THREAT.step_size)
     params = list(hand.parameters())
     theta = _params(hand)
 
@@ -173,7 +173,7 @@ def test_chain_gradient_is_taken_at_theta2_and_applied_at_theta(digits):
 def test_particles_average_their_chains(digits):
     model = _model(digits)
     hand = copy.deepcopy(model)
-    method = _method(OtMdr, model, lr=0.1, wasserstein_radius=0.05, weight_noise_std=0.0, n_particles=2)
+    method = _method(OtMdr, model, lr=0.1, ot_mdr_radius=0.05, ot_mdr_noise_std=0.0, ot_mdr_particles=2)
     x, y = _batch(digits)
     torch.manual_seed(3)
     method.step(x, y, None)
@@ -209,7 +209,7 @@ def test_weight_noise_is_applied_with_its_std(digits):
     x, y = _batch(digits)
 
     def run(sigma, seed, radius=0.0):
-        method = _method(OtMdr, _model(digits), wasserstein_radius=radius, weight_noise_std=sigma)
+        method = _method(OtMdr, _model(digits), ot_mdr_radius=radius, ot_mdr_noise_std=sigma)
         torch.manual_seed(seed)
         return method, method.step(x, y, None)
 
@@ -232,7 +232,7 @@ def test_running_statistics_move_only_in_the_pass_at_theta(chain, digits):
     ref = copy.deepcopy(model)
     init = [b.clone() for b in model.buffers()]
     # A large radius and noise: passes at the perturbed weights would leave clearly different statistics.
-    method = _method(OtMdr, model, wasserstein_radius=1.0, weight_noise_std=1e-2, n_particles=2, ot_mdr_chain=chain)
+    method = _method(OtMdr, model, ot_mdr_radius=1.0, ot_mdr_noise_std=1e-2, ot_mdr_particles=2, ot_mdr_chain=chain)
     x, y = _batch(digits)
     method.step(x, y, None)
     ref.train()
@@ -257,11 +257,11 @@ def test_config_search_space_and_base_config():
         for key, domain in cls.SEARCH_SPACE.items():
             if key != "lr":
                 assert getattr(defaults, key) == domain.default and domain.contains(domain.default), key
-    assert Config().wasserstein_ratio == 2.0 and Config().n_particles == 1
-    assert OtMdr.SEARCH_SPACE["wasserstein_radius"].is_valid(0.0)
+    assert Config().ot_mdr_ratio == 2.0 and Config().ot_mdr_particles == 1
+    assert OtMdr.SEARCH_SPACE["ot_mdr_radius"].is_valid(0.0)
     assert OtMdrTrades.config_from({"lr": 0.1, "trades_beta": 3.0}) == TradesConfig(trades_beta=3.0)
-    for bad in ({"wasserstein_radius": -0.1}, {"weight_noise_std": -1e-4}, {"n_particles": 0},
-                {"wasserstein_ratio": -1.0}):
+    for bad in ({"ot_mdr_radius": -0.1}, {"ot_mdr_noise_std": -1e-4}, {"ot_mdr_particles": 0},
+                {"ot_mdr_ratio": -1.0}):
         with pytest.raises(ValueError):
             Config(**bad)
 
@@ -279,7 +279,7 @@ def test_passes(digits):
     k = THREAT.steps
     assert _method(OtMdr, _model(digits)).passes() == 2
     assert _method(OtMdrPgd, _model(digits)).passes() == k + 2
-    assert _method(OtMdrPgd, _model(digits), n_particles=3).passes() == k + 6
+    assert _method(OtMdrPgd, _model(digits), ot_mdr_particles=3).passes() == k + 6
     assert _method(OtMdrTrades, _model(digits)).passes() == pytest.approx(k + 1 / 3 + 4)
 
 
@@ -296,7 +296,7 @@ def test_one_epoch_improves_validation_pgd_accuracy(digits):
     # rho_1 = 0.01, the low end of the search range. At the default 0.05 (a CIFAR value; total ascent
     # ~0.2 here) PGD-AT of this fresh 200k-weight net stalls at chance for ~3 epochs before it learns
     # (measured: val clean 0.13 after 1 epoch, 0.70 after 6), so one epoch would show nothing.
-    method = OtMdrPgd(model, optimizer, threat, OtMdrPgd.Config(wasserstein_radius=0.01), n_train=len(train))
+    method = OtMdrPgd(model, optimizer, threat, OtMdrPgd.Config(ot_mdr_radius=0.01), n_train=len(train))
     run = Run(method, build_schedule(optimizer, cfg), train, val, cfg)
     before = validate(run.model, val, threat, cfg)
     epochs = []
