@@ -2,7 +2,7 @@
 r"""ARMOR_D: distributionally robust training over an optimal-transport-regularized divergence ball.
 
 Birrell, Ebrahimi, "Adversarially Robust Learning with Optimal Transport Regularized Divergences",
-arXiv:2309.03791 (v1 2023, v3 2025; methods-spec 2); official code star-ailab/ARMOR. The model
+arXiv:2309.03791 (v1 2023, v3 2025); official code star-ailab/ARMOR. The model
 minimizes the worst expected loss over the ball :math:`D^c(Q \| P_n) \le r`, where
 :math:`D^c(Q \| P) = \inf_\eta \{ D(\eta \| P) + C(\eta, Q) \}` lets an adversary both transport samples
 (OT cost :math:`C`) and re-weight them (divergence :math:`D`). Implements the dual objectives that the
@@ -32,8 +32,8 @@ Deviations:
       trains lambda itself (no guard on CIFAR, a softplus fail-safe on MNIST). Their AdamW has no
       weight decay (the code's PyTorch default 0.01 pulls lambda and nu towards 0) and a constant lr
       (the code computes a decayed lr for them but never applies it). Our default lr is 250 times the
-      code's 4e-6 and the searched range reaches 1e-2 (methods-spec: up to 1e-3). Adam moves them about
-      lr per step, so at 4e-6 they barely leave their inits in a whole CIFAR run (methods-spec 10.4),
+      code's 4e-6 and the searched range reaches 1e-2. Adam moves them about
+      lr per step, so at 4e-6 they barely leave their inits in a whole CIFAR run,
       while on digits TRADES losses their optimum (alpha 6, r 0.5: lambda ~0.17, nu ~1.3) lies ~1 and
       ~1.7 away from the code's inits.
     - KL: lambda* is solved per batch, as in the code's ``*_KL_bisec`` scripts, but on the device in
@@ -45,7 +45,7 @@ Deviations:
       Attack eps, step and steps come from the threat model (the code hard-codes 0.031/0.007/10).
     - UDR cost (L-inf only): the pull back to the ball is a proximal step, stable for every lambda
       (the code's explicit step overshoots once a lambda / tau > 1; see ``udr_attack``); samples stay
-      within UDR_CAP * eps = 2 eps of x and in [0, 1] (the code clips to [0, 1] but has no cap). tau
+      within ``UDR_CAP`` * eps = 2 eps of x and in [0, 1] (the code clips to [0, 1] but has no cap). tau
       is the attack step size and the attack omits the scale s, both as in the code. Under KL the
       attack uses the previous batch's lambda* + kappa, and z_i = max(L_i / T - c_i, L_i(x) / T)
       (x' = x is free), which keeps lambda* finite when the costs exceed r (``kl_scores``); this
@@ -57,29 +57,22 @@ See Also: ``trades``, ``mart``, ``pgd_at`` (the base methods); ``langevin`` (tra
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common.attacks import ce_loss, eval_mode, frozen, pgd, random_start
+from methods.common.attacks import ce_loss, pgd
+from methods.common.dro import LAMBDA_MIN, DualVariables, dual_objective, udr_attack, udr_cost, weight_stats
+from methods.common.functional import (clean_probabilities, kl_to_clean, mart_loss_per_example,
+                                       trades_loss_per_example, trades_start)
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE
-from methods.mart import mart_loss_per_example
 from methods.space import Choice, Float
-from methods.trades import kl_per_example, trades_loss_per_example
 
 DIVERGENCES = ("alpha", "kl")
 COSTS = ("hard", "udr")
-LAMBDA_MIN = 1e-6
-"""Floor of lambda: the softplus parametrization's offset and the low end of the KL search."""
-LAMBDA_MAX = 1e6
-"""High end of the KL search for lambda* (radius -> 0 sends lambda* -> infinity)."""
-UDR_CAP = 2.0
-"""Under the UDR cost, no pixel moves more than UDR_CAP * eps from x."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,185 +157,6 @@ OPTIONAL_SPACE = {
 """Searched only when a config asks: kappa acts under KL only, armor_ot_cost_weight under udr only."""
 
 
-# --------------------------------------------------------------------------------------------------
-# The dual objectives and their sample weights
-
-
-def f_star_alpha(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Convex conjugate of f_alpha(t) = (t^alpha - 1) / (alpha (alpha - 1)) on t >= 0, elementwise."""
-    p = alpha / (alpha - 1)
-    return (alpha - 1) ** p / alpha * F.relu(s) ** p + 1 / (alpha * (alpha - 1))
-
-
-def alpha_dual(losses: torch.Tensor, costs: torch.Tensor, lam: torch.Tensor, nu: torch.Tensor, *,
-               radius: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The alpha-divergence dual J(lambda, nu) of the module docstring, and its sample weights.
-
-    Args:
-        losses: L_i, (N,); costs: c_i, (N,) (zeros for the hard ball).
-        lam, nu: scalar tensors, lam > 0; gradients reach them.
-
-    Returns:
-        ``(J, w)``: J a scalar; w (N,), detached, dJ/dL_i normalized to sum 1:
-        w_i ∝ relu(s_i)^(1 / (alpha - 1)), s_i = (L_i - nu) / lam - c_i, exactly 0 where s_i <= 0
-        (all 0 when every s_i <= 0).
-    """
-    s = (losses - nu) / lam - costs
-    J = lam * radius + nu + lam * f_star_alpha(s, alpha).mean()
-    w = F.relu(s.detach()) ** (1 / (alpha - 1))
-    return J, w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
-
-
-def kl_scores(losses: torch.Tensor, costs: torch.Tensor, temperature: torch.Tensor,
-              stay: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_i = L_i / T - c_i, and the cost c_i that z_i pays.
-
-    With ``stay`` (L_i at x' = x, which costs nothing), z_i = max(L_i / T - c_i, stay_i / T): the
-    sup over x' can always keep x. Under a soft cost this keeps J bounded below in lambda; without
-    it, transported samples fixed while lambda is solved would give a slope r - sum_i w_i c_i < 0
-    at large lambda whenever the costs exceed r, and lambda* would run off to the end of the range.
-    """
-    z = losses / temperature - costs
-    if stay is None:
-        return z, costs.expand_as(z)
-    z_stay = stay / temperature
-    return torch.maximum(z, z_stay), torch.where(z >= z_stay, costs, torch.zeros_like(costs))
-
-
-def kl_dual(losses: torch.Tensor, costs: torch.Tensor, lam: torch.Tensor, *, radius: float, kappa: float,
-            stay: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KL dual J(lambda) = lambda r + T log mean_i exp(z_i), T = lambda + kappa, and w = softmax(z).
-
-    Args:
-        losses, costs: L_i and c_i, (N,); ``stay``: see ``kl_scores``.
-        lam: a scalar tensor >= 0, or (M,) (then J is (M,) and w is (M, N)).
-
-    Returns:
-        ``(J, w)``; w, detached, is dJ/dL_i (the weights of the theta-gradient).
-    """
-    temperature = (lam + kappa)[..., None]
-    z, _ = kl_scores(losses, costs, temperature, stay)
-    J = lam * radius + temperature[..., 0] * (torch.logsumexp(z, -1) - math.log(losses.shape[-1]))
-    return J, torch.softmax(z.detach(), -1)
-
-
-def kl_dual_slope(losses: torch.Tensor, costs: torch.Tensor, lam: torch.Tensor, *, radius: float, kappa: float,
-                  stay: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dJ/dlambda of ``kl_dual`` = r - KL(w || uniform) - sum_i w_i c_i; nondecreasing, as J is convex."""
-    z, paid = kl_scores(losses, costs, (lam + kappa)[..., None], stay)
-    log_w = torch.log_softmax(z, -1)
-    return radius - (log_w.exp() * (log_w + math.log(losses.shape[-1]) + paid)).sum(-1)
-
-
-def kl_optimal_lambda(losses: torch.Tensor, costs: torch.Tensor, *, radius: float, kappa: float,
-                      stay: Optional[torch.Tensor] = None, points: int = 64, rounds: int = 4) -> torch.Tensor:
-    """argmin of ``kl_dual`` over lambda >= 0 (at most 1e6): the root of its slope, detached, on the device.
-
-    Each round evaluates the slope on a ``points``-point grid in log lambda over [1e-6, 1e6] and keeps
-    the cell where it changes sign: bisection with ``points - 1`` cells, so 4 rounds locate lambda* to
-    a relative 2e-6 (in float64). A slope >= 0 already at 1e-6 gives lambda* = 0 (1e-6 if kappa = 0,
-    where lambda = 0 would divide by zero); a slope < 0 throughout gives 1e6.
-    """
-    dtype = losses.dtype
-    losses, costs = losses.detach().double(), costs.detach().double()
-    stay = None if stay is None else stay.detach().double()
-
-    def slope(lam):
-        return kl_dual_slope(losses, costs, lam, radius=radius, kappa=kappa, stay=stay)
-
-    lo = torch.tensor(math.log(LAMBDA_MIN), dtype=torch.float64, device=losses.device)
-    hi = torch.tensor(math.log(LAMBDA_MAX), dtype=torch.float64, device=losses.device)
-    for _ in range(rounds):
-        grid = lo + (hi - lo) * torch.linspace(0, 1, points, dtype=torch.float64, device=losses.device)
-        # Tensor indices, not .item(): the search stays on the device, with no host sync.
-        k = (slope(grid.exp()) < 0).sum().clamp(1, points - 1)
-        lo, hi = grid.index_select(0, k.view(1) - 1)[0], grid.index_select(0, k.view(1))[0]
-    at_floor = slope(torch.tensor([LAMBDA_MIN], dtype=torch.float64, device=losses.device))[0] >= 0
-    floor = 0.0 if kappa > 0 else LAMBDA_MIN
-    return torch.where(at_floor, floor, hi.exp()).to(dtype)
-
-
-def weight_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy in nats of normalized weights w (N,) (log N when uniform), and the fraction exactly 0."""
-    return -torch.special.xlogy(w, w).sum(), (w == 0).float().mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Transport under the soft UDR cost
-
-
-def udr_excess(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """(delta - eps sign delta) 1[|delta| >= eps] = delta - clip(delta, -eps, eps): the part outside the ball."""
-    return delta - delta.clamp(-eps, eps)
-
-
-def udr_cost(x_adv: torch.Tensor, x: torch.Tensor, eps: float, weight: float) -> torch.Tensor:
-    """The UDR soft-ball cost per example, weight * 0.5 ||udr_excess(x_adv - x)||^2, (N,); 0 inside the ball."""
-    return weight * 0.5 * udr_excess(x_adv - x, eps).flatten(1).pow(2).sum(1)
-
-
-def udr_attack(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, eps: float, steps: int,
-               step_size: float, pull: torch.Tensor, loss_fn=ce_loss,
-               init: Optional[torch.Tensor] = None) -> torch.Tensor:
-    r"""The transport step under the UDR cost (L-inf): sign ascent on the loss, pulled back to the ball.
-
-    A sign step on the loss, then a proximal step on the cost :math:`\frac{\lambda}{\tau} \frac12
-    \|e\|^2` of the part :math:`e = \delta - \mathrm{clip}(\delta, -\varepsilon, \varepsilon)`
-    outside the ball, with :math:`h = a \lambda / \tau` (``pull``):
-
-    .. math::
-        \delta' = \delta + a\, \mathrm{sign} \nabla_\delta \ell, \qquad
-        \delta \leftarrow \mathrm{clip}(\delta', -\varepsilon, \varepsilon) + \frac{e(\delta')}{1 + h}
-
-    then ``|delta| <= UDR_CAP * eps`` and ``x + delta`` in [0, 1]. A pixel that keeps its gradient sign
-    settles tau / lambda outside the ball, as with the code's explicit step
-    :math:`\delta + a\,\mathrm{sign}\nabla\ell - h\, e(\delta)`, which overshoots the ball's
-    surface once h > 1 and no longer settles past h = 2; the proximal step is stable for every lambda
-    and tends to PGD's projection as lambda -> infinity.
-
-    Args:
-        x, target: clean inputs (N, C, H, W) in [0, 1] and what ``loss_fn(logits, target)`` needs.
-        pull: h >= 0, a scalar tensor; ``init``: the start (None: uniform in the eps-ball).
-
-    Returns:
-        (N, C, H, W) in [0, 1], within UDR_CAP * eps of ``x``.
-    """
-    x = x.detach()
-    cap = UDR_CAP * eps
-    start = random_start(x, eps, "Linf") if init is None else init.detach()
-    x_adv = (x + (start - x).clamp(-cap, cap)).clamp(0.0, 1.0)
-    with frozen(model):
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(model(x_adv), target).sum(), x_adv)
-            delta = x_adv.detach() - x + step_size * grad.sign()
-            delta = delta.clamp(-eps, eps) + udr_excess(delta, eps) / (1 + pull)
-            x_adv = (x + delta.clamp(-cap, cap)).clamp(0.0, 1.0)
-    return x_adv.detach()
-
-
-# --------------------------------------------------------------------------------------------------
-# The method
-
-
-def _kl_to_clean(logits: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
-    return kl_per_example(F.log_softmax(logits, 1), p_clean)
-
-
-class DualVariables(nn.Module):
-    """lambda = softplus(rho) + 1e-6 > 0 and nu: the alpha-divergence dual variables (scalars)."""
-
-    def __init__(self, lam: float, nu: float):
-        super().__init__()
-        excess = lam - LAMBDA_MIN
-        self.rho = nn.Parameter(torch.tensor(excess + math.log(-math.expm1(-excess))))   # softplus^-1, stably
-        self.nu = nn.Parameter(torch.tensor(float(nu)))
-
-    @property
-    def lam(self) -> torch.Tensor:
-        return F.softplus(self.rho) + LAMBDA_MIN
-
-
 class Armor(Method):
     """ARMOR_D on a cross-entropy base with the PGD attack (``armor_pgd``); see the subclasses."""
 
@@ -408,14 +222,10 @@ class Armor(Method):
         ``weights_entropy`` and ``weights_zero_frac`` of the sample weights w, ``adv_acc``, ``natural``
         (clean CE, when computed) and ``cost`` (mean c_i, udr).
         """
-        with eval_mode(self.model):
-            x_adv = self.perturb(x, y)
-        self.model.train()
+        x_adv = self.attack(x, y)
         loss, metrics, lam = self._objective(x, y, x_adv)
-        self.optimizer.zero_grad(set_to_none=True)
         self.dual_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)   # one backward reaches the model and the dual variables
         if self.cfg.armor_divergence == "alpha":
             self.dual_optimizer.step()
         else:
@@ -432,14 +242,13 @@ class Armor(Method):
         if cfg.armor_cost == "udr":
             costs = udr_cost(x_adv, x, self.threat.eps, cfg.armor_ot_cost_weight / self.threat.step_size)
             metrics["cost"] = costs.mean()
+        # Under KL with the soft cost, x' = x (free) bounds z_i below: see ``dro.kl_scores``.
+        kl_udr = (cfg.armor_divergence, cfg.armor_cost) == ("kl", "udr")
+        stay = self._base_losses(logits, logits, y) if kl_udr else None
+        J, w, lam = dual_objective(losses, costs, divergence=cfg.armor_divergence, radius=cfg.armor_radius,
+                                   alpha=cfg.armor_alpha, kappa=cfg.armor_kappa, variables=self.dual, stay=stay)
         if cfg.armor_divergence == "alpha":
-            lam, nu = self.dual.lam, self.dual.nu
-            J, w = alpha_dual(losses, costs, lam, nu, radius=cfg.armor_radius, alpha=cfg.armor_alpha)
-            metrics["nu"] = nu.detach()
-        else:
-            stay = self._base_losses(logits, logits, y) if cfg.armor_cost == "udr" else None
-            lam = kl_optimal_lambda(losses, costs, radius=cfg.armor_radius, kappa=cfg.armor_kappa, stay=stay)
-            J, w = kl_dual(losses, costs, lam, radius=cfg.armor_radius, kappa=cfg.armor_kappa, stay=stay)
+            metrics["nu"] = self.dual.nu.detach()
         loss = J
         if logits is not None:
             natural = F.cross_entropy(logits, y)
@@ -476,9 +285,7 @@ class ArmorTrades(Armor):
         return self.threat.steps + 2 + 1 / 3   # + the no-grad clean forward that fixes p(x)
 
     def _attack_objective(self, x, y):
-        with torch.no_grad():
-            p_clean = F.softmax(self.model(x), 1)
-        return p_clean, _kl_to_clean, x + 0.001 * torch.randn_like(x)
+        return clean_probabilities(self.model, x), kl_to_clean, trades_start(x)
 
     def _base_losses(self, logits, logits_adv, y):
         return trades_loss_per_example(logits, logits_adv, y, self.cfg.trades_beta)
@@ -495,7 +302,7 @@ class ArmorMart(Armor):
         return self.threat.steps + 2.0
 
     def _attack_objective(self, x, y):
-        return y, ce_loss, x + 0.001 * torch.randn_like(x)
+        return y, ce_loss, trades_start(x)
 
     def _base_losses(self, logits, logits_adv, y):
         return mart_loss_per_example(logits, logits_adv, y, self.cfg.mart_beta)

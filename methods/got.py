@@ -2,7 +2,7 @@
 r"""GOT: adversarial training plus an optimal-transport term between benign and adversarial latents.
 
 Anonymous ICLR submission, "Improving robustness with optimal transport based adversarial
-generalization" (seed 003; methods-spec 5). A PGD-AT or TRADES base loss is regularised by the
+generalization" (seed 003). A PGD-AT or TRADES base loss is regularised by the
 entropic Wasserstein distance between the benign and adversarial joint latent distributions,
 :math:`u = (z, h(z))` with :math:`z = g(x)` the penultimate features and :math:`h` the linear head,
 computed on each minibatch through its semi-dual with a learned linear Kantorovich potential
@@ -63,11 +63,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common.attacks import eval_mode, pgd
+from methods.common.attacks import pgd
+from methods.common.functional import kl_to_clean, trades_attack
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE
 from methods.space import Choice, Float, Int
-from methods.trades import kl_per_example, trades_attack
 
 
 @dataclass(frozen=True)
@@ -208,9 +208,7 @@ class Got(Method):
     def perturb(self, x, y):
         t = self.threat
         if self.base == "trades":
-            with torch.no_grad():
-                p_clean = F.softmax(self.model(x), 1)
-            return trades_attack(self.model, x, p_clean, t)
+            return trades_attack(self.model, x, t)
         return pgd(self.model, x, y, eps=t.eps, norm=t.norm, steps=t.steps, step_size=t.step_size)
 
     def loss(self, x, y, x_adv):
@@ -225,13 +223,9 @@ class Got(Method):
         potential on benign latents); ``natural`` (clean CE), ``adv`` (the unweighted adversarial
         term: CE on x', or the TRADES KL) and ``adv_acc``.
         """
-        with eval_mode(self.model):
-            x_adv = self.perturb(x, y)
-        self.model.train()
+        x_adv = self.attack(x, y)
         loss, metrics = self._objective(x, y, x_adv, fit_phi=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)
         return {"loss": loss.detach(), **metrics}
 
     def _objective(self, x, y, x_adv, *, fit_phi: bool):
@@ -257,7 +251,7 @@ class Got(Method):
     def _base_loss(self, logits, logits_adv, y):
         natural = F.cross_entropy(logits, y)
         if self.base == "trades":
-            adv = kl_per_example(F.log_softmax(logits_adv, 1), F.softmax(logits, 1)).mean()
+            adv = kl_to_clean(logits_adv, F.softmax(logits, 1)).mean()
             loss = natural + self.cfg.got_adv_weight * adv
         else:
             adv = F.cross_entropy(logits_adv, y)

@@ -2,7 +2,7 @@
 r"""Adversarial transport: persistent adversarial examples sampled by projected Langevin steps.
 
 Anonymous, "A distributional robustness perspective on adversarial training with the
-∞-Wasserstein distance" (under review; methods-spec 6, seed 004). Public copy of the official
+∞-Wasserstein distance" (under review; seed 004). Public copy of the official
 code: busycalibrating/Adversarial-Training (``adv_train/dynamic/langevin.py``).
 
 Implements Algorithm 1 (and the entropic objective of Eq. (11), in its semi-discrete form Eq. (18)):
@@ -32,7 +32,7 @@ Deviations:
     - The gradient is taken at the current iterate x~(t); Algorithm 1, line 8 writes t+1 (a typo).
     - The model is updated by the run's optimizer (its lr, momentum, weight decay and schedule) on
       the mean CE over the B x K samples. The paper takes a sign-of-gradient step and Algorithm 1
-      (line 12) reuses the pixel step eta as the model lr: a known error (methods-spec 10.3); eta is
+      (line 12) reuses the pixel step eta as the model lr, an error: eta is
       a pixel step, and sign-SGD moves every weight by exactly lr whatever its gradient's scale, so
       it is unscaled and unstable with lrs tuned for SGD. ``langevin_sign_update=True`` takes the
       paper's sign step with the optimizer's current lr (momentum and weight decay are bypassed).
@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from methods.common.attacks import ce_loss, eval_mode, frozen, project
+from methods.common.attacks import ascent, ascent_step, project
 from methods.common.method import Method
 from methods.space import Float, Int
 
@@ -119,24 +119,18 @@ def langevin_sample(model, x, y, x_tilde, *, eps: float, norm: str, eta: float, 
     Returns:
         samples (N, C, H, W) in [0, 1] and within eps of ``x``; with sigma = 0, PGD without random start.
     """
-    x, x_tilde = x.detach(), x_tilde.detach()
-    with frozen(model):
-        for _ in range(steps):
-            x_tilde.requires_grad_(True)
-            grad, = torch.autograd.grad(ce_loss(model(x_tilde), y).sum(), x_tilde)
-            if norm == "Linf":
-                step = grad.sign()
-            else:   # the L2 steepest-ascent direction, normalized as attacks.pgd does
-                step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-            x_tilde = x_tilde.detach() + eta * step
-            if sigma > 0:
-                if noise == "gaussian":
-                    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                else:
-                    xi = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-                x_tilde = x_tilde + sigma * xi
-            x_tilde = project(x_tilde, x, eps, norm)   # onto the ball, then onto [0, 1]
-    return x_tilde.detach()
+    def move(x_tilde, grad, x):
+        # PGD's ascent step (sign for L-inf, the normalized gradient for L2), plus the noise.
+        x_tilde = ascent_step(x_tilde, grad, eta, norm)
+        if sigma > 0:
+            if noise == "gaussian":
+                xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                xi = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+            x_tilde = x_tilde + sigma * xi
+        return project(x_tilde, x, eps, norm)   # onto the ball, then onto [0, 1]
+
+    return ascent(model, x_tilde, x.detach(), y, steps=steps, move=move)
 
 
 def _flat(v: torch.Tensor) -> torch.Tensor:
@@ -206,11 +200,11 @@ class Langevin(Method):
     def passes(self):
         return float((self.cfg.langevin_t + 1) * self.cfg.langevin_k)
 
-    def perturb(self, x, y):
-        """T Langevin steps from ``x`` (a fresh buffer entry); ``step`` moves the buffer instead."""
+    def perturb(self, x, y, start=None):
+        """T Langevin steps from ``start`` (None: ``x``, a fresh buffer entry); ``step`` starts from the buffer."""
         c, t = self.cfg, self.threat
-        return langevin_sample(self.model, x, y, x, eps=t.eps, norm=t.norm, eta=c.langevin_eta, sigma=self.sigma,
-                               steps=c.langevin_t, noise=c.langevin_noise)
+        return langevin_sample(self.model, x, y, x if start is None else start, eps=t.eps, norm=t.norm,
+                               eta=c.langevin_eta, sigma=self.sigma, steps=c.langevin_t, noise=c.langevin_noise)
 
     def loss(self, x, y, x_adv):
         logits_adv = self.model(x_adv)
@@ -220,32 +214,32 @@ class Langevin(Method):
     def step(self, x, y, idx):
         if idx is None:
             raise ValueError("langevin needs the examples' ids (idx) to key its buffer")
-        c, t = self.cfg, self.threat
+        c = self.cfg
         start = self.read(x, idx)                                   # Algorithm 1, line 5
         x_rep, y_rep = _flat(x.unsqueeze(1).expand_as(start)), y.repeat_interleave(c.langevin_k)
-        with eval_mode(self.model):                                 # lines 6-10
-            x_adv = langevin_sample(self.model, x_rep, y_rep, _flat(start), eps=t.eps, norm=t.norm,
-                                    eta=c.langevin_eta, sigma=self.sigma, steps=c.langevin_t, noise=c.langevin_noise)
+        x_adv = self.attack(x_rep, y_rep, start=_flat(start))      # lines 6-10
         delta = (x_adv - x_rep).view_as(start)
         self.delta.index_copy_(0, self._ids(idx), delta.to(self.delta.device))   # line 13
-        self.model.train()                                          # lines 11-12
-        loss, metrics = self.loss(x_rep, y_rep, x_adv)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.langevin_sign_update:
-            with torch.no_grad():
-                for group in self.optimizer.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.add_(p.grad.sign(), alpha=-group["lr"])
-        else:
-            self.optimizer.step()
+        loss, metrics = self.loss(x_rep, y_rep, x_adv)              # lines 11-12
+        self.update(loss)
         metrics["delta_linf"] = delta.detach().abs().flatten(2).amax(2).mean()
         if self.sigma > 0:   # lambda is infinite at sigma = 0 (the PGD limit): not logged
             if self._lambda is None:   # made once: a host-to-device copy per step would cost a sync
                 self._lambda = torch.tensor(self.lam, device=x.device)
             metrics["lambda"] = self._lambda
         return {"loss": loss.detach(), **metrics}
+
+    def update(self, loss):
+        """The run's optimizer step, or (``langevin_sign_update``) the paper's sign step at its current lr."""
+        if not self.cfg.langevin_sign_update:
+            return super().update(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad.sign(), alpha=-group["lr"])
 
     def state_dict(self) -> dict:
         """The buffer, as a CPU copy (empty before the first step)."""

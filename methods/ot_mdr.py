@@ -2,7 +2,7 @@
 r"""OT-MDR: distributional robustness in model space, a sharpness-aware update around any base loss.
 
 Nguyen, Le, Bui, Do, Phung, "Optimal Transport Model Distributional Robustness", NeurIPS 2023,
-arXiv:2306.04178 (methods-spec 3; seed 001). Implements the single-model case of the OT-MDR problem
+arXiv:2306.04178 (seed 001). Implements the single-model case of the OT-MDR problem
 (Section 3; centre a Dirac :math:`\delta_\theta`): the worst model distribution within a Wasserstein
 ball of radius :math:`\rho` around the current weights, in place of SAM's worst single point,
 
@@ -33,7 +33,7 @@ TRADES loss. Every loss evaluation is the base method's own ``loss`` on its (sub
 Deviations:
     - Weight noise is really applied (``ot_mdr_noise_std``, after both ascent steps). The official
       single-model and ensemble scripts never pass ``--noise_var`` to the optimizer, so they run
-      noise-free whatever the flag (methods-spec 10.5); ``SAMnChain`` also scales its second noise by lr.
+      noise-free whatever the flag; ``SAMnChain`` also scales its second noise by lr.
     - The second step is normalised by :math:`\|g_2\|`, not by the merged :math:`\|g_1 + g_2\|`, as
       in the code that produced the published numbers: its length is
       :math:`\rho_2 \|g_1 + g_2\| / \|g_2\|` (about :math:`2\rho_2` when the halves agree), not
@@ -66,11 +66,11 @@ See Also: ``erm``, ``pgd_at``, ``trades`` (the base methods).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar
 
 import torch
 
-from methods.common.attacks import eval_mode
+from methods.common.functional import ascend, global_norm
 from methods.common.method import Method
 from methods.common.train import TRAIN_SPACE
 from methods.erm import Erm
@@ -119,26 +119,6 @@ SEARCH_SPACE = {
 }
 
 
-def global_norm(grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """One L2 norm over every parameter's gradient (``None`` for an unused parameter), a scalar."""
-    # One fused kernel per dtype and device instead of one per parameter: this bookkeeping would
-    # otherwise cost a visible share of a step on small models (benchmarks/method_cost.py).
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for g in grads if g is not None])))
-
-
-@torch.no_grad()
-def ascend(params: Sequence[torch.Tensor], direction: Sequence[Optional[torch.Tensor]], scale: torch.Tensor,
-           noise_std: float) -> None:
-    """One ascent step in place: ``p += scale * d + noise_std * N(0, I)`` for each parameter with a direction."""
-    moved = [(p, d) for p, d in zip(params, direction) if d is not None]
-    if not moved:
-        return
-    targets, steps = [p for p, _ in moved], [d for _, d in moved]
-    torch._foreach_add_(targets, torch._foreach_mul(steps, scale))
-    if noise_std > 0:
-        torch._foreach_add_(targets, [torch.randn_like(p) for p in targets], alpha=noise_std)
-
-
 class OtMdr(Method):
     """OT-MDR around the loss of ``Base``, instantiated internally on the same model and threat model."""
 
@@ -176,9 +156,7 @@ class OtMdr(Method):
         theta_2; each averaged over particles.
         """
         c = self.cfg
-        with eval_mode(self.model):
-            x_adv = self.base.perturb(x, y)
-        self.model.train()
+        x_adv = self.attack(x, y)   # the base method's attack, once, at theta
         params = [p for p in self.model.parameters() if p.requires_grad]
         theta = torch._foreach_mul(params, 1.0)   # a copy of every weight in one fused call
         buffers = None

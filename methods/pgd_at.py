@@ -2,8 +2,7 @@
 """PGD adversarial training.
 
 Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
-Attacks", ICLR 2018, arXiv:1706.06083. Implements the saddle-point problem of Eq. (2.1)
-(methods-spec 1.1):
+Attacks", ICLR 2018, arXiv:1706.06083. Implements the saddle-point problem of Eq. (2.1):
 
 .. math::
     \min_\theta \; \mathbb{E}_{(x,y)} \Big[ \max_{\|\delta\| \le \varepsilon}

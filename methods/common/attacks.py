@@ -1,6 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """FGSM and PGD (L-inf and L2): the one attack loop every method and evaluation shares.
 
+Every input-space ascent runs through :func:`ascent` (or, for evaluation's keep-best PGD, through
+the same single step): it freezes the weights, takes the gradient of the summed per-example loss
+at the iterate and hands it to a ``move``. PGD's move is a steepest-ascent step projected onto the
+ball; ARMOR's UDR transport and Langevin sampling pass their own moves (``methods.common.dro``,
+``methods.langevin``).
+
 Conventions, as in torchattacks and RobustBench:
 - inputs are images in [0, 1]; ``eps`` and ``step_size`` are in the same pixel units;
 - every iterate is projected onto the eps-ball around ``x`` and onto [0, 1];
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, y) -> per-example loss (N,)``; the attack ascends its sum."""
+Move = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``move(x_adv, grad, x) -> next iterate``: one update from an iterate, its loss gradient and the clean ``x``."""
 
 NORMS = ("Linf", "L2")
 
@@ -122,7 +130,8 @@ def random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[tor
     return project(x + delta, x, eps, norm)
 
 
-def _ascent(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+    """A step of length ``step_size`` in the steepest-ascent direction of ``norm`` (sign, or g / ||g||_2)."""
     if norm == "Linf":
         return x_adv + step_size * grad.sign()
     return x_adv + step_size * grad / _flat_norm(grad)
@@ -176,12 +185,35 @@ def pgd(
     if restarts > 1:
         raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
     x = x.detach()
-    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    move = pgd_move(eps, norm, step_size if step_size is not None else 2.5 * eps / max(steps, 1))
+    return ascent(model, _start(x, eps, norm, init, random_init, generator), x, y, steps=steps, move=move,
+                  loss_fn=loss_fn, target=target)
+
+
+def pgd_move(eps: float, norm: str, step_size: float) -> Move:
+    """PGD's move: :func:`ascent_step`, then the projection onto the eps-ball around ``x`` and onto [0, 1]."""
+    def move(x_adv, grad, x):
+        return project(ascent_step(x_adv, grad, step_size, norm), x, eps, norm)
+    return move
+
+
+def ascent(model: nn.Module, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, steps: int, move: Move,
+           loss_fn: LossFn = ce_loss, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one ascent loop: ``steps`` times, the input gradient of the summed loss at the iterate, then ``move``.
+
+    Args:
+        model: the classifier; its weights are frozen for the loop, its mode is left to the caller.
+        start: the first iterate, used as given (``move`` owns every constraint).
+        x, y, loss_fn, target: the clean inputs, and the loss ascended, as in :func:`pgd`.
+
+    Returns:
+        the last iterate, detached.
+    """
+    x_adv = start.detach()
     with frozen(model):
-        x_adv = _start(x, eps, norm, init, random_init, generator)
         for _ in range(steps):
-            x_adv = _step(model, x_adv, x, y, target, loss_fn, alpha, eps, norm)[0]
-    return x_adv
+            x_adv = _step(model, x_adv, x, y, target, loss_fn, move)[0]
+    return x_adv.detach()
 
 
 def pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,13 +232,13 @@ def _start(x, eps, norm, init, random_init, generator):
     return random_start(x, eps, norm, generator) if random_init else x.clone()
 
 
-def _step(model, x_adv, x, y, target, loss_fn, alpha, eps, norm):
+def _step(model, x_adv, x, y, target, loss_fn, move):
     """One ascent step from ``x_adv``; also returns the logits and losses of ``x_adv`` itself."""
     x_adv.requires_grad_(True)
     logits = model(x_adv)
     losses = _loss(logits, y, target, loss_fn)
     grad, = torch.autograd.grad(losses.sum(), x_adv)
-    return project(_ascent(x_adv.detach(), grad, alpha, norm), x, eps, norm), logits.detach(), losses.detach()
+    return move(x_adv.detach(), grad, x), logits.detach(), losses.detach()
 
 
 def _loss(logits, y, target, loss_fn):
@@ -215,7 +247,7 @@ def _loss(logits, y, target, loss_fn):
 
 def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
                    loss_fn=ce_loss, target=None, init=None, generator=None):
-    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    move = pgd_move(eps, norm, step_size if step_size is not None else 2.5 * eps / max(steps, 1))
     x = x.detach()
     best = x.clone()
     best_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
@@ -231,7 +263,7 @@ def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, r
             ts = None if target is None else target[rows]
             for step in range(steps + 1):
                 if step < steps:
-                    next_adv, logits, losses = _step(model, x_adv, xs, ys, ts, loss_fn, alpha, eps, norm)
+                    next_adv, logits, losses = _step(model, x_adv, xs, ys, ts, loss_fn, move)
                 else:
                     with torch.no_grad():
                         logits = model(x_adv)

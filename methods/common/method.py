@@ -4,7 +4,9 @@
 Simple methods (PGD-AT, TRADES, MART) define ``perturb`` (the inner maximization) and ``loss`` (the
 outer objective) and inherit ``step``. Methods that must control their own update (SAM-like weight
 perturbations, persistent adversarial buffers, learned potentials or dual variables) override
-``step`` and, for exact resume, ``state_dict``/``load_state_dict``.
+``step`` and, for exact resume, ``state_dict``/``load_state_dict``; their ``step`` still runs the
+inner maximization through ``attack`` and the model's update through ``update``, so the mode
+switches and the optimizer calls live here only.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ class Method:
     """Architectures (``nets.ARCHS`` keys) the method runs on; None: any architecture."""
     certified: ClassVar[bool] = False
     """True when the method's models come with certificates (``methods.common.certify``)."""
+    norm: ClassVar[Optional[str]] = None
+    """The one threat-model norm (``Linf`` or ``L2``) the method is defined for; None: any norm."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, threat: ThreatModel, cfg=None,
                  *, n_train: int = 0, device: torch.device | str = "cpu"):
@@ -71,22 +75,34 @@ class Method:
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One update on a minibatch; returns detached scalar tensors to log.
+        """One update on a minibatch: ``attack``, ``loss``, ``update``; returns detached scalar tensors to log.
 
         Tensors rather than floats, so that the loop averages them on the device and syncs with
         the host once per epoch instead of once per batch.
         """
-        with eval_mode(self.model):
-            x_adv = self.perturb(x, y)
-        self.model.train()
+        x_adv = self.attack(x, y)
         loss, metrics = self.loss(x, y, x_adv)
+        self.update(loss)
+        return {"loss": loss.detach(), **metrics}
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``perturb(x, y, **kwargs)`` in eval mode, then the model back in train mode for the update.
+
+        Eval mode keeps adversarial inputs out of the batch-norm statistics (every method here).
+        """
+        with eval_mode(self.model):
+            x_adv = self.perturb(x, y, **kwargs)
+        self.model.train()
+        return x_adv
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``: zero the gradients, backward, step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach(), **metrics}
 
     def passes(self) -> float | None:
-        """Forward+backward passes over a minibatch per step, in theory (methods-spec section 7).
+        """Forward+backward passes over a minibatch per step, in theory.
 
         A forward pass without backward counts 1/3. ``benchmarks/method_cost.py`` compares it with
         the measured cost; ``None`` when a method does not declare it.

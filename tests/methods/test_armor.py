@@ -13,14 +13,16 @@ import scipy.optimize
 import torch
 import torch.nn.functional as F
 
-from methods.armor import (LAMBDA_MIN, UDR_CAP, ArmorMart, ArmorPgd, ArmorTrades, DualVariables, alpha_dual,
-                           f_star_alpha, kl_dual, kl_dual_slope, kl_optimal_lambda, udr_cost, weight_stats)
+from methods.armor import ArmorMart, ArmorPgd, ArmorTrades
 from methods.common import data, nets
 from methods.common.attacks import ThreatModel, eval_mode
+from methods.common.dro import (LAMBDA_MIN, UDR_CAP, DualVariables, alpha_dual, f_star_alpha, kl_dual, kl_dual_slope,
+                                kl_optimal_lambda, udr_cost, weight_stats)
+from methods.common.functional import mart_loss_per_example, trades_loss_per_example
 from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.mart import Mart, mart_loss_per_example
+from methods.mart import Mart
 from methods.pgd_at import PgdAT
-from methods.trades import Trades, trades_loss_per_example
+from methods.trades import Trades
 
 THREAT = ThreatModel("Linf", 0.2, steps=3)
 

@@ -142,7 +142,7 @@ def _run(digits, name="pgd_at", **hparams) -> Run:
     hparams = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
                "attack_steps": 3, "val_n_ex": 64, "val_pgd_steps": 3, **hparams}
     cls = methods.get(name)
-    norm = getattr(cls, "norm", None) or "Linf"
+    norm = cls.norm or "Linf"
     return methods.build_run(name, hparams, dataset="digits", arch=cls.archs[0] if cls.archs else "small_cnn",
                              threat=methods.ThreatModel(norm, 0.1 if norm == "Linf" else 0.5),
                              train=train, val=val, device="cpu")

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every registered method on a fixed batch of 64 digits (torchattacks-style, house-style 9.6),
+"""Every registered method on a fixed batch of 64 digits (torchattacks-style),
 then the closed-form identities of TRADES and MART.
 """
 from __future__ import annotations
@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 import methods
 from methods.common.attacks import ThreatModel, eval_mode
+from methods.common.functional import boosted_ce, kl_per_example
 from methods.common.train import TRAIN_SPACE, TrainConfig
-from methods.mart import boosted_ce
-from methods.trades import kl_per_example
 
 NAMES = sorted(methods.REGISTRY)
 THREATS = {"Linf": ThreatModel("Linf", 0.1), "L2": ThreatModel("L2", 0.5)}
@@ -43,7 +42,7 @@ def _arch(name):
 
 def _threat(name, norm=None):
     """``THREATS[norm]`` (L-inf by default); a method declaring a ``norm`` only runs under that one."""
-    declared = getattr(methods.REGISTRY[name], "norm", None)
+    declared = methods.REGISTRY[name].norm
     if declared and norm and norm != declared:
         pytest.skip(f"{name} is defined for {declared} only")
     return THREATS[declared or norm or "Linf"]
