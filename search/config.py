@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import methods
 from methods.common import data as data_lib
 from methods.common.attacks import check_eps
-from methods.common.evaluate import Thresholds
+from methods.common.evaluate import EvalSettings, Thresholds
 from methods.common.nets import ARCHS
 from methods.space import Choice, Fixed, Float, Int, narrow
 
@@ -90,17 +90,23 @@ class FlagThresholds(_Strict):
     lipschitz: float = Field(_THRESHOLDS.lipschitz, ge=0, description="Lipschitz bound tolerance of a certificate")
 
 
+_EVAL = EvalSettings()
+
+
 class FinalEval(_Strict):
+    """The test-split evaluation; the defaults of its attack settings are methods.common.evaluate.EvalSettings'."""
+
     top_k: int = Field(1, ge=1, description="trials per method evaluated on the test split")
-    autoattack: Optional[Literal["standard", "plus"]] = "standard"
-    n_ex: Optional[int] = Field(None, ge=1, description="test examples (default: the whole test split)")
-    pgd_steps: int = Field(50, ge=1)
-    pgd_restarts: int = Field(1, ge=1, description="random starts on cross-entropy")
-    pgd_targets: int = Field(3, ge=0, description="extra starts on the margin to each of the likeliest wrong classes")
+    autoattack: Optional[Literal["standard", "plus"]] = Field(_EVAL.aa_version, description="null: no AutoAttack")
+    n_ex: Optional[int] = Field(_EVAL.n_ex, ge=1, description="test examples (default: the whole test split)")
+    pgd_steps: int = Field(_EVAL.pgd_steps, ge=1)
+    pgd_restarts: int = Field(_EVAL.pgd_restarts, ge=1, description="random starts on cross-entropy")
+    pgd_targets: int = Field(_EVAL.pgd_targets, ge=0,
+                             description="extra starts on the margin to each of the likeliest wrong classes")
     eps_sweep: bool = Field(True, description="PGD accuracy at 0, eps/2, eps, 2 eps, 4 eps and the chance radius")
-    sweep_steps: int = Field(20, ge=1)
+    sweep_steps: int = Field(_EVAL.sweep_steps, ge=1)
     seeds: int = Field(1, ge=1, description="retrain the selected configuration with this many seeds (mean +- std)")
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(_EVAL.batch_size, ge=1)
     thresholds: FlagThresholds = FlagThresholds()
 
 

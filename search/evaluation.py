@@ -14,6 +14,7 @@ through here, so the same weights and seed give the same numbers whichever ran t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,56 +25,64 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 import methods
+from methods.common import evaluate as stages
+from search.config import FinalEval
 
-ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
+ACCURACIES = stages.ACCURACIES
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 SINGLE_SEED = "single-seed"
 
 
-def attacks_for(method: Optional[str], eval_cfg: Mapping[str, Any], certified: Optional[bool] = None) -> tuple:
+def _switches(eval_cfg: FinalEval) -> dict[str, bool]:
+    """Default stages that a FinalEval field turns off (``autoattack: null``, ``eps_sweep: false``)."""
+    return {"autoattack": bool(eval_cfg.autoattack), "eps-sweep": eval_cfg.eps_sweep}
+
+
+def attacks_for(method: Optional[str], eval_cfg: FinalEval | Mapping[str, Any],
+                certified: Optional[bool] = None) -> tuple[str, ...]:
+    """The stages a final evaluation runs: the default ones the config leaves on, and the certificate
+    for a method that certifies."""
+    on = _switches(FinalEval.model_validate(eval_cfg))
     certified = methods.get(method).certified if certified is None else certified
-    return (("clean", "pgd", "steps-check")
-            + (("autoattack",) if eval_cfg.get("autoattack") else ())
-            + (("eps-sweep",) if eval_cfg.get("eps_sweep", True) else ())
-            + (("certified",) if certified else ()))
+    return tuple(stage.name for stage in stages.STAGES
+                 if (stage.default and on.get(stage.name, True)) or (stage.name == "certified" and certified))
 
 
-def evaluate_weights(weights: Mapping[str, torch.Tensor], *, arch: str, norm: str, eps: float, test_data,
-                     eval_cfg: Mapping[str, Any], seed: int, method: Optional[str] = None,
-                     certified: Optional[bool] = None, state_path: Optional[str] = None,
-                     log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None) -> dict:
-    """Build ``arch``, load ``weights`` and evaluate them on ``test_data`` with ``eval_cfg`` (FinalEval)."""
+def settings_from(eval_cfg: FinalEval | Mapping[str, Any]) -> stages.EvalSettings:
+    """The :class:`EvalSettings` of a FinalEval: its fields of the same name, its AutoAttack version
+    and its thresholds (FinalEval's defaults are EvalSettings' own)."""
+    cfg = FinalEval.model_validate(eval_cfg)
+    same = {f.name for f in dataclasses.fields(stages.EvalSettings)} & (set(FinalEval.model_fields) - {"thresholds"})
+    version = {"aa_version": cfg.autoattack} if cfg.autoattack else {}
+    return stages.EvalSettings(**{name: getattr(cfg, name) for name in same}, **version,
+                               thresholds=stages.Thresholds(**cfg.thresholds.model_dump()))
+
+
+def evaluate_weights(weights: Mapping[str, torch.Tensor], *, arch: str, test_data,
+                     device: Optional[torch.device] = None, **evaluation: Any) -> dict:
+    """Build ``arch``, load ``weights`` and :func:`evaluate_model` them on ``test_data`` (``evaluation``:
+    its other keyword arguments)."""
     info = test_data.info
     model = methods.nets.build(arch, in_channels=info.in_channels, num_classes=info.num_classes,
                                mean=info.mean, std=info.std)
     model.load_state_dict(weights)
     device = device or methods.pick_device()
-    model.to(device).eval()
-    thresholds = methods.common.evaluate.Thresholds(**eval_cfg.get("thresholds", {}))
-    return methods.evaluate(
-        model, test_data, methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified),
-        n_ex=eval_cfg.get("n_ex"), pgd_steps=eval_cfg.get("pgd_steps", 50),
-        pgd_restarts=eval_cfg.get("pgd_restarts", 1), pgd_targets=eval_cfg.get("pgd_targets", 3),
-        aa_version=eval_cfg.get("autoattack") or "standard", sweep_steps=eval_cfg.get("sweep_steps", 20),
-        thresholds=thresholds, batch_size=eval_cfg.get("batch_size", 500), seed=seed, device=device,
-        state_path=state_path, log=log)
+    return evaluate_model(model.to(device).eval(), test_data=test_data, device=device, **evaluation)
 
 
-def metric_key(name: str) -> str:
-    """An MLflow-safe metric name ("PGD-50 with restarts" -> "pgd-50_with_restarts")."""
-    return "".join(c if c.isalnum() or c in "-_./" else "_" for c in name.lower())
+def evaluate_model(model: torch.nn.Module, *, norm: str, eps: float, test_data, eval_cfg: Mapping[str, Any], seed: int,
+                   method: Optional[str] = None, certified: Optional[bool] = None, state_path: Optional[str] = None,
+                   log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None) -> dict:
+    """Evaluate ``model`` on ``test_data`` with ``eval_cfg`` (a FinalEval mapping)."""
+    return methods.evaluate(model, test_data, methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified),
+                            settings_from(eval_cfg), seed=seed, device=device, state_path=state_path, log=log)
 
 
 def to_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The ``test/*`` metrics of one evaluation (docs/mlflow-schema.md)."""
-    metrics = {f"test/{k}": result[k] for k in (*ACCURACIES, "lipschitz_bound") if k in result}
-    metrics["test/n_ex"] = result["n_ex"]
-    for name, (low, high) in result.get("ci95", {}).items():
-        metrics[f"test/{name}_ci_low"], metrics[f"test/{name}_ci_high"] = low, high
-    metrics.update({f"test/aa/{metric_key(k)}": v for k, v in result.get("aa_per_attack", {}).items()})
-    if "aa_blackbox_only" in result:
-        metrics["test/aa_blackbox_only"] = result["aa_blackbox_only"]
-    metrics.update({f"test/pgd_check/{metric_key(k)}": v for k, v in result.get("pgd_steps_check", {}).items()})
+    """The ``test/*`` metrics of one evaluation (docs/mlflow-schema.md): ``test/n_ex``, then each stage's."""
+    metrics = {f"{stages.METRIC_PREFIX}n_ex": result["n_ex"]}
+    for stage in stages.STAGES:
+        metrics.update(stage.metrics(result))
     return metrics
 
 

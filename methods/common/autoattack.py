@@ -2,7 +2,7 @@
 """AutoAttack as a resumable cascade, with the robust accuracy after each attack.
 
 pyautoattack's ``run_standard_evaluation`` returns only the final robust accuracy, logs the
-per-attack numbers at DEBUG level, and its state file cannot be reloaded (stack-notes 1.5). So we
+per-attack numbers at DEBUG level, and its state file cannot be reloaded. So we
 drive its attack objects ourselves: each batch of test points goes through the attacks of the
 chosen version in order (APGD-CE, APGD-T, FAB-T, Square for ``standard``), each attack only on the
 points that are still robust, and after every batch the outcome is written to a state file. A
@@ -10,7 +10,8 @@ preempted evaluation started again with the same state file skips the finished b
 
 Each point's outcome is a *stage*: 0 if it is misclassified clean, ``i + 1`` if attack ``i``
 fooled it first, and ``len(attacks) + 1`` if it survived them all. Every number of the cascade,
-and the share of points only the black-box Square attack could break, follows from the stages.
+and the share of points only the black-box Square attack could break, follows from the stages, as
+an exact count over the number of points.
 
 pyautoattack's own sanity checks (randomized or dynamic defenses, softmax outputs, too few
 classes, zero gradients) are captured from its logger and returned as named checks.
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from methods.common.attacks import ThreatModel, eval_mode
+from methods.common.evaluate import share
 
 CHECKS = {
     "aa-check:randomized": re.compile(r"randomized defense"),
@@ -57,15 +59,15 @@ class CascadeResult:
 
     @property
     def robust_acc(self) -> float:
-        return (self.stages > len(self.attacks)).float().mean().item()
+        return share(self.stages > len(self.attacks))
 
     @property
     def clean_acc(self) -> float:
-        return (self.stages > 0).float().mean().item()
+        return share(self.stages > 0)
 
     def per_attack(self) -> dict[str, float]:
         """Robust accuracy after each attack of the cascade, in order."""
-        return {name: (self.stages > i + 1).float().mean().item() for i, name in enumerate(self.attacks)}
+        return {name: share(self.stages > i + 1) for i, name in enumerate(self.attacks)}
 
     def blackbox_only(self) -> float:
         """Share of points that a black-box attack (Square) fooled first.
@@ -73,8 +75,8 @@ class CascadeResult:
         In the standard order Square runs last, so these are the points every white-box attack
         failed on: a sign that the gradients mislead (pyautoattack's check_square_sr).
         """
-        black = [i + 1 for i, name in enumerate(self.attacks) if name not in WHITE_BOX]
-        return sum((self.stages == s).float().mean().item() for s in black)
+        black = torch.tensor([i + 1 for i, name in enumerate(self.attacks) if name not in WHITE_BOX])
+        return share(torch.isin(self.stages, black))
 
 
 class _Warnings(logging.Handler):

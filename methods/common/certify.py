@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-r"""Certified L2 robustness of Lipschitz classifiers from their logit margins (methods-spec 4).
+r"""Certified L2 robustness of Lipschitz classifiers from their logit margins.
 
 For a classifier :math:`f: \mathbb{R}^d \to \mathbb{R}^K` and a correctly classified :math:`x`,
 the margin :math:`M(x) = f_y(x) - \max_{k \neq y} f_k(x)` certifies every L2 perturbation smaller
@@ -12,13 +12,16 @@ than
 
 since :math:`|f_y - f_k|` then moves by at most :math:`\sqrt 2 L \|\delta\|` (the gradient of
 :math:`f_y - f_k` is :math:`(e_y - e_k)^\top J`) or :math:`2 L \|\delta\|`. This is the rule of
-deel-lip's ``metrics.py``. Certified accuracy at radius :math:`\varepsilon` is the fraction of
-points with :math:`r(x) > \varepsilon`; a misclassified point has :math:`M \le 0` and never counts.
+deel-lip's ``metrics.py``, used by Serrurier et al., "Achieving robustness in classification using
+optimal transport with hinge regularization", CVPR 2021 (after Tsuzuku et al., "Lipschitz-Margin
+Training", NeurIPS 2018). Certified accuracy at radius :math:`\varepsilon` is the share of points
+with :math:`r(x) > \varepsilon`, an exact count over the points; a misclassified point has
+:math:`M \le 0` and never counts.
 
 ``certify`` measures L first and refuses, by raising ``UncertifiableError``, when the exported net's
 bound exceeds 1 + ``tolerance``: the iterative normalizers are approximate, and a certificate
-computed with a constant the net does not have is worthless (methods-spec 10.6). Raising rather
-than returning an empty result means a caller cannot log a number by mistake.
+computed with a constant the net does not have is worthless. Raising rather than returning an
+empty result means a caller cannot log a number by mistake.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from methods.common.attacks import eval_mode
+from methods.common.evaluate import share
 from methods.common.lipschitz import UnsupportedLayerError, export, lipschitz_bound
 
 DIVISORS = {"sqrt2": math.sqrt(2.0), "2": 2.0}
@@ -88,7 +92,7 @@ def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii
     """
     radii = _radii(radii)
     r = certified_radius(model, x, y, divisor=divisor, lipschitz=lipschitz, batch_size=batch_size)
-    return {radius: (r > radius).double().mean().item() for radius in radii}
+    return {radius: share(r > radius) for radius in radii}
 
 
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: float | Iterable[float], *,
@@ -129,8 +133,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: float | I
     lipschitz = max(bound, 1.0)
     r = certified_radius(exported, x, y, divisor=divisor, lipschitz=lipschitz, batch_size=batch_size)
     return {
-        "certified_acc": {radius: (r > radius).double().mean().item() for radius in radii},
-        "clean_acc": (r > 0).double().mean().item(),
+        "certified_acc": {radius: share(r > radius) for radius in radii},
+        "clean_acc": share(r > 0),
         "lipschitz_bound": bound,
         "lipschitz": lipschitz,
         "divisor": divisor,

@@ -4,8 +4,16 @@
 ``evaluate(model, data, threat_model, attacks=..., n_ex=...)`` is the one entry point, in the
 spirit of RobustBench's ``benchmark()``: it takes any ``nn.Module`` on [0, 1] inputs and a dataset
 split and returns accuracies with 95% confidence intervals and the automatic flags that catch the
-errors of methods-spec section 10 (gradient masking, accuracy above chance at huge eps, unsound
-certificates, small samples). Attacks always use true labels and random starts.
+classic evaluation errors of [2] and [4] (gradient masking, accuracy above chance at huge eps,
+unsound certificates, small samples). Attacks always use true labels and random starts.
+
+Each measurement is a :class:`Stage` of the table :data:`STAGES`: its name, the stages whose
+results it reads, its function, the result keys it writes, its MLflow metrics and the metric its
+leaderboard column shows. ``evaluate()`` runs the stages asked for, in table order, with one
+:class:`EvalSettings`. Adding an attack is one entry in :data:`STAGES` (docs/architecture.md).
+
+Every accuracy is an exact count over the number of points (:func:`share`): 132 of 200 is the
+double nearest 0.66, as ``132 / 200`` is, and flags compare those counts exactly.
 
 References:
     [1] Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -19,20 +27,29 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from fractions import Fraction
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from methods.common.attacks import ThreatModel, eval_mode, pgd, pgd_best, project
 
-ATTACKS = ("clean", "pgd", "autoattack", "eps-sweep", "steps-check", "certified")
-DEFAULT_ATTACKS = ATTACKS[:-1]
-"""Everything but the certificate, which only Lipschitz nets have."""
-ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
+METRIC_PREFIX = "test/"
+"""The MLflow namespace of an evaluation's metrics (docs/mlflow-schema.md)."""
+
+
+def share(hits: torch.Tensor) -> float:
+    """The share of true entries of ``hits``: an exact count over n, as a Python float.
+
+    A float32 mean would store 132 / 200 as 0.6600000262 and make 0.66 - 0.61 exceed 0.05.
+    """
+    n = hits.numel()
+    return int(hits.sum()) / n if n else float("nan")
 
 
 @torch.no_grad()
@@ -42,9 +59,9 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Clean accuracy (fraction), in eval mode."""
+    """Clean accuracy (an exact fraction), in eval mode."""
     with eval_mode(model):
-        return _correct(model, x, y, batch_size).float().mean().item()
+        return share(_correct(model, x, y, batch_size))
 
 
 def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *, steps: int = 10,
@@ -86,8 +103,8 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kwargs) -> float:
-    """Robust accuracy (fraction) under :func:`pgd_correct`."""
-    return pgd_correct(model, x, y, threat, **kwargs).float().mean().item()
+    """Robust accuracy (an exact fraction) under :func:`pgd_correct`."""
+    return share(pgd_correct(model, x, y, threat, **kwargs))
 
 
 def confidence_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -143,8 +160,8 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
                 correct = pgd_correct(model, x, y, at, steps=steps, step_size=2.5 * eps / steps,
                                       batch_size=batch_size, generator=generator)
                 grey = _correct(model, project(torch.full_like(x, 0.5), x, eps, threat.norm), y, batch_size)
-            curve["pgd_acc"].append(correct.float().mean().item())
-            curve["robust_acc"].append((correct & grey).float().mean().item())
+            curve["pgd_acc"].append(share(correct))
+            curve["robust_acc"].append(share(correct & grey))
     return curve
 
 
@@ -168,9 +185,25 @@ class Thresholds:
     """``unsound-certificate``: a measured Lipschitz bound above 1 + this."""
 
 
-def _beyond(delta: float, threshold: float) -> bool:
-    """``delta > threshold`` for differences of accuracies: 0.66 - 0.61 is not more than 0.05."""
-    return delta > threshold + 1e-9
+_LARGEST_N = 10 ** 6
+"""The most test points an accuracy is assumed to count when ``n_ex`` is not known."""
+
+
+def _count(accuracy: float, n: Optional[int]) -> Fraction | float:
+    """The exact fraction k / n that an accuracy stands for (the nearest one with a denominator <= n).
+
+    Accuracies are :func:`share` s, k / n rounded to the nearest double; two fractions with
+    denominators up to n differ by at least 1 / n^2, far more than that rounding, so this
+    recovers k / n itself.
+    """
+    if not math.isfinite(accuracy):
+        return accuracy
+    return Fraction(accuracy).limit_denominator(n or _LARGEST_N)
+
+
+def _beyond(high: float, low: float, threshold: float, n: Optional[int]) -> bool:
+    """``high - low > threshold``, exactly: 0.66 - 0.61 is not more than 0.05."""
+    return _count(high, n) - _count(low, n) > Fraction(str(threshold))
 
 
 def _points(delta: float) -> str:
@@ -180,34 +213,36 @@ def _points(delta: float) -> str:
 def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, str]:
     """Automatic warnings about an evaluation: flag name -> one-line reason.
 
-    The checks of RobustBench's and AutoAttack's flags_doc, and the sanity checks of
-    methods-spec section 8: gradient masking shows as AutoAttack far below PGD, accuracy that
-    does not fall to chance as eps grows, more PGD steps that help the defense, or the black-box
-    attack succeeding where the white-box ones failed.
+    The checks of RobustBench's and AutoAttack's flags_doc, and the sanity checks of [4]:
+    gradient masking shows as AutoAttack far below PGD, accuracy that does not fall to chance as
+    eps grows, more PGD steps that help the defense, or the black-box attack succeeding where the
+    white-box ones failed. Accuracies are compared as the exact counts they stand for
+    (:func:`_count`), so a gap of exactly a threshold is never beyond it.
     """
-    t, flags = thresholds, {}
+    t, flags, n_ex = thresholds, {}, result.get("n_ex")
     pgd_name = f"PGD-{result.get('settings', {}).get('pgd_steps', 'k')}"
-    if "aa_acc" in result and "pgd_acc" in result and _beyond(result["pgd_acc"] - result["aa_acc"], t.aa_gap):
+    if "aa_acc" in result and "pgd_acc" in result and _beyond(result["pgd_acc"], result["aa_acc"], t.aa_gap, n_ex):
         flags["masking:aa-gap"] = f"AutoAttack {_points(result['pgd_acc'] - result['aa_acc'])} below {pgd_name}"
     sweep = result.get("eps_sweep")
     if sweep:
         eps, acc, bound = sweep["eps"], sweep["pgd_acc"], sweep["chance_bound"]
-        rises = [(i, acc[i + 1] - acc[i]) for i in range(len(acc) - 1) if _beyond(acc[i + 1] - acc[i], t.rise)]
-        if _beyond(acc[-1] - bound, t.plateau):
+        rises = [i for i in range(len(acc) - 1) if _beyond(acc[i + 1], acc[i], t.rise, n_ex)]
+        if _beyond(acc[-1], bound, t.plateau, n_ex):
             flags["masking:eps-plateau"] = (f"PGD accuracy {acc[-1]:.1%} at eps={eps[-1]:g}, where no classifier "
                                             f"beats {bound:.1%}")
         elif rises:
-            i, _ = rises[0]
+            i = rises[0]
             flags["masking:eps-plateau"] = (f"PGD accuracy rises from {acc[i]:.1%} at eps={eps[i]:g} to "
                                             f"{acc[i + 1]:.1%} at eps={eps[i + 1]:g}")
     ladder = result.get("pgd_steps_check")
     if ladder:
         runs = list(ladder.items())
         for (short, short_acc), (long, long_acc) in zip(runs, runs[1:]):
-            if _beyond(long_acc - short_acc, t.steps):
+            if _beyond(long_acc, short_acc, t.steps, n_ex):
                 flags["masking:steps"] = f"{long} is {_points(long_acc - short_acc)} more accurate than {short}"
                 break
-    if result.get("aa_blackbox_only", 0.0) >= t.blackbox and result.get("aa_blackbox_only", 0.0) > 0:
+    blackbox_only = result.get("aa_blackbox_only", 0.0)
+    if blackbox_only > 0 and _count(blackbox_only, n_ex) >= Fraction(str(t.blackbox)):
         flags["masking:blackbox"] = (f"Square (black-box) fooled {result['aa_blackbox_only']:.1%} of the points "
                                      f"that every white-box attack failed on")
     flags.update(result.get("aa_checks", {}))
@@ -216,7 +251,8 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
         low, high = result.get("ci95", {}).get("aa_acc", result.get("ci95", {}).get("clean_acc", (0, 0)))
         flags["small-sample"] = f"n_ex = {n} < {t.small_sample}: 95% CI is {_points((high - low) / 2)} wide each way"
     bound = result.get("lipschitz_bound")
-    beaten = min(result.get("aa_acc", 1.0), result.get("pgd_acc", 1.0)) < result.get("certified_acc", 0.0) - 1e-9
+    attacked = min(result.get("aa_acc", 1.0), result.get("pgd_acc", 1.0))
+    beaten = _count(attacked, n_ex) < _count(result.get("certified_acc", 0.0), n_ex)
     if "certified_refused" in result:
         flags["unsound-certificate"] = result["certified_refused"]
     elif bound is not None and bound > 1 + t.lipschitz:
@@ -226,113 +262,271 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     return flags
 
 
-def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = DEFAULT_ATTACKS, *,
-             n_ex: Optional[int] = None, pgd_steps: int = 50, pgd_restarts: int = 1, pgd_targets: int = 3,
-             pgd_step_size: Optional[float] = None, aa_version: str = "standard", sweep_steps: int = 20,
-             sweep_radii: Optional[Iterable[float]] = None, thresholds: Thresholds = Thresholds(),
-             batch_size: int = 500, seed: int = 0, device: Optional[torch.device | str] = None,
-             state_path: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+@dataclass(frozen=True)
+class EvalSettings:
+    """How hard an evaluation attacks: the one home of its defaults (search's ``FinalEval`` reads them)."""
+
+    n_ex: Optional[int] = None
+    """Evaluate the first ``n_ex`` points of the split (``None``: all of them)."""
+    pgd_steps: int = 50
+    """Iterations of each run of the ``pgd`` stage."""
+    pgd_restarts: int = 1
+    """Random starts on cross-entropy."""
+    pgd_targets: int = 3
+    """Then one run on the margin toward each of this many likeliest wrong classes (multi-targeted PGD [3])."""
+    pgd_step_size: Optional[float] = None
+    """``None``: eps / 4. Each run keeps its most adversarial iterate, so a large step never weakens a long attack."""
+    aa_version: str = "standard"
+    """The pyautoattack version of the ``autoattack`` stage: ``standard`` or ``plus``."""
+    sweep_steps: int = 20
+    """PGD iterations at each radius of the eps sweep."""
+    sweep_radii: Optional[tuple[float, ...]] = None
+    """Radii of the eps sweep (``None``: :func:`sweep_radii`)."""
+    batch_size: int = 500
+    thresholds: Thresholds = Thresholds()
+    """When flags are raised."""
+
+
+@dataclass
+class StageInput:
+    """What a stage's function gets: the model, the points, the settings and the results so far."""
+
+    model: nn.Module
+    """The model the attacks run on (its ``inference()`` form when it has one)."""
+    given_model: nn.Module
+    """The model as passed to :func:`evaluate`; the certificate exports it itself."""
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: ThreatModel
+    settings: EvalSettings
+    seed: int
+    """Seeds every random start and AutoAttack."""
+    state_path: Optional[str]
+    """AutoAttack's per-batch state file."""
+    say: Callable[[str], None]
+    stopwatch: "_Stopwatch"
+    result: dict
+    """The keys the stages before this one wrote: a stage finds what it ``needs`` here."""
+
+    @property
+    def pgd_step_size(self) -> float:
+        step = self.settings.pgd_step_size
+        return step if step is not None else self.threat.eps / 4
+
+    def generator(self) -> torch.Generator:
+        """A generator seeded afresh, so that every attack starts from the same random state."""
+        return torch.Generator(device=self.x.device).manual_seed(self.seed)
+
+
+def _no_metrics(result: Mapping) -> dict[str, float]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One measurement of :func:`evaluate`, declared as data in :data:`STAGES`."""
+
+    name: str
+    """How ``evaluate(attacks=...)`` asks for it."""
+    label: str
+    """Its progress line, formatted with the :class:`EvalSettings` fields (``"PGD-{pgd_steps}"``)."""
+    run: Callable[[StageInput], dict]
+    """Measures, and returns the result keys it writes."""
+    writes: tuple[str, ...]
+    """The result keys (those of report.json too) that ``run`` may return."""
+    needs: tuple[str, ...] = ()
+    """Stages whose results ``run`` reads when they were asked for too; the table lists them first."""
+    accuracy: Optional[str] = None
+    """Its headline accuracy among ``writes``: it gets a 95% interval, the metrics ``test/<accuracy>``,
+    ``test/<accuracy>_ci_low`` and ``_ci_high``, and a mean and std over seeds."""
+    details: Callable[[Mapping], dict[str, float]] = _no_metrics
+    """Its other MLflow metrics, read from a result (docs/mlflow-schema.md)."""
+    column: Optional[str] = None
+    """The MLflow metric its leaderboard column shows, if it has one; the leaderboard's column spec
+    names the same key (the leaderboard never imports methods/)."""
+    default: bool = True
+    """Run when ``evaluate`` is not told which stages to run."""
+
+    def metrics(self, result: Mapping) -> dict[str, float]:
+        """Its MLflow metrics: the accuracy and its 95% interval, then the details."""
+        metrics = {}
+        if self.accuracy in result:
+            name = METRIC_PREFIX + self.accuracy
+            metrics[name] = result[self.accuracy]
+            if self.accuracy in result.get("ci95", {}):
+                metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = result["ci95"][self.accuracy]
+        return metrics | self.details(result)
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name ("PGD-50 with restarts" -> "pgd-50_with_restarts")."""
+    return "".join(c if c.isalnum() or c in "-_./" else "_" for c in name.lower())
+
+
+def _clean(run: StageInput) -> dict:
+    return {"clean_acc": accuracy(run.model, run.x, run.y, run.settings.batch_size)}
+
+
+def _pgd(run: StageInput) -> dict:
+    cfg = run.settings
+    return {"pgd_acc": pgd_accuracy(run.model, run.x, run.y, run.threat, steps=cfg.pgd_steps,
+                                    step_size=run.pgd_step_size, restarts=cfg.pgd_restarts, targets=cfg.pgd_targets,
+                                    batch_size=cfg.batch_size, generator=run.generator())}
+
+
+def _steps_check(run: StageInput) -> dict:
+    """Last-iterate PGD with a fifth of the steps, with all of them, then the full PGD: more must never help [4]."""
+    cfg, ladder = run.settings, {}
+    for steps in (max(1, cfg.pgd_steps // 5), cfg.pgd_steps):
+        ladder[f"PGD-{steps}"] = pgd_accuracy(run.model, run.x, run.y, run.threat, steps=steps,
+                                              step_size=2.5 * run.threat.eps / steps, keep_best=False,
+                                              batch_size=cfg.batch_size, generator=run.generator())
+    if "pgd_acc" in run.result:
+        ladder[f"PGD-{cfg.pgd_steps} with restarts"] = run.result["pgd_acc"]
+    return {"pgd_steps_check": ladder}
+
+
+def _steps_check_metrics(result: Mapping) -> dict[str, float]:
+    return {f"{METRIC_PREFIX}pgd_check/{metric_key(k)}": v for k, v in result.get("pgd_steps_check", {}).items()}
+
+
+def _autoattack(run: StageInput) -> dict:
+    from methods.common.autoattack import autoattack_cascade
+
+    cfg = run.settings
+
+    def progress(done, total, so_far):
+        finished = so_far.stages[:min(done * cfg.batch_size, len(run.y))]
+        run.say(f"AutoAttack batch {done}/{total}: robust {share(finished > len(so_far.attacks)):.1%} "
+                f"so far ({run.stopwatch.elapsed():.0f}s)")
+
+    cascade = autoattack_cascade(run.model, run.x, run.y, run.threat, version=cfg.aa_version,
+                                 batch_size=cfg.batch_size, seed=run.seed, state_path=run.state_path,
+                                 progress=progress)
+    return {"aa_acc": cascade.robust_acc, "aa_per_attack": cascade.per_attack(),
+            "aa_blackbox_only": cascade.blackbox_only(), "aa_checks": cascade.checks,
+            "aa_resumed_batches": cascade.resumed_batches}
+
+
+def _autoattack_metrics(result: Mapping) -> dict[str, float]:
+    metrics = {f"{METRIC_PREFIX}aa/{metric_key(k)}": v for k, v in result.get("aa_per_attack", {}).items()}
+    if "aa_blackbox_only" in result:
+        metrics[f"{METRIC_PREFIX}aa_blackbox_only"] = result["aa_blackbox_only"]
+    return metrics
+
+
+def _eps_sweep(run: StageInput) -> dict:
+    cfg = run.settings
+    return {"eps_sweep": eps_sweep(run.model, run.x, run.y, run.threat, radii=cfg.sweep_radii,
+                                   steps=cfg.sweep_steps, batch_size=cfg.batch_size, seed=run.seed)}
+
+
+def _certified(run: StageInput) -> dict:
+    from methods.common.certify import UncertifiableError, certify
+
+    try:
+        certificate = certify(run.given_model, run.x, run.y, [run.threat.eps], batch_size=run.settings.batch_size)
+    except UncertifiableError as err:
+        return {"certified_refused": err.reason, **({"lipschitz_bound": err.bound} if err.bound is not None else {})}
+    return {"certified_acc": certificate["certified_acc"][run.threat.eps],
+            "lipschitz_bound": certificate["lipschitz_bound"]}
+
+
+def _lipschitz_metrics(result: Mapping) -> dict[str, float]:
+    return {f"{METRIC_PREFIX}lipschitz_bound": result["lipschitz_bound"]} if "lipschitz_bound" in result else {}
+
+
+def _in_order(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """The table, once checked: unique names, and every stage after the stages it needs."""
+    seen: list[str] = []
+    for stage in stages:
+        if stage.name in seen:
+            raise ValueError(f"stage {stage.name!r} is declared twice")
+        late = [need for need in stage.needs if need not in seen]
+        if late:
+            raise ValueError(f"stage {stage.name!r} needs {late}, which must come before it in STAGES")
+        seen.append(stage.name)
+    return stages
+
+
+STAGES: tuple[Stage, ...] = _in_order((
+    Stage("clean", "clean", _clean, writes=("clean_acc",), accuracy="clean_acc", column="test/clean_acc"),
+    Stage("pgd", "PGD-{pgd_steps} ({pgd_restarts} random + {pgd_targets} targeted starts)", _pgd,
+          writes=("pgd_acc",), accuracy="pgd_acc", column="test/pgd_acc"),
+    Stage("steps-check", "PGD steps check", _steps_check, writes=("pgd_steps_check",), needs=("pgd",),
+          details=_steps_check_metrics),
+    Stage("autoattack", "AutoAttack {aa_version}", _autoattack,
+          writes=("aa_acc", "aa_per_attack", "aa_blackbox_only", "aa_checks", "aa_resumed_batches"),
+          accuracy="aa_acc", details=_autoattack_metrics, column="test/aa_acc"),
+    Stage("eps-sweep", "eps sweep (PGD-{sweep_steps})", _eps_sweep, writes=("eps_sweep",)),
+    # Only Lipschitz nets have a certificate, so it runs when asked for.
+    Stage("certified", "certificate", _certified, writes=("certified_acc", "lipschitz_bound", "certified_refused"),
+          accuracy="certified_acc", details=_lipschitz_metrics, column="test/certified_acc", default=False),
+))
+"""Every stage :func:`evaluate` can run, in the order it runs them (docs/architecture.md: adding a stage)."""
+ATTACKS = tuple(stage.name for stage in STAGES)
+DEFAULT_ATTACKS = tuple(stage.name for stage in STAGES if stage.default)
+ACCURACIES = tuple(stage.accuracy for stage in STAGES if stage.accuracy)
+"""The headline accuracies: ``clean_acc``, ``pgd_acc``, ``aa_acc``, ``certified_acc``."""
+
+
+def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = DEFAULT_ATTACKS,
+             settings: EvalSettings = EvalSettings(), *, seed: int = 0, device: Optional[torch.device | str] = None,
+             state_path: Optional[str] = None, log: Optional[Callable[[str], None]] = None, **changes) -> dict:
     """Evaluate any classifier on [0, 1] inputs, the way RobustBench's ``benchmark()`` does, and flag it.
 
     Args:
         model: an ``nn.Module`` mapping (N, C, H, W) in [0, 1] to logits; normalization inside.
         data: a ``TensorData`` split or an ``(x, y)`` pair of tensors.
         threat_model: norm and eps of the attacks.
-        attacks: any of ``clean``, ``pgd``, ``autoattack`` (the cascade, with the accuracy after
-            each attack), ``eps-sweep``, ``steps-check`` and ``certified`` (the L2 certificate of
-            a Lipschitz net at eps, refused when its measured Lipschitz bound exceeds 1 + 2%).
-        n_ex: evaluate the first ``n_ex`` examples (``None``: all of them).
-        pgd_steps, pgd_restarts, pgd_targets: PGD-k on true labels with random starts: the
-            restarts ascend cross-entropy, then one run per target class ascends the margin to
-            each of the ``pgd_targets`` likeliest wrong classes; the worst case counts.
-        pgd_step_size: default eps / 4; each run keeps its most adversarial iterate, so a large
-            step never weakens a long attack.
-        aa_version: pyautoattack version (``standard`` or ``plus``).
-        sweep_steps, sweep_radii: PGD of the eps sweep (default radii: :func:`sweep_radii`).
-        thresholds: when flags are raised.
+        attacks: names of :data:`STAGES`: ``clean``, ``pgd`` (multi-targeted PGD-k with restarts),
+            ``steps-check``, ``autoattack`` (the cascade, with the accuracy after each attack),
+            ``eps-sweep`` and ``certified`` (the L2 certificate of a Lipschitz net at eps, refused
+            when its measured Lipschitz bound exceeds 1 + 2%). They run in the table's order.
+        settings: how hard the stages attack; keyword ``changes`` replace some of its fields
+            (``evaluate(model, data, threat, n_ex=200, pgd_steps=20)``).
         seed: seeds PGD's random starts and AutoAttack.
         state_path: AutoAttack's per-batch state file, so that a preempted evaluation resumes.
         log: called with one line per stage and per AutoAttack batch (progress).
 
     Returns:
-        ``{"n_ex", "clean_acc", "pgd_acc", "aa_acc", "aa_per_attack", "aa_blackbox_only",
-        "aa_checks", "eps_sweep", "pgd_steps_check", "certified_acc", "lipschitz_bound",
-        "ci95", "settings", "flags", "flag_reasons"}`` (those asked for), accuracies as
-        fractions and ``ci95`` their 95% Wilson intervals. A refused certificate gives
-        ``certified_refused`` and the ``unsound-certificate`` flag instead of a number.
+        ``{"n_ex", "settings"}``, the keys the stages asked for write (``clean_acc``, ``pgd_acc``,
+        ``pgd_steps_check``, ``aa_acc``, ``aa_per_attack``, ``aa_blackbox_only``, ``aa_checks``,
+        ``eps_sweep``, ``certified_acc``, ``lipschitz_bound``, ...), then ``ci95``, ``flag_reasons``
+        and ``flags``: accuracies as exact fractions and ``ci95`` their 95% Wilson intervals. A
+        refused certificate gives ``certified_refused`` and the ``unsound-certificate`` flag
+        instead of a number.
     """
+    settings = dataclasses.replace(settings, **changes)
     attacks = tuple(attacks)
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
     say = log or (lambda line: None)
     x, y = (data.x, data.y) if hasattr(data, "x") else data
-    if n_ex is not None:
-        x, y = x[:n_ex], y[:n_ex]
+    if settings.n_ex is not None:
+        x, y = x[:settings.n_ex], y[:settings.n_ex]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x, y = x.to(device), y.to(device)
-    certified_model, model = model, (model.inference() if hasattr(model, "inference") else model)
-    step_size = pgd_step_size if pgd_step_size is not None else threat_model.eps / 4
-    settings = {"norm": threat_model.norm, "eps": threat_model.eps, "pgd_steps": pgd_steps,
-                "pgd_restarts": pgd_restarts, "pgd_targets": pgd_targets, "pgd_step_size": step_size,
-                "autoattack": aa_version, "sweep_steps": sweep_steps, "seed": seed}
-    result: dict = {"n_ex": len(y), "settings": settings}
-    timed = _Stopwatch(say, len(y))
-    if "clean" in attacks:
-        with timed("clean"):
-            result["clean_acc"] = accuracy(model, x, y, batch_size)
-    if "pgd" in attacks:
-        with timed(f"PGD-{pgd_steps} ({pgd_restarts} random + {pgd_targets} targeted starts)"):
-            generator = torch.Generator(device=device).manual_seed(seed)
-            result["pgd_acc"] = pgd_accuracy(model, x, y, threat_model, steps=pgd_steps, step_size=step_size,
-                                             restarts=pgd_restarts, targets=pgd_targets, batch_size=batch_size,
-                                             generator=generator)
-    if "steps-check" in attacks:
-        with timed("PGD steps check"):
-            short = max(1, pgd_steps // 5)
-            ladder = {}
-            for steps in (short, pgd_steps):
-                generator = torch.Generator(device=device).manual_seed(seed)
-                ladder[f"PGD-{steps}"] = pgd_accuracy(model, x, y, threat_model, steps=steps,
-                                                      step_size=2.5 * threat_model.eps / steps, keep_best=False,
-                                                      batch_size=batch_size, generator=generator)
-            if "pgd_acc" in result:
-                ladder[f"PGD-{pgd_steps} with restarts"] = result["pgd_acc"]
-            result["pgd_steps_check"] = ladder
-    if "autoattack" in attacks:
-        from methods.common.autoattack import autoattack_cascade
-
-        def progress(done, total, so_far):
-            finished = so_far.stages[:min(done * batch_size, len(y))]
-            say(f"AutoAttack batch {done}/{total}: robust {(finished > len(so_far.attacks)).float().mean():.1%} "
-                f"so far ({timed.elapsed():.0f}s)")
-
-        with timed(f"AutoAttack {aa_version}"):
-            cascade = autoattack_cascade(model, x, y, threat_model, version=aa_version, batch_size=batch_size,
-                                         seed=seed, state_path=state_path, progress=progress)
-        result["aa_acc"] = cascade.robust_acc
-        result["aa_per_attack"] = cascade.per_attack()
-        result["aa_blackbox_only"] = cascade.blackbox_only()
-        result["aa_checks"] = cascade.checks
-        result["aa_resumed_batches"] = cascade.resumed_batches
-    if "eps-sweep" in attacks:
-        with timed(f"eps sweep (PGD-{sweep_steps})"):
-            result["eps_sweep"] = eps_sweep(model, x, y, threat_model, radii=sweep_radii, steps=sweep_steps,
-                                            batch_size=batch_size, seed=seed)
-    if "certified" in attacks:
-        from methods.common.certify import UncertifiableError, certify
-
-        with timed("certificate"):
-            try:
-                certificate = certify(certified_model, x, y, [threat_model.eps], batch_size=batch_size)
-                result["certified_acc"] = certificate["certified_acc"][threat_model.eps]
-                result["lipschitz_bound"] = certificate["lipschitz_bound"]
-            except UncertifiableError as err:
-                result["certified_refused"] = err.reason
-                if err.bound is not None:
-                    result["lipschitz_bound"] = err.bound
+    attacked = model.inference() if hasattr(model, "inference") else model
+    run = StageInput(attacked, model, x, y, threat_model, settings, seed, state_path, say, _Stopwatch(say, len(y)),
+                     result={})
+    result = run.result
+    result["n_ex"] = len(y)
+    result["settings"] = {"norm": threat_model.norm, "eps": threat_model.eps, "pgd_steps": settings.pgd_steps,
+                          "pgd_restarts": settings.pgd_restarts, "pgd_targets": settings.pgd_targets,
+                          "pgd_step_size": run.pgd_step_size, "autoattack": settings.aa_version,
+                          "sweep_steps": settings.sweep_steps, "seed": seed}
+    for stage in STAGES:
+        if stage.name in attacks:
+            with run.stopwatch(stage.label.format_map(vars(settings))):
+                written = stage.run(run)
+            undeclared = set(written) - set(stage.writes)
+            if undeclared:
+                raise RuntimeError(f"stage {stage.name!r} wrote {sorted(undeclared)}, not in its writes")
+            result.update(written)
     result["ci95"] = {k: confidence_interval(result[k], len(y)) for k in ACCURACIES if k in result}
-    result["flag_reasons"] = flags_for(result, thresholds)
+    result["flag_reasons"] = flags_for(result, settings.thresholds)
     result["flags"] = list(result["flag_reasons"])
     return result
 
