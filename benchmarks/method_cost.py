@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         return args.arch if not archs or args.arch in archs else archs[0 if args.shape == "digits" else -1]
 
     def build(name, arch):
-        norm = getattr(methods.get(name), "norm", None) or threat.norm
+        norm = methods.get(name).norm or threat.norm
         return methods.build_run(name, hparams, dataset=dataset, arch=arch, device=device, train=train, val=train,
                                  threat=methods.ThreatModel(norm, threat.eps if norm == threat.norm else 0.5))
 

@@ -2,8 +2,9 @@
 """Robust-training methods in pure PyTorch, registered by name.
 
 Adding a method takes one file (a ``Method`` subclass with ``Config``, ``SEARCH_SPACE`` and a
-docstring naming its paper and equation) plus one line in ``REGISTRY``. The registry key is the
-method's name everywhere: configs, MLflow tags and the leaderboard.
+docstring naming its paper and equation), its import line below and one line in ``REGISTRY``
+(the recipe: docs/architecture.md, "Add a method"). The registry key is the method's name
+everywhere: configs, MLflow tags and the leaderboard.
 
 This package never imports ray, mlflow or optuna (``tests/test_layering.py`` checks it).
 """

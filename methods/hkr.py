@@ -2,8 +2,8 @@
 r"""HKR: 1-Lipschitz classifiers trained with a hinge-regularised Kantorovich-Rubinstein loss.
 
 Serrurier, Mamalet, González-Sanz, Boissin, Loubes, del Barrio, "Achieving robustness in
-classification using optimal transport with hinge regularization", CVPR 2021, arXiv:2006.06520
-(methods-spec 4). A 1-Lipschitz network (``methods.common.lipschitz``) is trained on clean inputs
+classification using optimal transport with hinge regularization", CVPR 2021, arXiv:2006.06520.
+A 1-Lipschitz network (``methods.common.lipschitz``) is trained on clean inputs
 with the multiclass one-vs-all HKR loss; its logit margins then certify L2 robustness
 (``methods.common.certify``). Implements the multiclass loss as deel-torchlip 1.x computes it
 (``functional.hkr_multiclass_loss``; the paper text at hand gives no equation numbers). With one-hot
@@ -18,7 +18,7 @@ labels, :math:`s_{ik} = +1` if :math:`k = y_i` else :math:`-1`, and a minibatch 
 with :math:`w_{ik} = K - 1` for the true class and 1 otherwise, :math:`\alpha` = ``hkr_alpha`` and
 :math:`m` = ``hkr_margin`` (the library's ``min_margin``: the full logit gap, each side gets half).
 
-Conventions (methods-spec 4, 10.6): the paper and deel-torchlip 0.1 write
+Conventions: the paper and deel-torchlip 0.1 write
 :math:`\mathcal{L}_{paper} = -\mathrm{KR} + \alpha_{paper}\,\mathrm{HIN}` with hinge
 :math:`(m_{paper} - s f)_+`. Dividing by :math:`1 + \alpha_{paper}` gives the form above, so
 
@@ -125,12 +125,12 @@ class Hkr(Method):
     archs = ("lipschitz_small", "lipschitz_cifar")
     certified = True
     norm = "L2"
-    """Its certificates are L2 radii (an L-inf radius e needs r >= e sqrt(d))."""
+    """L2 only: its certificates are L2 radii (an L-inf radius e needs r >= e sqrt(d))."""
 
     def passes(self):
         # One forward+backward. The normalizers (one power-iteration step and up to 15 Björck
         # products per layer and step) are weight-sized work, not counted as passes;
-        # methods-spec 7 puts the whole step at about 1.5-3 units.
+        # benchmarks/method_cost.py measures what they add to the whole step.
         return 1.0
 
     def loss(self, x, y, x_adv):

@@ -194,10 +194,10 @@ def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
         if method not in methods.REGISTRY:
             raise ConfigError(_choose("method", method, methods.REGISTRY))
         cls = methods.get(method)
-        archs = getattr(cls, "archs", None)
+        archs = cls.archs
         if archs and cfg.arch not in archs:
             raise ConfigError(f"method {method!r} runs on {', '.join(archs)} only, got arch {cfg.arch!r}")
-        norm = getattr(cls, "norm", None)
+        norm = cls.norm
         if norm and norm != cfg.threat_model.norm:
             raise ConfigError(f"method {method!r} certifies {norm} robustness; set threat_model.norm: {norm}")
     for key in cfg.space:

@@ -6,7 +6,7 @@ change: ``normalize`` only subtracts the dataset mean. Dividing by the standard 
 multiply the Lipschitz constant by :math:`1/\sigma` (about 2.6 on MNIST, 4 on CIFAR-10), so that a
 "1-Lipschitz" net would certify radii 2.6-4 times too large on [0, 1] inputs.
 
-Layers (methods-spec 4): ``SpectralConv2d`` / ``SpectralLinear`` (spectral normalisation, then
+Layers (deel-torchlip's; see [1], [2]): ``SpectralConv2d`` / ``SpectralLinear`` (spectral normalisation, then
 Björck orthonormalisation, then the conv correction factor), ``GroupSort2`` activations,
 ``ScaledL2NormPool2d`` downsampling, no batch norm, no dropout. The head is a ``SpectralLinear``:
 its rows are orthonormal, so the whole map :math:`\mathbb{R}^d \to \mathbb{R}^K` is 1-Lipschitz

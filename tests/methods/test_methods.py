@@ -4,8 +4,10 @@ then the closed-form identities of TRADES and MART.
 """
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +181,32 @@ def test_registry_entry(name):
     assert cls.config_from({"lr": 0.1, "epochs": 3}) == cls.Config()   # shared knobs are ignored
     for key in cls.SEARCH_SPACE:
         assert key in methods.hyperparameters(name)
+    assert cls.norm in (None, "Linf", "L2")
+
+
+COMPOSES = {"ot_mdr": {"erm", "pgd_at", "trades"}}
+"""Method files that import a base method on purpose: OT-MDR runs its base method's attack and loss."""
+
+
+def test_method_files_import_only_common():
+    """Shared maths live in ``methods/common``: a method file imports another one only to compose it."""
+    package = Path(methods.__file__).parent
+    offenders = {}
+    for path in sorted(package.glob("*.py")):
+        if path.stem in ("__init__", "space"):
+            continue
+        modules = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "methods":   # from methods import trades
+                modules.update(f"methods.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+        others = {m.split(".")[1] for m in modules if m.startswith("methods.")} - {"common", "space"}
+        if others - COMPOSES.get(path.stem, set()):
+            offenders[path.name] = sorted(others)
+    assert not offenders, offenders
 
 
 def test_erm_loss_is_clean_ce(digits, batch):

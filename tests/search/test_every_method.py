@@ -10,8 +10,8 @@ from search.cli import main
 
 def _setting(name):
     cls = methods.get(name)
-    arch = cls.archs[0] if getattr(cls, "archs", None) else "small_cnn"
-    norm = getattr(cls, "norm", None) or "Linf"
+    arch = cls.archs[0] if cls.archs else "small_cnn"
+    norm = cls.norm or "Linf"
     return arch, norm, (0.5 if norm == "L2" else 0.2)
 
 
