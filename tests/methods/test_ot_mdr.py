@@ -258,6 +258,8 @@ def test_config_search_space_and_base_config():
             if key != "lr":
                 assert getattr(defaults, key) == domain.default and domain.contains(domain.default), key
     assert Config().ot_mdr_ratio == 2.0 and Config().ot_mdr_particles == 1
+    # The official single-model runs are noise-free (they never pass noise_var); noise stays searchable.
+    assert Config().ot_mdr_noise_std == 0.0 and OtMdr.SEARCH_SPACE["ot_mdr_noise_std"].contains(1e-4)
     assert OtMdr.SEARCH_SPACE["ot_mdr_radius"].is_valid(0.0)
     assert OtMdrTrades.config_from({"lr": 0.1, "trades_beta": 3.0}) == TradesConfig(trades_beta=3.0)
     for bad in ({"ot_mdr_radius": -0.1}, {"ot_mdr_noise_std": -1e-4}, {"ot_mdr_particles": 0},
