@@ -42,10 +42,12 @@ Deviations:
 
 Note:
     W vanishes when every benign and adversarial latent coincides (features that ignore the
-    input), so the OT term also rewards collapse. From scratch at the paper's beta = 10 (digits,
-    small CNN, Adam 2e-3) that collapse wins in the first epoch: ``train/ot_dx`` -> 0 and accuracy
-    stays at chance, while beta <= 1 trains. The paper's CIFAR lr of 1e-4 hints at fine-tuning a
-    trained model, where it may not.
+    input), so the OT term also rewards collapse. Measured on digits (GOT-TRADES-LM from scratch,
+    small CNN, Adam lr 2e-3, batch 32, L-inf eps 0.2, 5 attack steps, 6 epochs; validation clean /
+    PGD-10 accuracy of the best epoch on 144 images), seeds 0, 1 and 2: the paper's beta = 10 trains,
+    if slower in the first epochs (95.1/54.2, 93.8/51.4, 95.1/55.6%); beta = 1 gives 93.8/61.8,
+    95.1/58.3, 93.8/60.4% and beta = 0.3 93.1/63.2, 93.8/60.4, 94.4/61.8%. beta = 100 collapses:
+    the clean cross-entropy stays at ln 10 and accuracy at chance (at most 24% clean, 12.5% PGD).
 
 References:
     [1] Genevay, Cuturi, Peyré, Bach, "Stochastic Optimization for Large-scale Optimal Transport",
@@ -107,7 +109,7 @@ def _search_space(cfg: Config) -> dict:
     return {
         "got_beta": Float(0.1, 100.0, cfg.got_beta, log=True, valid=(0.0, 1e4)),
         "got_cost_lambda": Float(0.1, 10.0, cfg.got_cost_lambda, log=True, valid=(0.0, 1e3)),
-        "got_theta": Float(0.01, 0.5, cfg.got_theta, valid=(1e-4, 100.0)),
+        "got_theta": Float(0.01, 0.5, cfg.got_theta, log=True, valid=(1e-4, 100.0)),
         "got_adv_weight": Choice((1.0, 3.0, 6.0), cfg.got_adv_weight),
         "got_dx": Choice(("cosine", "l2"), cfg.got_dx),
         "got_dy": Choice(("kl", "l1"), cfg.got_dy),

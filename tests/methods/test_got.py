@@ -179,6 +179,7 @@ def test_configs_and_search_spaces():
                 assert domain.default == own[key] and domain.contains(own[key]), (cls, key)
         assert cls.SEARCH_SPACE["got_beta"].is_valid(0.0)
         assert not cls.SEARCH_SPACE["got_theta"].is_valid(0.0)
+        assert cls.SEARCH_SPACE["got_theta"].log and cls.SEARCH_SPACE["got_beta"].contains(10.0)
         assert cls.config_from({"lr": 0.1, "got_beta": 0.0}).got_beta == 0.0
     assert (GotPgdS.base, GotPgdS.label_matching, GotTradesLM.base, GotTradesLM.label_matching) == \
         ("pgd", False, "trades", True)
