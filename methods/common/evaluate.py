@@ -464,7 +464,6 @@ STAGES: tuple[Stage, ...] = _in_order((
           accuracy="certified_acc", details=_lipschitz_metrics, column="test/certified_acc", default=False),
 ))
 """Every stage :func:`evaluate` can run, in the order it runs them (docs/architecture.md: adding a stage)."""
-ATTACKS = tuple(stage.name for stage in STAGES)
 DEFAULT_ATTACKS = tuple(stage.name for stage in STAGES if stage.default)
 ACCURACIES = tuple(stage.accuracy for stage in STAGES if stage.accuracy)
 """The headline accuracies: ``clean_acc``, ``pgd_acc``, ``aa_acc``, ``certified_acc``."""
@@ -498,10 +497,10 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         instead of a number.
     """
     settings = dataclasses.replace(settings, **changes)
-    attacks = tuple(attacks)
-    unknown = set(attacks) - set(ATTACKS)
+    attacks, known = tuple(attacks), tuple(stage.name for stage in STAGES)
+    unknown = set(attacks) - set(known)
     if unknown:
-        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {known}")
     say = log or (lambda line: None)
     x, y = (data.x, data.y) if hasattr(data, "x") else data
     if settings.n_ex is not None:
@@ -525,7 +524,8 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
             if undeclared:
                 raise RuntimeError(f"stage {stage.name!r} wrote {sorted(undeclared)}, not in its writes")
             result.update(written)
-    result["ci95"] = {k: confidence_interval(result[k], len(y)) for k in ACCURACIES if k in result}
+    result["ci95"] = {stage.accuracy: confidence_interval(result[stage.accuracy], len(y))
+                      for stage in STAGES if stage.accuracy in result}
     result["flag_reasons"] = flags_for(result, settings.thresholds)
     result["flags"] = list(result["flag_reasons"])
     return result

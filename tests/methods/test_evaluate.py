@@ -12,8 +12,11 @@ import torch
 import torch.nn as nn
 
 import methods
+from methods.common import evaluate as stages
 from methods.common import nets
-from methods.common.evaluate import Thresholds, confidence_interval, eps_sweep, flags_for, sweep_radii
+from methods.common.attacks import fgsm
+from methods.common.evaluate import (EvalSettings, Stage, StageInput, Thresholds, confidence_interval, eps_sweep,
+                                     flags_for, share, sweep_radii)
 
 LINF = methods.ThreatModel("Linf", 0.2)
 
@@ -148,6 +151,12 @@ def test_flags_follow_their_thresholds():
     # Accuracies are counts over n_ex: a gap of exactly the threshold is not more than it, whatever the rounding.
     assert flags_for({"n_ex": 5000, "pgd_acc": 132 / 200, "aa_acc": 122 / 200}) == {}
     assert "masking:aa-gap" in flags_for({"n_ex": 5000, "pgd_acc": 133 / 200, "aa_acc": 122 / 200})
+    # So are the other differences (0.415 - 0.4 and 0.52 - 0.5 exceed 0.015 and 0.02 in floats).
+    at_thresholds = {"n_ex": 1000, "pgd_steps_check": {"PGD-10": 0.4, "PGD-50": 0.415},
+                     "eps_sweep": {"eps": [0, 0.1, 0.2], "pgd_acc": [0.9, 0.5, 0.52], "chance_bound": 0.42}}
+    assert flags_for(at_thresholds) == {}
+    assert set(flags_for({"n_ex": 1000, "aa_blackbox_only": 0.01})) == {"masking:blackbox"}
+    assert flags_for({"n_ex": 1000, "aa_blackbox_only": 0.009}) == {}
     plateau = flags_for({"eps_sweep": {"eps": [0, 0.5], "pgd_acc": [0.9, 0.4], "chance_bound": 0.1}})
     assert plateau["masking:eps-plateau"] == "PGD accuracy 40.0% at eps=0.5, where no classifier beats 10.0%"
 
@@ -176,3 +185,58 @@ def test_certificate_of_a_lipschitz_net_is_reported(digits_test):
 def test_unknown_attack_is_rejected(digits_test):
     with pytest.raises(ValueError, match="unknown attacks"):
         methods.evaluate(_random_model(), digits_test, LINF, ("clean", "cw"))
+
+
+def test_accuracies_are_exact_counts():
+    assert share(torch.arange(200) < 132) == 0.66 == 132 / 200
+    assert share(torch.zeros(0, dtype=torch.bool)) != share(torch.zeros(0, dtype=torch.bool))  # nan on no points
+
+
+def test_stage_table_declares_what_each_stage_writes_and_logs():
+    names = [stage.name for stage in stages.STAGES]
+    assert names == ["clean", "pgd", "steps-check", "autoattack", "eps-sweep", "certified"]
+    assert stages.DEFAULT_ATTACKS == tuple(names[:-1])
+    assert stages.ACCURACIES == ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
+    for stage in stages.STAGES:
+        assert stage.accuracy is None or stage.accuracy in stage.writes
+        assert stage.column is None or stage.column == f"test/{stage.accuracy}"
+    with pytest.raises(ValueError, match="must come before it"):
+        stages._in_order(tuple(reversed(stages.STAGES)))
+
+
+def test_a_new_stage_is_one_table_entry(digits_test, monkeypatch):
+    """An FGSM stage: declared once, it runs, gets its interval and its MLflow metrics."""
+    from search.evaluation import to_metrics
+
+    def run_fgsm(run: StageInput) -> dict:
+        x_adv = fgsm(run.model, run.x, run.y, eps=run.threat.eps, norm=run.threat.norm)
+        return {"fgsm_acc": stages.accuracy(run.model, x_adv, run.y), "fgsm_seen_pgd": "pgd_acc" in run.result}
+
+    fgsm_stage = Stage("fgsm", "FGSM", run_fgsm, writes=("fgsm_acc", "fgsm_seen_pgd"), needs=("pgd",),
+                       accuracy="fgsm_acc", column="test/fgsm_acc", default=False)
+    monkeypatch.setattr(stages, "STAGES", stages._in_order((*stages.STAGES, fgsm_stage)))
+    lines = []
+    result = methods.evaluate(_random_model(), digits_test, LINF, ("fgsm", "clean", "pgd"), n_ex=20, pgd_steps=2,
+                              pgd_targets=0, log=lines.append)
+    assert result["fgsm_seen_pgd"] and 0 <= result["fgsm_acc"] <= result["clean_acc"]
+    assert lines[-2:] == ["FGSM on 20 images ...", lines[-1]] and lines[-1].startswith("FGSM done in")
+    metrics = to_metrics(result)
+    assert metrics["test/fgsm_acc"] == result["fgsm_acc"]
+    assert (metrics["test/fgsm_acc_ci_low"], metrics["test/fgsm_acc_ci_high"]) == result["ci95"]["fgsm_acc"]
+
+    def undeclared(run: StageInput) -> dict:
+        return {"fgsm_acc": 0.0, "surprise": 1}
+
+    monkeypatch.setattr(stages, "STAGES", (Stage("fgsm", "FGSM", undeclared, writes=("fgsm_acc",)),))
+    with pytest.raises(RuntimeError, match="surprise"):
+        methods.evaluate(_random_model(), digits_test, LINF, ("fgsm",), n_ex=4)
+
+
+def test_settings_are_one_dataclass_with_keyword_changes(digits_test):
+    result = methods.evaluate(_random_model(), digits_test, LINF, ("clean", "pgd"), EvalSettings(pgd_steps=3),
+                              n_ex=10, pgd_targets=1)
+    assert result["n_ex"] == 10
+    assert {k: result["settings"][k] for k in ("pgd_steps", "pgd_targets", "pgd_step_size")} == \
+        {"pgd_steps": 3, "pgd_targets": 1, "pgd_step_size": LINF.eps / 4}
+    with pytest.raises(TypeError):
+        methods.evaluate(_random_model(), digits_test, LINF, ("clean",), pgd_stpes=3)
