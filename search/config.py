@@ -132,9 +132,26 @@ class SearchConfig(_Strict):
         return {m: resolve_space(self, m) for m in self.methods}
 
 
+RENAMED = {"langevin_K": "langevin_k", "langevin_T": "langevin_t", "ot_cost_weight": "armor_ot_cost_weight",
+           "natural_weight": "armor_natural_weight", "wasserstein_radius": "ot_mdr_radius",
+           "wasserstein_ratio": "ot_mdr_ratio", "weight_noise_std": "ot_mdr_noise_std",
+           "n_particles": "ot_mdr_particles"}
+"""Hyperparameters renamed in 0.1 (README, Methods): an old config gets the new name as its hint."""
+
+
+def _closest(value: str, options) -> Optional[str]:
+    """The option a typo most likely meant: a renamed key, the same name in other case, else the nearest."""
+    options = list(options)
+    if RENAMED.get(value) in options:
+        return RENAMED[value]
+    same = [o for o in options if o.lower() == value.lower()]
+    hint = same or difflib.get_close_matches(value, options, n=1)
+    return hint[0] if hint else None
+
+
 def _choose(kind: str, value: str, options) -> str:
-    hint = difflib.get_close_matches(value, list(options), n=1)
-    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    hint = _closest(value, options)
+    suggestion = f" (did you mean {hint!r}?)" if hint else ""
     return f"unknown {kind} {value!r}{suggestion}; choose from {sorted(options)}"
 
 
@@ -248,8 +265,8 @@ def _suggest_key(loc: tuple) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    hint = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    return f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(model.model_fields)}"
+    hint = _closest(str(loc[-1]), model.model_fields)
+    return f" (did you mean {hint!r}?)" if hint else f"; known keys: {', '.join(model.model_fields)}"
 
 
 def parse(raw: Any, *, local: bool = True) -> SearchConfig:

@@ -45,6 +45,10 @@ BAD_CONFIGS = {
         _with(space={"trades": {"trades_beta": {"low": -1.0, "high": 3.0}}}), "valid domain"),
     "fixed value outside its domain": (_with(train={"lr": -0.1}), "lr=-0.1"),
     "unknown hyperparameter": (_with(train={"weight_decy": 0.1}), "did you mean 'weight_decay'"),
+    "hyperparameter by its old name": (
+        _with(methods=["ot_mdr_pgd"], space={"ot_mdr_pgd": {"weight_noise_std": 0.0}}), "did you mean 'ot_mdr_noise_std'"),
+    "hyperparameter in the wrong case": (
+        _with(methods=["langevin"], space={"langevin": {"langevin_K": 1}}), "did you mean 'langevin_k'"),
     "wrong type": (_with(train={"optimizer": "rmsprop"}), "optimizer"),
     "eps zero": (_with(threat_model={"norm": "Linf", "eps": 0}), "eps must be in (0, 1]"),
     "eps in integer pixels": (_with(threat_model={"norm": "Linf", "eps": 8}), "eps must be in (0, 1]"),
