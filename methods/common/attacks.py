@@ -9,7 +9,7 @@ ball; ARMOR's UDR transport and Langevin sampling pass their own moves (``method
 
 Conventions, as in torchattacks and RobustBench:
 - inputs are images in [0, 1]; ``eps`` and ``step_size`` are in the same pixel units;
-- every iterate is projected onto the eps-ball around ``x`` and onto [0, 1];
+- every PGD iterate is projected onto the eps-ball around ``x`` and onto [0, 1];
 - attacks use true labels ``y``, never the model's predictions;
 - the model's parameters are frozen during the attack, so its backward pass computes input
   gradients only and no ``.grad`` of a parameter is touched.
@@ -57,7 +57,12 @@ class ThreatModel:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         check_eps(self.norm, self.eps)
         if self.step_size is None:   # frozen: set once, here, through object.__setattr__
-            object.__setattr__(self, "step_size", 2.5 * self.eps / max(self.steps, 1))
+            object.__setattr__(self, "step_size", madry_step(self.eps, self.steps))
+
+
+def madry_step(eps: float, steps: int) -> float:
+    """2.5 * eps / steps: Madry et al.'s PGD step, which lets the attack cross the ball and back."""
+    return 2.5 * eps / max(steps, 1)
 
 
 def check_eps(norm: str, eps: float) -> None:
@@ -185,7 +190,7 @@ def pgd(
     if restarts > 1:
         raise ValueError("restarts > 1 needs keep_best=True (otherwise which restart to return is undefined)")
     x = x.detach()
-    move = pgd_move(eps, norm, step_size if step_size is not None else 2.5 * eps / max(steps, 1))
+    move = pgd_move(eps, norm, step_size if step_size is not None else madry_step(eps, steps))
     return ascent(model, _start(x, eps, norm, init, random_init, generator), x, y, steps=steps, move=move,
                   loss_fn=loss_fn, target=target)
 
@@ -247,7 +252,7 @@ def _loss(logits, y, target, loss_fn):
 
 def _pgd_keep_best(model, x, y, *, eps, norm="Linf", steps=10, step_size=None, random_init=True, restarts=1,
                    loss_fn=ce_loss, target=None, init=None, generator=None):
-    move = pgd_move(eps, norm, step_size if step_size is not None else 2.5 * eps / max(steps, 1))
+    move = pgd_move(eps, norm, step_size if step_size is not None else madry_step(eps, steps))
     x = x.detach()
     best = x.clone()
     best_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
