@@ -2,9 +2,11 @@
 """Leaderboards of adversarially robust training runs, built from an MLflow tracking store.
 
 MLflow runs -> :mod:`~leaderboard.collect` (typed rows and trial points) -> :mod:`~leaderboard.schema`
-(RobustBench-like selection and ranking) -> :mod:`~leaderboard.render` (Markdown, CSV, LaTeX, terminal
-text), :mod:`~leaderboard.html` (the static site with plots) and :mod:`~leaderboard.robustbench`
-(RobustBench ``model_info`` JSON).
+(RobustBench-like selection and ranking) -> the writers of :data:`~leaderboard.writers.FORMATS`:
+:mod:`~leaderboard.render` (Markdown, CSV, LaTeX, terminal text), :mod:`~leaderboard.html` (the
+static site, with the plots of :mod:`~leaderboard.plots`) and :mod:`~leaderboard.robustbench`
+(RobustBench ``model_info`` JSON). Every table format reads the one column spec,
+:data:`~leaderboard.columns.COLUMNS`, and formats with :mod:`~leaderboard.formatting`.
 
 This package meets ``search/`` only through the MLflow key names of ``docs/mlflow-schema.md``; it
 never imports torch, ray or ``methods``, so a leaderboard can be built on a laptop with no GPU stack.
@@ -21,16 +23,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from leaderboard import html, render, robustbench
-from leaderboard.collect import collect, collect_campaign
 from leaderboard.render import format_text
 from leaderboard.schema import Campaign, Row, Table, tabulate
+from leaderboard.writers import FORMATS, Output
 
 __all__ = ["FORMATS", "Campaign", "Row", "Table", "build", "collect", "collect_campaign", "format_text", "tabulate"]
 
-FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "tex": "leaderboard.tex", "html": "index.html",
-           "json": "model_info"}
-"""Output formats :func:`build` writes, with their file (or folder) names under ``out_dir``."""
+
+def __getattr__(name: str):
+    """``collect`` and ``collect_campaign`` on first use: they import mlflow (over a second), which
+    ``otarena --help`` (its ``--format`` help reads :data:`FORMATS`) need not pay."""
+    if name in ("collect", "collect_campaign"):
+        from leaderboard import collect as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build(
@@ -50,9 +57,9 @@ def build(
         experiments: Experiment names (or ids) to include; ``None`` includes all of them.
         filter_string: An optional MLflow search filter on the trial runs,
             e.g. ``"tags.`otarena.method` = 'trades'"``.
-        formats: Any of :data:`FORMATS`' keys (``md``, ``csv``, ``tex``, ``html`` for the static
-            site ``index.html``, ``json`` for RobustBench ``model_info/<dataset>/<norm>/<entry>.json``),
-            or one comma-separated string (``"md,csv"``).
+        formats: Any of :data:`~leaderboard.writers.FORMATS`' keys (``md``, ``csv``, ``tex``, ``html``
+            for the static site ``index.html``, ``json`` for RobustBench
+            ``model_info/<dataset>/<norm>/<entry>.json``), or one comma-separated string (``"md,csv"``).
         title: The page heading.
         mlflow_url: Base URL of the MLflow UI that runs link to; default: the tracking URI when it
             is a server (without the credentials it may carry), else no links.
@@ -70,6 +77,8 @@ def build(
     if unknown or not formats:
         raise ValueError(f"unknown leaderboard format(s) {', '.join(unknown) or '(none given)'}; "
                          f"supported: {', '.join(FORMATS)}")
+    from leaderboard.collect import collect_campaign
+
     campaign = collect_campaign(tracking_uri, experiments, filter_string)
     tables = tabulate(list(campaign.rows))
     # Never publish the credentials a server URI may carry: the page is meant to be public.
@@ -78,15 +87,7 @@ def build(
     run_url = re.sub(r"//[^/@]*@", "//", mlflow_url).rstrip("/") if mlflow_url else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    texts = {
-        "md": lambda: render.to_markdown(tables, title=title, run_url=run_url),
-        "csv": lambda: render.to_csv(tables),
-        "tex": lambda: render.to_latex(tables, title=title),
-        "html": lambda: html.to_html(tables, campaign, title=title, run_url=run_url),
-    }
-    for fmt in formats:
-        if fmt == "json":
-            robustbench.write_model_info(tables, out / FORMATS["json"])
-        else:
-            (out / FORMATS[fmt]).write_text(texts[fmt](), encoding="utf-8", newline="")
+    output = Output(tables, campaign, title, run_url)
+    for fmt in dict.fromkeys(formats):
+        FORMATS[fmt].write(out / FORMATS[fmt].file, output)
     return tables

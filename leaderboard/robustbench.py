@@ -68,7 +68,7 @@ import math
 import re
 from pathlib import Path
 
-from leaderboard.render import _eps, _pct, _printable
+from leaderboard.formatting import count, eps, pct, printable
 from leaderboard.schema import ACCURACIES, Row, Table, is_warning
 
 MODEL_INFO_FIELDS = (
@@ -146,20 +146,20 @@ def model_info(row: Row, rank: int = 1) -> dict:
     """The ``model_info`` dict of one leaderboard row (``rank`` within its table)."""
     info = {
         "link": _http_link(row.paper_link),
-        "name": html.escape(_printable(row.paper or row.method)),
+        "name": html.escape(printable(row.paper or row.method)),
         "authors": "",
         "additional_data": False,
         "number_forward_passes": 1,
         "dataset": _slug(row.dataset),  # as its folder is named
         "venue": "",
-        "architecture": html.escape(_printable(row.arch)),
-        "eps": _eps(row.eps),
-        "clean_acc": _pct(row.clean_acc),
+        "architecture": html.escape(printable(row.arch)),
+        "eps": eps(row.eps),
+        "clean_acc": pct(row.clean_acc),
         "reported": None,
-        "autoattack_acc": _pct(row.aa_acc),
+        "autoattack_acc": pct(row.aa_acc),
     }
     if _external(row):
-        info["external"] = _pct(row.pgd_acc)
+        info["external"] = pct(row.pgd_acc)
     info["footnote"] = _footnote(row)
     info["unreliable"] = bool(row.warnings)
     info[OTARENA_KEY] = _otarena(row, rank)
@@ -236,29 +236,29 @@ def _external(row: Row) -> bool:
 
 def _http_link(link: str | None) -> str:
     """The paper link when it is http(s) (RobustBench puts it in an ``href`` unescaped), else ``""``."""
-    link = _printable(link or "").strip()
+    link = printable(link or "").strip()
     return html.escape(link) if re.match(r"https?://[^\s\"'<>]+$", link, re.IGNORECASE) else ""
 
 
 def _footnote(row: Row) -> str:
     """How the entry was made, as RobustBench footnotes do; HTML, with the user text escaped."""
     search = "best trial" if row.trials is None else (
-        "the only trial" if row.trials == 1 else f"best of {_count(row.trials)} trials")
+        "the only trial" if row.trials == 1 else f"best of {count(row.trials)} trials")
     parts = [f"otarena: {search} of a hyperparameter search, chosen by validation PGD accuracy"]
-    n_ex = f" on {_count(row.n_ex)} test images" if row.n_ex is not None else ""
-    ci = f" (95% CI {_pct(row.aa_ci[0])}–{_pct(row.aa_ci[1])}%)" if row.aa_ci else ""
+    n_ex = f" on {count(row.n_ex)} test images" if row.n_ex is not None else ""
+    ci = f" (95% CI {pct(row.aa_ci[0])}–{pct(row.aa_ci[1])}%)" if row.aa_ci else ""
     parts.append(f"AutoAttack{n_ex}{ci}")
     if row.n_seeds >= 2:
-        spread = [f"{label} {_pct(mean)} ± {_pct(getattr(row, f'{m}_std'))}%"
+        spread = [f"{label} {pct(mean)} ± {pct(getattr(row, f'{m}_std'))}%"
                   for label, m in (("clean", "clean_acc"), ("AutoAttack", "aa_acc"))
                   if (mean := getattr(row, f"{m}_mean")) is not None]
         parts.append(f"over {row.n_seeds} training seeds" + (": " + ", ".join(spread) if spread else ""))
     if _external(row):
-        parts.append(f"external: PGD accuracy, {_pct(row.aa_acc - row.pgd_acc)} points below AutoAttack")
+        parts.append(f"external: PGD accuracy, {pct(row.aa_acc - row.pgd_acc)} points below AutoAttack")
     if row.flags:
         reasons = dict(row.flag_reasons)
         parts.append("flags: " + "; ".join(
-            html.escape(_printable(f)) + (f" ({html.escape(_printable(reasons[f]))})" if reasons.get(f) else "")
+            html.escape(printable(f)) + (f" ({html.escape(printable(reasons[f]))})" if reasons.get(f) else "")
             for f in [*row.warnings, *row.notes]))
     return "; ".join(parts) + "."
 
@@ -267,20 +267,20 @@ def _otarena(row: Row, rank: int) -> dict:
     """The ``otarena`` object (:data:`OTARENA_KEYS`)."""
     multi = row.n_seeds >= 2
     extra = {
-        "run_id": row.run_id, "run_name": _printable(row.run_name), "experiment_id": row.experiment_id,
-        "experiment": _printable(row.experiment_name), "rank": rank, "method": _printable(row.method),
-        "arch": _printable(row.arch), "dataset": _printable(row.dataset), "norm": _printable(row.norm),
-        "eps": _finite(row.eps), "paper": _printable(row.paper) if row.paper else None,
-        "paper_link": _printable(row.paper_link) if row.paper_link else None,
+        "run_id": row.run_id, "run_name": printable(row.run_name), "experiment_id": row.experiment_id,
+        "experiment": printable(row.experiment_name), "rank": rank, "method": printable(row.method),
+        "arch": printable(row.arch), "dataset": printable(row.dataset), "norm": printable(row.norm),
+        "eps": _finite(row.eps), "paper": printable(row.paper) if row.paper else None,
+        "paper_link": printable(row.paper_link) if row.paper_link else None,
         **{m: _finite(getattr(row, m)) for m in ACCURACIES},
         **{f"{m}_{s}": _finite(getattr(row, f"{m}_{s}")) if multi else None
            for m in ACCURACIES for s in ("mean", "std")},
         **{f"{m}_ci95": _interval(getattr(row, f"{m.removesuffix('_acc')}_ci")) for m in ACCURACIES},
         "n_ex": _int(row.n_ex), "n_seeds": row.n_seeds, "epochs": _int(row.epochs),
         "val_pgd_acc": _finite(row.val_pgd_acc), "val_clean_acc": _finite(row.val_clean_acc),
-        "hyperparameters": {_printable(k): _printable(v) for k, v in row.hparams},
-        "flags": [_printable(f) for f in row.flags],
-        "flag_reasons": {_printable(f): _printable(t) for f, t in row.flag_reasons},
+        "hyperparameters": {printable(k): printable(v) for k, v in row.hparams},
+        "flags": [printable(f) for f in row.flags],
+        "flag_reasons": {printable(f): printable(t) for f, t in row.flag_reasons},
         "search_cost": {"trials": _int(row.trials), "trial_epochs": _int(row.trial_epochs),
                         "device_hours": _finite(row.device_hours)},
     }
@@ -304,10 +304,6 @@ def _has_type(value: object, kind: str) -> bool:
     except ValueError:
         return False
     return math.isfinite(number) and (kind == _RATIO or 0 <= number <= 100)
-
-
-def _count(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _finite(x: float | None) -> float | None:

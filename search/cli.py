@@ -7,7 +7,6 @@ training start.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -361,12 +360,7 @@ def cmd_leaderboard(args) -> int:
                                mlflow_url=args.mlflow_url)
     print(leaderboard.format_text(tables))
     for fmt in dict.fromkeys(formats):
-        path = os.path.join(args.out, leaderboard.FORMATS[fmt])
-        if fmt == "json":  # one RobustBench entry per row, under <dataset>/<norm>/
-            entries = glob.glob(os.path.join(glob.escape(path), "*", "*", "otarena_*.json"))
-            print(f"wrote {path}{os.sep} ({len(entries)} model_info JSON files)")
-        else:
-            print(f"wrote {path}")
+        print(leaderboard.FORMATS[fmt].describe(os.path.join(args.out, leaderboard.FORMATS[fmt].file)))
     return 0
 
 
@@ -387,6 +381,8 @@ def cmd_ui(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from leaderboard import writers as leaderboard_formats  # no mlflow or torch: the help stays fast
+
     parser = argparse.ArgumentParser(prog="otarena", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -453,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="site")
     p.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all)")
     p.add_argument("--filter", help="an MLflow filter string on the trial runs")
-    p.add_argument("--format", help="comma-separated subset of md,csv,tex,html,json (default: all): Markdown, "
-                                    "CSV, LaTeX, the static HTML site, RobustBench model_info JSON")
+    p.add_argument("--format", help="comma-separated subset of the formats (default: all): "
+                                    + leaderboard_formats.help_text())
     p.add_argument("--title", default="otarena leaderboard", help="heading of the page and the LaTeX captions")
     p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
                                         "(default: the tracking URI when it is a server, else no links)")

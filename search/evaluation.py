@@ -141,25 +141,13 @@ def write_report(content: Mapping[str, Any], path: str) -> list[str]:
 
 
 def plot_sweep(sweep: Mapping[str, Any], path: str, title: str = "") -> str:
-    """Robust accuracy against eps, with the chance bound: a curve that stays flat is masking."""
-    import matplotlib
+    """Robust accuracy against eps, with the chance bound: a curve that stays flat is masking.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn by :func:`leaderboard.plots.eps_sweep_png`, the plotting the leaderboard site uses too.
+    """
+    from leaderboard.plots import eps_sweep_png
 
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    ax.plot(sweep["eps"], [100 * a for a in sweep["pgd_acc"]], "o-", label=f"PGD-{sweep['steps']}")
-    ax.plot(sweep["eps"], [100 * a for a in sweep["robust_acc"]], "s--", label="PGD + grey-image candidate")
-    ax.axhline(100 * sweep["chance_bound"], color="grey", lw=1, ls=":", label="chance bound (largest class)")
-    ax.set_xlabel(f"eps ({sweep['norm']}, [0, 1] pixels)")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title or "Robust accuracy against eps", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return eps_sweep_png(dict(sweep), path, title=title)
 
 
 def log_evaluation(tracker, run_id: str, result: Mapping[str, Any], *, params: Mapping[str, Any],

@@ -472,5 +472,5 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
         for uri in dict.fromkeys(cfg.tracking_uri for cfg in configs):
             tables = leaderboard.build(uri, out_dir, experiments=[c.name for c in configs if c.tracking_uri == uri])
             print(leaderboard.format_text(tables), flush=True)
-        log(f"leaderboard written to {out_dir}/ (index.html, leaderboard.md, .csv, .tex, model_info/)")
+        log(f"leaderboard written to {out_dir}/ ({', '.join(f.file for f in leaderboard.FORMATS.values())})")
     return summaries

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The static site (leaderboard/html.py), on a real MLflow sqlite store, then in headless Chromium.
+"""The static site (leaderboard/html.py, leaderboard/plots.py), on a real MLflow sqlite store, then in headless Chromium.
 
 The store (built once per module):
 
@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from leaderboard import build, html, render
+from leaderboard import build, formatting, html, plots
 from leaderboard.schema import Campaign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ def test_tables_rows_and_plots(store, site):
     assert sorted((a["data-method"], a["data-param"]) for a in doc.find("svg", data_plot="sensitivity")) == sorted([
         ("trades", "trades_beta"), ("trades", "note"), ("pgd_at", "lr"), ("pgd_at", "attack_steps"),
         (HOSTILE_METHOD, "mart_beta"), ("pgd_at", "optimizer")])
-    assert render.table_title(site.tables[0]) in site.text and render.RULES in site.text.replace("&#x27;", "'")
+    assert formatting.table_title(site.tables[0]) in site.text and formatting.RULES in site.text.replace("&#39;", "'")
 
 
 def test_cells_show_headline_numbers_and_sort_values(store, site):
@@ -184,7 +184,8 @@ def test_links_and_no_external_resources(store, site):
     assert not any("src" in a for _, a in doc.tags)  # no image, script, frame or media source at all
     assert [a for t, a in doc.tags if t == "link"] == [{"rel": "icon", "href": "data:,"}]
     lowered = site.text.lower()
-    assert "<script src" not in lowered and "@import" not in lowered and "url(" not in lowered
+    # url( only as the plots' references to their own clip paths and markers (#id), never a resource.
+    assert "<script src" not in lowered and "@import" not in lowered and not re.search(r"url\((?!#)", lowered)
     assert not re.search(r"<link[^>]+href=[\"']?https?:", lowered)
     csp = doc.find("meta", http_equiv="Content-Security-Policy")[0]["content"]
     assert "default-src 'none'" in csp
@@ -198,7 +199,7 @@ def test_user_text_is_escaped(store, site):
         assert hostile not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # the run name
     assert "&lt;/script&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in text  # the hyperparameter value
-    assert "&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt; &amp; more" in text  # the flag reason (a title)
+    assert "&#34;&gt;&lt;script&gt;alert(3)&lt;/script&gt; &amp; more" in text  # the flag reason (a title)
     assert "&lt;i&gt;masking:odd&lt;/i&gt;" in text and "robust &lt;img src=x onerror=alert(2)&gt;" in text
     assert "javascript:" not in text.lower()  # the bad paper link is dropped, its title kept
     assert [t for t, _ in doc.tags].count("script") == 1 and text.count("<script") == 1
@@ -206,15 +207,15 @@ def test_user_text_is_escaped(store, site):
     assert {t for t, _ in doc.tags} <= {
         "html", "head", "meta", "link", "title", "style", "body", "h1", "h2", "h4", "p", "nav", "a", "section",
         "div", "table", "thead", "tbody", "tr", "th", "td", "button", "span", "b", "br", "code", "figure",
-        "figcaption", "svg", "text", "rect", "line", "polyline", "circle", "path", "details", "summary",
-        "footer", "script"}
+        "figcaption", "svg", "g", "defs", "clippath", "rect", "use", "text", "path", "details", "summary", "footer",
+        "script"}
     # The reason is shown on hover, unescaped by the parser back to the original text.
     assert HOSTILE_REASON in [a.get("title") for t, a in doc.tags if t == "span"]
 
 
 def test_empty_campaign():
     page = html.to_html([], Campaign((), ()), title="<b>empty</b>", run_url=None)
-    assert render.EMPTY_MESSAGE in page and "&lt;b&gt;empty&lt;/b&gt;" in page and "<b>empty" not in page
+    assert formatting.EMPTY_MESSAGE in page and "&lt;b&gt;empty&lt;/b&gt;" in page and "<b>empty" not in page
     assert "<table" not in page and 'data-plot="' not in page
     # (An empty store's build, html included, is covered by test_no_torch.py.)
 
@@ -226,22 +227,30 @@ def test_without_run_url_run_ids_are_text(store, tmp_path):
 
 
 def test_helpers():
-    assert html._pareto_front([(90, 40), (95, 30), (80, 45), (85, 35), (95, 20)]) == [(80, 45), (90, 40), (95, 30)]
+    assert plots.pareto_front([(90, 40), (95, 30), (80, 45), (85, 35), (95, 20)]) == [(80, 45), (90, 40), (95, 30)]
     for bad in ("javascript:alert(1)", " javascript:x", "JaVaScRiPt:x", "data:text/html,x", "//evil.example",
                 "http://", "https://a.example/\"onmouseover=x", "ftp://a.example"):
-        assert html._safe_url(bad) is None, bad
-    assert html._safe_url("https://arxiv.org/abs/1706.06083") == "https://arxiv.org/abs/1706.06083"
-    assert html._nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    axis = html._Axis("lr", log=True)
-    axis.fit([1e-4, 1e-1])
-    assert [label for _, label in axis.ticks] == ["0.0001", "0.001", "0.01", "0.1"]
+        assert formatting.safe_url(bad) is None, bad
+    assert formatting.safe_url("https://arxiv.org/abs/1706.06083") == "https://arxiv.org/abs/1706.06083"
 
 
-def test_plot_survives_odd_numbers():
-    svg = html._svg_plot("x", "odd", [html._Series("s", [(1.0, float("nan")), (float("inf"), 2.0), (-1.0, 3.0),
-                                                       (10.0, 4.0), (100.0, 5.0)], "#000")],
-                         html._Axis("x", log=True), html._Axis("y"))
-    assert "nan" not in svg.lower() and "inf" not in svg.lower() and svg.count("<circle") == 2 + 1  # + legend
+def test_plot_survives_odd_numbers_and_hostile_text():
+    """NaN, infinities and non-positive values on a log axis are left out; each point left keeps its
+    hover text; user text is drawn as text (never mathtext), escaped, and no inline style remains
+    for the page's CSP to refuse."""
+    fig = plots.new_figure(300, 200)
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    tips: list = []
+    xs, ys = [1.0, float("inf"), -1.0, 10.0, 100.0], [float("nan"), 2.0, 3.0, 4.0, 5.0]
+    plots.plot_series(ax, [plots.Series("_$x^2$ <b>", xs, ys, "#000000", tips=[f"p{k} <i>" for k in range(5)])], tips)
+    plots.finish(ax, "odd </svg>", "x", "y")
+    svg = plots.to_svg(fig, "x", "odd", tips)
+    assert "nan" not in svg.lower() and "inf" not in svg.lower()
+    assert svg.count("<title>") == 2  # the two points left
+    assert "<title>p3 &lt;i&gt;</title>" in svg and "<title>p4 &lt;i&gt;</title>" in svg
+    assert "$x^2$ &lt;b&gt;" in svg and "odd &lt;/svg&gt;" in svg and "<b>" not in svg
+    assert not re.search(r"\sstyle=", svg) and "<style" not in svg and svg.startswith('<svg class="plot" data-plot="x"')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,9 +314,9 @@ def test_in_chromium(store, site, browser):
     for k in range(plots.count()):
         box = plots.nth(k).bounding_box()
         assert box and box["width"] > 100 and box["height"] > 100
-        assert plots.nth(k).evaluate("s => s.querySelectorAll('line, polyline, circle, path').length") > 5
-    assert page.locator('svg[data-plot="pareto"] circle').count() >= 3 + 5
-    assert page.locator('svg[data-plot="eps-sweep"] polyline').count() >= 2 + 1
+        assert plots.nth(k).evaluate("s => s.querySelectorAll('path, use').length") > 5
+    assert page.locator('svg[data-plot="pareto"] use title').count() >= 3 + 5  # every trial, with its hover text
+    assert page.locator('svg[data-plot="eps-sweep"] use title').count() >= 2 * 5  # two curves of five radii
     assert page.evaluate("() => window.__pwned === undefined && !document.querySelector('img, iframe, i')")
 
     artifacts = ROOT / "test-artifacts"

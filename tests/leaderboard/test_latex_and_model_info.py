@@ -18,7 +18,9 @@ import pytest
 from test_golden import HOSTILE, HOSTILE_ARCH, HOSTILE_METHOD, HOSTILE_RUN_NAME, golden_store
 
 from leaderboard import build
-from leaderboard.render import EMPTY_MESSAGE, LATEX_COLUMNS, latex_escape, to_latex
+from leaderboard.columns import TEX, columns
+from leaderboard.formatting import EMPTY_MESSAGE, latex_escape
+from leaderboard.render import to_latex
 from leaderboard.robustbench import (
     MODEL_INFO_FIELDS, OTARENA_KEYS, REQUIRED_FIELDS, validate_model_info, write_model_info)
 from leaderboard.schema import Row, Table
@@ -187,7 +189,7 @@ def test_latex_layout(store, site):
     assert labels == ["tab:otarena-cifar10-Linf-8-255", "tab:otarena-digits-L2-0.5"]
     assert "\\caption{otarena leaderboard: cifar10, $\\ell_\\infty$, $\\varepsilon = 8/255$. " in tex
     assert "Rank & Method & Clean & AutoAttack & PGD & Certified & Arch & Epochs & Flags \\\\" in tex
-    assert [h for h, _, _ in LATEX_COLUMNS][-1] == "Flags"
+    assert [c.header for c in columns(TEX)][-1] == "Flags"
     assert ("1 & trades & 81.0 $\\pm$ 0.5 & 47.0 $\\pm$ 1.2 & 50.0 $\\pm$ 2.0 & -- & preact\\_resnet18 & 10 "
             "& $\\dagger$ \\\\") in tex
     assert "2 & pgd\\_at & 75.00 & 45.00 & 44.00 & -- & preact\\_resnet18 & 10 & $\\ast$ \\\\" in tex

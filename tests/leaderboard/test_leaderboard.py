@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 
 import leaderboard
 from leaderboard import build, format_text
-from leaderboard.render import COLUMNS, CSV_COLUMNS, md_escape
+from leaderboard.columns import COLUMNS, MD, columns
+from leaderboard.formatting import EMPTY_MESSAGE, md_escape
 
 _ids = itertools.count()
 
@@ -173,12 +174,12 @@ def test_ranking_and_columns(store, built):
     assert (t.rows[0].trials, t.rows[0].trial_epochs) == (5.0, 5 + 2 + 5 + 1 + 3)
 
     assert "## digits · Linf · eps=0.2" in built.md
-    header = "| " + " | ".join(h for h, _ in COLUMNS) + " |"
+    header = "| " + " | ".join(c.header for c in columns(MD)) + " |"
     assert built.md.count(header) == 4
-    assert header == ("| Rank | Method | Clean | PGD | AutoAttack | AA 95% CI | Certified | Arch | Epochs | "
+    assert header == ("| Rank | Method | Clean | AutoAttack | AA 95% CI | PGD | Certified | Arch | Epochs | "
                       "Hyperparameters | Trials | Trial-epochs | n_ex | Seeds | Flags | Run |")
-    assert f"| 2 | pgd\\_at | 83.12 | 50.00 | 48.12 | – | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 | 1 |  | {store.pgd2} |" in built.md
-    assert f"| 1 | trades | 80.00 | 52.00 | 50.00 | – | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 | 1 |" in built.md
+    assert f"| 2 | pgd\\_at | 83.12 | 48.12 | – | 50.00 | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 | 1 |  | {store.pgd2} |" in built.md
+    assert f"| 1 | trades | 80.00 | 50.00 | – | 52.00 | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 | 1 |" in built.md
 
 
 def test_validation_not_test_decides(store, built):
@@ -204,17 +205,19 @@ def test_markdown_escapes_user_text(store, built):
     assert "\x1b" not in md
     # Escaped pipes keep every row at exactly one cell per column.
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows and all(len(re.split(r"(?<!\\)\|", line)) == len(COLUMNS) + 2 for line in rows)
+    assert rows and all(len(re.split(r"(?<!\\)\|", line)) == len(columns(MD)) + 2 for line in rows)
     assert md_escape("a\\|b") == "a\\\\\\|b"  # a user backslash cannot un-escape the pipe
 
 
 def test_csv_round_trips(store, built):
     df = pd.read_csv(built.csv, keep_default_na=False)
     assert list(df.columns) == [
-        "dataset", "norm", "eps", "rank", "method", "clean_acc", "pgd_acc", "aa_acc", "certified_acc",
-        "clean_acc_mean", "clean_acc_std", "pgd_acc_mean", "pgd_acc_std", "aa_acc_mean", "aa_acc_std",
-        "certified_acc_mean", "certified_acc_std", "clean_ci_low", "clean_ci_high", "pgd_ci_low", "pgd_ci_high",
-        "aa_ci_low", "aa_ci_high", "certified_ci_low", "certified_ci_high", "arch", "epochs",
+        "dataset", "norm", "eps", "rank", "method",
+        "clean_acc", "clean_acc_mean", "clean_acc_std", "clean_ci_low", "clean_ci_high",
+        "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
+        "pgd_acc", "pgd_acc_mean", "pgd_acc_std", "pgd_ci_low", "pgd_ci_high",
+        "certified_acc", "certified_acc_mean", "certified_acc_std", "certified_ci_low", "certified_ci_high",
+        "arch", "epochs",
         "hyperparameters", "trials", "trial_epochs", "n_ex", "n_seeds", "flags", "flag_reasons", "run_id",
         "experiment_id"]
     assert len(df) == sum(len(t.rows) for t in built.tables) == 12
@@ -254,9 +257,9 @@ def test_empty_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()  # creates the (empty) database
     assert build(uri, tmp_path / "site") == []
-    assert leaderboard.render.EMPTY_MESSAGE in (tmp_path / "site" / "leaderboard.md").read_text()
+    assert EMPTY_MESSAGE in (tmp_path / "site" / "leaderboard.md").read_text()
     assert pd.read_csv(tmp_path / "site" / "leaderboard.csv").empty
-    assert format_text([]) == leaderboard.render.EMPTY_MESSAGE
+    assert format_text([]) == EMPTY_MESSAGE
 
 
 def test_missing_or_unreadable_store(tmp_path):
@@ -284,7 +287,7 @@ def test_certified_rows_get_an_l2_table_with_a_certified_column(tmp_path):
     assert [(t.norm, t.eps) for t in tables] == [("L2", 0.5), ("Linf", 0.2)]
     md = (tmp_path / "site" / "leaderboard.md").read_text()
     assert "## digits · L2 · eps=0.5" in md
-    assert "| 1 | hkr | 75.00 | 47.00 | 45.00 | – | 38.00 | lipschitz\\_small |" in md
+    assert "| 1 | hkr | 75.00 | 45.00 | – | 47.00 | 38.00 | lipschitz\\_small |" in md
 
 
 def _svhn(built):
@@ -310,10 +313,10 @@ def test_multi_seed_mean_ranks_and_shows(store, built):
     one = t.rows[2]  # n_seeds=1: its stray logged mean of 99% neither ranks nor shows
     assert (one.n_seeds, one.aa_acc_mean, one.headline("aa_acc")) == (1, None, 0.45)
     assert _md_row(built.md, store.seeds3) == (
-        "| 2 | ⚠ trades | 81.0 ± 0.5 | 50.0 ± 2.0 | 47.0 ± 1.2 | \\[41.2, 50.3\\] | – | small\\_cnn | 5 | lr=0.1 "
+        "| 2 | ⚠ trades | 81.0 ± 0.5 | 47.0 ± 1.2 | \\[41.2, 50.3\\] | 50.0 ± 2.0 | – | small\\_cnn | 5 | lr=0.1 "
         "| 4 | 20 | 1000 | 3 | ⚠ masking:aa-gap (AutoAttack 12.3 points below PGD-50); "
         f"small-sample (only 1000 test images) | {store.seeds3} |")
-    assert _md_row(built.md, store.one_seed).startswith("| 3 | ⚠ pgd\\_at | 75.00 | 47.00 | 45.00 | – | – |")
+    assert _md_row(built.md, store.one_seed).startswith("| 3 | ⚠ pgd\\_at | 75.00 | 45.00 | – | 47.00 | – |")
 
     df = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id")
     assert df.loc[store.seeds3, ["rank", "n_seeds", "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
@@ -382,6 +385,6 @@ def test_runs_without_the_newer_keys_build_as_before(store, tmp_path):
         assert r.headline("aa_acc") == r.aa_acc
     assert [r.run_id for r in _table(tables, "digits", "Linf", 0.2).rows] == [store.tr1, store.pgd2, store.m2]
     df = pd.read_csv(tmp_path / "leaderboard.csv", keep_default_na=False)
-    newer = [name for name, _ in CSV_COLUMNS if name.endswith(("_mean", "_std", "_low", "_high"))]
+    newer = [name for c in COLUMNS for name, _ in c.csv if name.endswith(("_mean", "_std", "_low", "_high"))]
     assert len(newer) == 16 and (df[newer] == "").all().all()
     assert (df.n_seeds == 1).all() and (df.flag_reasons == "{}").all()

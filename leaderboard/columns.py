@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The leaderboard's columns, declared once: every writer (Markdown, CSV, LaTeX, terminal, HTML) reads them.
+
+A :class:`Column` says what a column is called in each format, what its cells show (plain text,
+unescaped: each writer escapes it its own way), the value it sorts by and carries at full precision,
+its alignment, and which formats show it. Adding a column is one entry in :data:`COLUMNS`; a writer
+that wants a richer cell (a link, a badge, a LaTeX mark) keys it by the column's ``name``.
+
+The order is RobustBench's: clean accuracy, then the ranking metric (AutoAttack) with its confidence
+interval beside it, then the other attacks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from leaderboard import formatting as fmt
+from leaderboard.schema import Row
+
+Cell = Callable[[int, Row], object]
+"""A function of (rank within the table, row)."""
+
+MD, TEXT, TEX, HTML, CSV = "md", "text", "tex", "html", "csv"
+TABLES = frozenset({MD, TEXT, TEX, HTML})
+"""The formats that show columns as a table (CSV has its own fields: :attr:`Column.csv`)."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One leaderboard column."""
+
+    name: str
+    """Identifier: the key of a writer's own cell for it, and the HTML cells' class."""
+    header: str
+    """The header in every format that does not override it in ``headers``."""
+    text: Cell
+    """The cell as plain, unescaped text."""
+    value: Cell
+    """What the column sorts by (a number, text, or ``None`` for missing: sorted last)."""
+    align: str = "left"
+    """``left``, ``right`` (numbers) or ``center`` (marks)."""
+    formats: frozenset[str] = TABLES
+    """The table formats that show it."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Per-format headers, e.g. ``{"html": ...}``."""
+    csv: tuple[tuple[str, Cell], ...] = ()
+    """The CSV fields it contributes, each a (field name, value at full precision) pair."""
+    sort: str = ""
+    """``number`` or ``text``; by default numbers for a right-aligned column, else text."""
+    first: str = "ascending"
+    """Direction of a first click on its HTML header: accuracies sort best first."""
+    tip: str = ""
+    """The HTML header's hover text."""
+    metric: str | None = None
+    """The test accuracy the column shows (``aa_acc``), whose CI the HTML cell gives on hover."""
+
+    @property
+    def numeric(self) -> bool:
+        """Right-aligned columns hold numbers and sort as numbers."""
+        return self.align == "right"
+
+    @property
+    def sorts_as_number(self) -> bool:
+        return self.sort == "number" or (not self.sort and self.numeric)
+
+    def header_in(self, fmt_name: str) -> str:
+        return self.headers.get(fmt_name, self.header)
+
+
+def columns(fmt_name: str) -> list[Column]:
+    """The columns a table format shows, in order."""
+    return [c for c in COLUMNS if fmt_name in c.formats]
+
+
+def _accuracy(name: str, header: str, metric: str, formats: frozenset[str] = TABLES) -> Column:
+    """A test accuracy: shown as its headline (mean ± std over seeds), in the CSV with its spread and CI."""
+    prefix = metric.removesuffix("_acc")
+    return Column(
+        name, header, text=lambda i, r: fmt.accuracy(r, metric), value=lambda i, r: r.headline(metric),
+        align="right", formats=formats, first="descending", metric=metric,
+        tip=f"{header} accuracy (%); mean ± std over seeds when there are several",
+        csv=((metric, lambda i, r: getattr(r, metric)),
+             *((f"{metric}_{s}", lambda i, r, key=f"{metric}_{s}": getattr(r, key)) for s in ("mean", "std")),
+             *((f"{prefix}_ci_{end}", lambda i, r, j=j: None if (ci := fmt.ci_of(r, metric)) is None else ci[j])
+               for j, end in enumerate(("low", "high")))))
+
+
+def _count(name: str, header: str, attr: str, tip: str = "", formats: frozenset[str] = TABLES - {TEX},
+           csv: str | None = None) -> Column:
+    """A count logged as a float metric (epochs, trials, n_ex)."""
+    return Column(name, header, text=lambda i, r: fmt.count(getattr(r, attr)), value=lambda i, r: getattr(r, attr),
+                  align="right", formats=formats, tip=tip, csv=((csv or attr, lambda i, r: getattr(r, attr)),))
+
+
+def _hparams(r: Row, show: Callable[[str], str] = fmt.param) -> str:
+    return ", ".join(f"{n}={show(v)}" for n, v in r.hparams)
+
+
+def _flags(r: Row) -> str:
+    reasons = dict(r.flag_reasons)
+    return "; ".join(fmt.flag(f, reasons.get(f)) for f in fmt.flag_order(r))
+
+
+def _table_key(name: str) -> Column:
+    """dataset, norm, eps: each table's title in the other formats, a field of every CSV row."""
+    return Column(name, name, text=lambda i, r: str(getattr(r, name)), value=lambda i, r: getattr(r, name),
+                  formats=frozenset(), csv=((name, lambda i, r: getattr(r, name)),))
+
+
+COLUMNS: tuple[Column, ...] = (
+    _table_key("dataset"),
+    _table_key("norm"),
+    _table_key("eps"),
+    Column("rank", "Rank", text=lambda i, r: str(i), value=lambda i, r: i, align="right",
+           tip="by AutoAttack accuracy", csv=(("rank", lambda i, r: i),)),
+    # A row with a warning flag is marked at its method as well as at the flag, so that it stands
+    # out when the table is scanned.
+    Column("method", "Method", text=lambda i, r: f"{fmt.WARNING_MARK} {r.method}" if r.warnings else r.method,
+           value=lambda i, r: r.method, csv=(("method", lambda i, r: r.method),)),
+    _accuracy("clean", "Clean", "clean_acc"),
+    _accuracy("autoattack", "AutoAttack", "aa_acc"),
+    Column("aa_ci", "AA 95% CI", text=lambda i, r: fmt.interval(r.aa_ci),
+           value=lambda i, r: r.aa_ci[0] if r.aa_ci else None, align="right", formats=frozenset({MD, HTML}),
+           headers={HTML: "AA 95%\u00a0CI"}, first="descending",
+           tip="Wilson interval of this trial's AutoAttack accuracy over its n_ex images"),
+    _accuracy("pgd", "PGD", "pgd_acc"),
+    _accuracy("certified", "Certified", "certified_acc"),
+    Column("arch", "Arch", text=lambda i, r: r.arch, value=lambda i, r: r.arch, csv=(("arch", lambda i, r: r.arch),)),
+    _count("epochs", "Epochs", "epochs", formats=TABLES),
+    Column("hyperparameters", "Hyperparameters", text=lambda i, r: _hparams(r),
+           value=lambda i, r: _hparams(r, str), formats=TABLES - {TEX},
+           tip="the searched hyperparameters of this trial", csv=(("hyperparameters", lambda i, r: _hparams(r, str)),)),
+    _count("trials", "Trials", "trials", tip="search cost: trials run"),
+    _count("trial_epochs", "Trial-epochs", "trial_epochs",
+           tip="search cost: epochs trained over all trials of the search"),
+    Column("device_hours", "Device hours", text=lambda i, r: fmt.hours(r.device_hours),
+           value=lambda i, r: r.device_hours, align="right", formats=frozenset({HTML}),
+           tip="search cost: device-hours (trial wall-clock hours times devices held)"),
+    _count("n_ex", "n_ex", "n_ex", tip="test images evaluated"),
+    Column("seeds", "Seeds", text=lambda i, r: str(r.n_seeds), value=lambda i, r: r.n_seeds, align="right",
+           formats=TABLES - {TEX}, first="descending", csv=(("n_seeds", lambda i, r: r.n_seeds),)),
+    # Sorted by warnings, then notes; the CSV's reasons are sanitised before encoding (JSON would
+    # keep an ANSI escape as "\u001b" for the reader to decode).
+    Column("flags", "Flags", text=lambda i, r: _flags(r), value=lambda i, r: len(r.warnings) + len(r.notes) / 100,
+           sort="number", first="descending", tip="⚠ warnings question the evaluation; the others are notes on precision",
+           csv=(("flags", lambda i, r: ";".join(r.flags)),
+                ("flag_reasons", lambda i, r: json.dumps({fmt.printable(f): fmt.printable(t)
+                                                          for f, t in r.flag_reasons}, ensure_ascii=False)))),
+    Column("run", "Run", text=lambda i, r: r.run_id, value=lambda i, r: r.run_name or r.run_id,
+           formats=TABLES - {TEX}, csv=(("run_id", lambda i, r: r.run_id),
+                                        ("experiment_id", lambda i, r: r.experiment_id))),
+)
+"""Every column, in the one order all formats use."""

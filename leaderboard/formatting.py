@@ -1,0 +1,199 @@
+# SPDX-License-Identifier: Apache-2.0
+"""How numbers and user text are shown: the one place every writer takes its formatting from.
+
+Numbers stay floats in :mod:`leaderboard.schema`; the functions here turn them into cell text
+(accuracies in %, counts, eps as ``8/255``). Every string that comes from MLflow (method, arch,
+parameter values, flags and their reasons) is user input, so each output format has its escaper
+here: Markdown escapes, CSV neutralises spreadsheet formulas, LaTeX escapes its special characters
+(so a name cannot run ``\\input``), HTML escapes quotes too, and terminal text drops control
+characters (which could otherwise smuggle ANSI escape sequences).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from urllib.parse import urlparse
+
+from leaderboard.schema import Row, Table, is_warning
+
+EMPTY_MESSAGE = "No evaluated trial runs found: nothing to rank yet."
+RULES = (
+    "One table per (dataset, norm, eps). Each row is the best trial of a (method, architecture) "
+    "by validation PGD accuracy, never by test numbers; rows are ranked by test AutoAttack accuracy. "
+    "Accuracies in %; for a configuration trained with several seeds, mean ± std over the seeds "
+    "(and ranked by that mean). AA 95% CI: Wilson interval of the trial's own AutoAttack accuracy "
+    "over its n_ex test images. ⚠ marks a row whose evaluation may be unreliable (see its flags); "
+    "unmarked flags are notes on statistical precision. "
+    "Search cost: trials run and epochs trained over all trials of the search."
+)
+WARNING_MARK = "⚠"
+MISSING = "–"
+"""The text of a number that was not logged."""
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def pct(x: float | None) -> str:
+    """A fraction in percent with two decimals: ``0.4712`` -> ``47.12``."""
+    return MISSING if x is None else f"{100 * x:.2f}"
+
+
+def accuracy(row: Row, metric: str) -> str:
+    """``mean ± std`` over seeds (one decimal: the seed spread makes a second one noise), else the
+    trial's own accuracy (:func:`pct`)."""
+    mean = getattr(row, f"{metric}_mean") if row.n_seeds >= 2 else None
+    if mean is None:
+        return pct(getattr(row, metric))
+    std = getattr(row, f"{metric}_std")
+    return f"{100 * mean:.1f} ± {MISSING if std is None else f'{100 * std:.1f}'}"
+
+
+def interval(ci: tuple[float, float] | None) -> str:
+    """A 95% CI in percent: ``[41.2, 50.3]``."""
+    return MISSING if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def ci_of(row: Row, metric: str) -> tuple[float, float] | None:
+    """The CI of ``metric`` (``aa_acc`` -> ``row.aa_ci``)."""
+    return getattr(row, f"{metric.removesuffix('_acc')}_ci")
+
+
+def count(x: float | None) -> str:
+    """Counts (epochs, trials, n_ex) are logged as MLflow float metrics; show them as integers."""
+    if x is None:
+        return MISSING
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def hours(x: float | None) -> str:
+    """Device-hours: two decimals from one hour on, two significant digits below."""
+    return MISSING if x is None else f"{x:.2f}" if x >= 0.995 else f"{x:.2g}"
+
+
+def param(value: str) -> str:
+    """A parameter as logged is a string; shorten long floats (0.0031622776601683794 -> 0.003162)."""
+    try:
+        int(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+def eps(x: float) -> str:
+    """Short eps: ``0.2``, or ``8/255`` for the usual pixel-step values that have long decimals."""
+    k = x * 255
+    if len(repr(x)) > 8 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return repr(x)
+
+
+def table_title(t: Table) -> str:
+    """``digits · Linf · eps=0.2`` (unescaped)."""
+    return f"{t.dataset} · {t.norm} · eps={eps(t.eps)}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags
+
+
+def flag_order(row: Row) -> list[str]:
+    """Warnings first, then notes, each in the order the evaluation logged them."""
+    return [*row.warnings, *row.notes]
+
+
+def flag(name: str, reason: str | None = None) -> str:
+    """``⚠ masking:aa-gap (reason)`` for a warning, ``small-sample (reason)`` for a note (unescaped)."""
+    text = f"{WARNING_MARK} {name}" if is_warning(name) else name
+    return text if not reason else f"{text} ({reason})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# User text, escaped per format
+
+
+def printable(text: object) -> str:
+    """Replace control and format characters (newlines, ANSI escapes, bidi overrides) by a space."""
+    return "".join(" " if unicodedata.category(c).startswith("C") else c for c in str(text))
+
+
+def short(text: str, n: int) -> str:
+    """:func:`printable` text cut to ``n`` characters, with an ellipsis when cut."""
+    text = printable(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# Characters with a meaning in Markdown or inline HTML. `&`, `<` and `>` become entities so that no
+# HTML tag can form; the rest are backslash-escaped (`\|` is how GFM keeps a pipe inside a cell).
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_MD_SPECIAL = re.compile(r"([\\|`*_\[\]$~])")  # $ and ~: GitHub renders math and strikethrough
+
+
+def md_escape(text: str) -> str:
+    """Escape untrusted text for a Markdown table cell or heading."""
+    text = _MD_SPECIAL.sub(r"\\\1", printable(text))
+    return "".join(_MD_ENTITIES.get(c, c) for c in text)
+
+
+# LaTeX: the ten characters with a meaning in text mode, plus the three that OT1 fonts print as
+# other glyphs (< > |). One pass, so that the braces of a replacement are never escaped again.
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+}
+_LATEX_SPECIAL_RE = re.compile("|".join(map(re.escape, _LATEX_SPECIAL)))
+
+
+def latex_escape(text: str) -> str:
+    r"""Escape untrusted text for LaTeX text mode: ``\input{x}`` -> ``\textbackslash{}input\{x\}``.
+
+    Control characters become spaces first (:func:`printable`): a newline could end a comment or a
+    paragraph, and ``^^J``-style input needs a ``^``, which is escaped too.
+    """
+    return _LATEX_SPECIAL_RE.sub(lambda m: _LATEX_SPECIAL[m.group()], printable(text))
+
+
+def latex_number(text: str) -> str:
+    """A cell we formatted (never user text) with its Unicode made LaTeX: ``81.0 ± 0.5``, ``–``."""
+    return text.replace(" ± ", r" $\pm$ ").replace(MISSING, "--")
+
+
+def csv_cell(value: object) -> object:
+    """None -> empty; floats as repr (full precision); text printable and never a formula."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        value = printable(value)
+        if value[:1] in ("=", "+", "-", "@"):
+            return "'" + value  # OWASP CSV-injection advice: a spreadsheet must not evaluate it
+    return value
+
+
+def html_escape(text: object) -> str:
+    """Escape untrusted text for HTML or SVG text and (double-quoted) attributes, control characters dropped."""
+    return html.escape(printable(str(text)), quote=True)
+
+
+def safe_url(url: str | None) -> str | None:
+    """The URL when it is an absolute http(s) link, else ``None`` (no ``javascript:`` or ``data:``)."""
+    if not url:
+        return None
+    url = url.strip()
+    try:
+        parsed = urlparse(url)
+    except ValueError:
+        return None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
+        return None
+    if any(c.isspace() or ord(c) < 32 or c in "\"'<>`\\" for c in url):
+        return None
+    return url

@@ -1,0 +1,466 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every plot otarena draws, with matplotlib: the site's inline SVG and the evaluation's eps-sweep PNG.
+
+Per leaderboard table the site shows:
+
+1. the Pareto front of clean against AutoAttack accuracy over every evaluated trial;
+2. robust (PGD) accuracy against eps for the rows that logged an eps sweep (:func:`draw_eps_sweep`,
+   which also draws the PNG that ``search/evaluation.py`` writes beside a report);
+3. the search progress: best validation robust accuracy against trial-epochs spent;
+4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method.
+
+**Inline SVG under the page's Content-Security-Policy.** The page allows no inline style, so
+:func:`to_svg` turns matplotlib's ``style="..."`` attributes into SVG presentation attributes (which
+no CSP governs), drops its ``<style>`` and metadata, and prefixes its ids so that several plots can
+share one page. Text stays text (``svg.fonttype: none``) and is never read as mathtext, so user
+strings are drawn as they are; matplotlib escapes them for XML. Each plotted point can carry a hover
+``<title>``.
+
+matplotlib is imported on first use: ``import leaderboard`` (and ``otarena --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import itertools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from leaderboard import formatting as fmt
+from leaderboard.schema import Row, Table, TrialPoint
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#7f7f7f")
+"""Method colours (matplotlib's tab10), assigned by sorted method name so they agree across plots."""
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "otarena", "text.parse_math": False, "font.size": 8.5,
+       "axes.titlesize": 9.5, "axes.titleweight": "bold", "legend.fontsize": 8, "axes.grid": True,
+       "grid.color": "#eeeeee", "axes.axisbelow": True, "axes.formatter.useoffset": False}
+_STYLE_PROPERTIES = {"fill", "fill-opacity", "fill-rule", "stroke", "stroke-width", "stroke-linejoin",
+                     "stroke-linecap", "stroke-opacity", "stroke-dasharray", "stroke-dashoffset",
+                     "stroke-miterlimit", "opacity", "font-size", "font-weight", "font-style", "text-anchor"}
+_ids = itertools.count()
+
+
+@dataclass
+class Series:
+    """Points of one legend entry, with optional hover text per point."""
+
+    label: str | None
+    x: list[float]
+    y: list[float]
+    color: str
+    marker: str = "o"
+    """A matplotlib marker, ``ring`` (an unfilled circle) or ``""`` (none)."""
+    line: str = ""
+    """``""`` (markers only), a matplotlib line style (``-``, ``--``, ``:``), or ``steps-pre``/``steps-post``."""
+    size: float = 4.0
+    tips: list[str] | None = None
+
+
+def colors(methods: Iterable[str]) -> dict[str, str]:
+    """One colour per method, by sorted name."""
+    return {m: PALETTE[k % len(PALETTE)] for k, m in enumerate(sorted(set(methods)))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# matplotlib -> inline SVG
+
+
+def new_figure(width_px: int, height_px: int) -> Figure:
+    """A figure of that CSS size, not registered with pyplot (no global state, freed when dropped)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width_px / 96, height_px / 96), dpi=96)
+
+
+def to_svg(fig: Figure, kind: str, title: str, tips: Sequence[list[str] | None] = (),
+           attrs: dict[str, str] | None = None) -> str:
+    """The figure as an inline ``<svg class="plot" data-plot=kind>``, safe under the page's CSP.
+
+    Args:
+        fig: A figure whose point series were drawn by :func:`plot_series` (their hover texts are ``tips``).
+        kind: The ``data-plot`` attribute; ``title`` becomes its accessible name.
+        tips: Per :func:`plot_series` call, in order, its points' hover texts.
+        attrs: Extra attributes (user text: escaped here).
+    """
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.S)
+    svg = re.sub(r'style="([^"]*)"', lambda m: _presentation(m.group(1)), svg)
+    prefix = f"f{next(_ids)}-"
+    svg = re.sub(r'id="([^"]+)"', rf'id="{prefix}\1"', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}\1)", svg)
+    svg = re.sub(r'xlink:href="#([^"]+)"', rf'xlink:href="#{prefix}\1"', svg)
+    for k, texts in enumerate(tips):
+        if texts:
+            svg = _add_titles(svg, f'id="{prefix}tips{k}"', texts)
+    width, height = (round(v * 96) for v in fig.get_size_inches())
+    extra = "".join(f' {k}="{fmt.html_escape(v)}"' for k, v in (attrs or {}).items())
+    head = (f'<svg class="plot" data-plot="{fmt.html_escape(kind)}"{extra} viewBox="{_viewbox(svg)}" '
+            f'width="{width}" height="{height}" role="img" aria-label="{fmt.html_escape(title)}" '
+            'stroke-linejoin="round" stroke-linecap="butt">')
+    return head + svg[svg.index(">") + 1:].strip()
+
+
+def _viewbox(svg: str) -> str:
+    return re.search(r'viewBox="([^"]+)"', svg[: svg.index(">")]).group(1)
+
+
+def _presentation(style: str) -> str:
+    """``fill: #fff; stroke-width: 0.8`` -> ``fill="#fff" stroke-width="0.8"`` (the font family is the page's)."""
+    pairs = [p.split(":", 1) for p in style.split(";") if ":" in p]
+    return " ".join(f'{k.strip()}="{html.escape(v.strip())}"' for k, v in pairs if k.strip() in _STYLE_PROPERTIES)
+
+
+def _add_titles(svg: str, group: str, texts: list[str]) -> str:
+    """Give the first ``len(texts)`` markers after ``group`` (one series' points, in order) a hover title."""
+    start = svg.find(group)
+    if start < 0:
+        return svg
+    head, tail = svg[:start], svg[start:]
+    texts_iter = iter(texts)
+
+    def title(m: re.Match) -> str:
+        text = next(texts_iter, None)
+        return m.group(0) if text is None else f"{m.group(1)}><title>{fmt.html_escape(text)}</title></use>"
+
+    return head + re.sub(r"(<use [^>]*?)\s*/>", title, tail, count=len(texts))
+
+
+def plot_series(ax: Axes, series: list[Series], tips: list) -> None:
+    """Draw the series, dropping points an axis cannot show (NaN, infinities, <= 0 on a log axis)."""
+    xlog, ylog = ax.get_xscale() == "log", ax.get_yscale() == "log"
+    for s in series:
+        keep = [k for k, (x, y) in enumerate(zip(s.x, s.y)) if _shown(x, xlog) and _shown(y, ylog)]
+        label = None if s.label is None else _legend_text(s.label)
+        steps = s.line.startswith("steps")
+        line, = ax.plot([s.x[k] for k in keep], [s.y[k] for k in keep], color=s.color, linewidth=1.6,
+                        marker={"ring": "o", "": "None"}.get(s.marker, s.marker), markersize=s.size,
+                        markerfacecolor="none" if s.marker == "ring" else s.color,
+                        linestyle="-" if steps else (s.line or "None"), drawstyle=s.line if steps else "default",
+                        label=label or "_nolegend_")
+        if s.tips and s.marker:
+            line.set_gid(f"tips{len(tips)}")
+            tips.append([s.tips[k] for k in keep if k < len(s.tips)])
+        else:
+            tips.append(None)
+
+
+def _shown(v: float, log: bool) -> bool:
+    return math.isfinite(v) and (v > 0 or not log)
+
+
+def _legend_text(label: str) -> str:
+    """matplotlib hides labels that start with ``_``: a method may well be named so."""
+    label = fmt.short(label, 26)
+    return "\u2009" + label if label.startswith("_") else label
+
+
+def finish(ax: Axes, title: str, xlabel: str, ylabel: str, *, legend: str = "bottom", ncol: int = 2) -> None:
+    """Title, axis labels, legend and margins.
+
+    With ``legend="bottom"`` the figure grows by the legend's rows, under the axes, and the margins
+    are fixed in pixels: the plot keeps its width, so that it can shrink to a narrow screen. With
+    ``inside`` the legend sits in the axes; ``none`` draws none.
+    """
+    fig = ax.figure
+    ax.set_title(fmt.short(title, 60), loc="left")
+    ax.set_xlabel(fmt.short(xlabel, 48))
+    ax.set_ylabel(ylabel)
+    handles, labels = ax.get_legend_handles_labels()
+    if legend == "inside":
+        if handles:
+            ax.legend(loc="upper right")
+        return
+    width, height = (v * 96 for v in fig.get_size_inches())
+    rows = math.ceil(len(handles) / ncol) if legend == "bottom" else 0
+    below = 42 + (14 * rows + 6 if rows else 0)  # tick labels and axis label, then the legend
+    height += below - 42
+    fig.set_size_inches(width / 96, height / 96)
+    fig.subplots_adjust(left=50 / width, right=1 - 12 / width, top=1 - 24 / height, bottom=below / height)
+    if rows:
+        fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(4 / width, 2 / height), ncol=ncol,
+                   frameon=False, borderaxespad=0, columnspacing=1.2, handlelength=1.6)
+def _percent_axis(ax: Axes, which: str, values: list[float]) -> None:
+    """An accuracy axis: at least 10 points wide around the data, padded, never past 0% or 100%."""
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 100.0)
+    widen = max(0.0, 10.0 - (hi - lo)) / 2
+    pad = (hi - lo + 2 * widen) * 0.06
+    (ax.set_xlim if which == "x" else ax.set_ylim)(max(0.0, lo - widen - pad), min(100.0, hi + widen + pad))
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#888888")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eps sweep: one drawing for the site and for the evaluation's PNG
+
+
+def draw_eps_sweep(ax: Axes, curves: list[Series], chance_bounds: Sequence[float], table_eps: float | None = None,
+                   tips: list | None = None, bound_label: str = "chance bound") -> None:
+    """Accuracy (%) against eps, with each chance bound dashed and the table's eps dotted.
+
+    A curve that stays flat far above the chance bound as eps grows suggests gradient masking.
+    """
+    tips = [] if tips is None else tips
+    plot_series(ax, curves, tips)
+    bounds = sorted(set(chance_bounds))
+    for b in bounds:
+        label = bound_label if len(bounds) == 1 else f"{bound_label} {100 * b:.3g}%"
+        ax.axhline(100 * b, color="#666666", linestyle="--", linewidth=1, label=label)
+    if table_eps is not None:
+        ax.axvline(table_eps, color="#aaaaaa", linestyle=":", linewidth=1.4, label=f"table eps ({fmt.eps(table_eps)})")
+    ax.set_ylim(0, 100)
+
+
+def eps_sweep_png(sweep: dict[str, Any], path: str, title: str = "") -> str:
+    """The evaluation's eps sweep of one model as a PNG (``<report>.eps_sweep.png``); returns ``path``.
+
+    Args:
+        sweep: ``eps``, ``pgd_acc``, ``robust_acc`` (fractions), ``chance_bound``, ``steps`` and ``norm``.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = new_figure(600, 408)
+        ax = fig.add_subplot()
+        curves = [Series(f"PGD-{sweep['steps']}", list(sweep["eps"]), [100 * a for a in sweep["pgd_acc"]], PALETTE[0],
+                         line="-"),
+                  Series("PGD + grey-image candidate", list(sweep["eps"]), [100 * a for a in sweep["robust_acc"]],
+                         PALETTE[1], marker="s", line="--")]
+        draw_eps_sweep(ax, curves, [sweep["chance_bound"]], bound_label="chance bound (largest class)")
+        finish(ax, title or "Robust accuracy against eps", f"eps ({sweep['norm']}, [0, 1] pixels)",
+               "robust accuracy (%)", legend="inside")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The site's plots, per table
+
+
+def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> str:
+    """Clean against AutoAttack accuracy of every evaluated trial, the front, and the leaderboard entries."""
+    import matplotlib
+
+    # Failed trials are no candidates (collect.is_candidate), so they do not shape the front either.
+    pts = [p for p in trials if p.clean_acc is not None and p.aa_acc is not None and p.outcome != "failed"]
+    rows = [r for r in t.rows if r.clean_acc is not None]
+    series = [Series(method, [100 * p.clean_acc for p in mine], [100 * p.aa_acc for p in mine], color[method],
+                     size=4.5, tips=[f"{p.method} · {p.arch}\nclean {100 * p.clean_acc:.2f}, AA {100 * p.aa_acc:.2f}"
+                                     f"\nrun {p.run_id}" for p in mine])
+              for method in _unique(p.method for p in pts) for mine in [[p for p in pts if p.method == method]]]
+    xy = [(100 * p.clean_acc, 100 * p.aa_acc) for p in pts] + [(100 * r.clean_acc, 100 * r.aa_acc) for r in rows]
+    front = pareto_front(xy)
+    if front:
+        series.append(Series("Pareto front", [x for x, _ in front], [y for _, y in front], "#333333", marker="",
+                             line="steps-pre"))
+    series += [Series("leaderboard entry" if k == 0 else None, [100 * r.clean_acc], [100 * r.aa_acc], color[r.method],
+                      size=9, tips=[f"leaderboard entry: {r.method} · {r.arch}\nclean {100 * r.clean_acc:.2f}, "
+                                    f"AA {100 * r.aa_acc:.2f}\nrun {r.run_name or r.run_id}"])
+               for k, r in enumerate(rows)]
+    with matplotlib.rc_context(_RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips: list = []
+        plot_series(ax, series, tips)
+        for line in ax.get_lines()[-len(rows):] if rows else []:
+            line.set_markeredgecolor("#111111")
+            line.set_markeredgewidth(1.4)
+        for r in rows:
+            ax.annotate(fmt.short(r.method, 16), (100 * r.clean_acc, 100 * r.aa_acc), xytext=(6, 4),
+                        textcoords="offset points", fontsize=7.5)
+        if xy:
+            _percent_axis(ax, "x", [x for x, _ in xy])
+            _percent_axis(ax, "y", [y for _, y in xy])
+        else:
+            _empty(ax, "no evaluated trials")
+        finish(ax, "Clean vs AutoAttack accuracy", "clean accuracy (%)", "AutoAttack accuracy (%)")
+    return to_svg(fig, "pareto", "Clean vs AutoAttack accuracy", tips)
+
+
+def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates, by increasing x (so decreasing y)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(set(xy), key=lambda p: (-p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front[::-1]
+
+
+def eps_plot(t: Table, color: dict[str, str]) -> str:
+    """PGD accuracy of each entry at growing radii (tag ``otarena.eps_sweep``)."""
+    import matplotlib
+
+    rows = [r for r in t.rows if r.eps_sweep and r.eps_sweep.eps]
+    labels = _labels(rows)
+    curves = [Series(labels[r.run_id], list(r.eps_sweep.eps), [100 * a for a in r.eps_sweep.pgd_acc], color[r.method],
+                     line="-", size=3.5, tips=[f"{labels[r.run_id]}\neps {e:.4g}: PGD {100 * a:.2f}%"
+                                               for e, a in zip(r.eps_sweep.eps, r.eps_sweep.pgd_acc)])
+              for r in rows]
+    with matplotlib.rc_context(_RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips: list = []
+        if rows:
+            draw_eps_sweep(ax, curves, [r.eps_sweep.chance_bound for r in rows], t.eps, tips)
+        else:
+            ax.set_ylim(0, 100)
+            _empty(ax, "no eps sweep logged")
+        finish(ax, "Robust accuracy vs eps", "eps", "PGD accuracy (%)")
+    return to_svg(fig, "eps-sweep", "Robust accuracy vs eps", tips)
+
+
+def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> str:
+    """Best validation PGD accuracy so far against the trial-epochs spent, one step line per search."""
+    import matplotlib
+
+    searches: dict[tuple[str, str], list[TrialPoint]] = {}
+    methods = _unique(r.method for r in t.rows)
+    for p in trials:
+        if p.method in methods:
+            searches.setdefault((p.method, p.parent_id), []).append(p)
+    keys = sorted(searches, key=lambda k: (methods.index(k[0]), k[1]))
+    labels = _search_labels(keys, searches)
+    series = []
+    for key in keys:
+        method, label = key[0], labels[key]
+        spent, best, xs, ys, marks, tips = 0.0, None, [], [], [], []
+        for p in sorted(searches[key], key=lambda p: (p.end_time is None, p.end_time or 0, p.run_id)):
+            spent += p.epochs or 0.0
+            if p.val_pgd_acc is not None and (best is None or p.val_pgd_acc > best):
+                best = p.val_pgd_acc
+                marks.append((spent, 100 * best))
+                tips.append(f"{label}\nnew best {100 * best:.2f}% after {spent:g} trial-epochs\nrun {p.run_id}")
+            if best is not None:
+                xs.append(spent)
+                ys.append(100 * best)
+        if xs:
+            series.append(Series(label, xs, ys, color[method], marker="", line="steps-post"))
+            series.append(Series(None, [x for x, _ in marks], [y for _, y in marks], color[method], size=4, tips=tips))
+    with matplotlib.rc_context(_RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips_out: list = []
+        plot_series(ax, series, tips_out)
+        ys = [y for s in series for y in s.y]
+        if ys:
+            _percent_axis(ax, "y", ys)
+            ax.set_xlim(left=0)
+        else:
+            _empty(ax, "no trials logged")
+        finish(ax, "Search progress", "cumulative trial-epochs", "best val PGD accuracy (%)")
+    return to_svg(fig, "progress", "Search progress", tips_out)
+
+
+def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """Per method of the table: (method, one plot per searched hyperparameter) of validation PGD accuracy.
+
+    Filled markers are completed trials, rings pruned ones, crosses failed ones; the black ring is
+    the trial on the leaderboard. A numeric range wider than a decade is shown on a log axis.
+    """
+    import matplotlib
+
+    chosen = {r.run_id for r in t.rows}
+    out = []
+    for method in _unique(r.method for r in t.rows):
+        pts = [p for p in trials if p.method == method and p.val_pgd_acc is not None]
+        svgs = []
+        for name in _unique(n for p in pts for n, _ in p.hparams):
+            vals = [(v, p) for p in pts for n, v in p.hparams if n == name]
+            nums = [_float(v) for v, _ in vals]
+            numeric = all(x is not None for x in nums)
+            cats = None if numeric else sorted({v for v, _ in vals})
+            xs = nums if numeric else [float(cats.index(v)) for v, _ in vals]
+            log = numeric and min(xs) > 0 and max(xs) / min(xs) > 10
+            series = []
+            for outcome, marker in (("completed", "o"), ("pruned", "ring"), ("failed", "x")):
+                sel = [(x, v, p) for x, (v, p) in zip(xs, vals)
+                       if {"pruned": "ring", "failed": "x"}.get(p.outcome, "o") == marker]
+                if sel:
+                    series.append(Series(outcome, [x for x, _, _ in sel], [100 * p.val_pgd_acc for _, _, p in sel],
+                                         color[method], marker=marker, size=3.5,
+                                         tips=[f"{name} = {v}\nval PGD {100 * p.val_pgd_acc:.2f}% ({p.outcome or '?'})"
+                                               f"\nrun {p.run_id}" for _, v, p in sel]))
+            top = [(x, 100 * p.val_pgd_acc) for x, (v, p) in zip(xs, vals) if p.run_id in chosen]
+            if top:
+                series.append(Series("leaderboard", [x for x, _ in top], [y for _, y in top], "#000000",
+                                     marker="ring", size=8))
+            with matplotlib.rc_context(_RC):
+                fig = new_figure(250, 200)
+                ax = fig.add_subplot()
+                if log:
+                    from matplotlib.ticker import FuncFormatter, NullLocator
+
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_locator(NullLocator())  # minor log ticks cost more than the whole plot
+                    # 0.001, not 10^-3: the page draws no mathtext (user text must never be read as TeX)
+                    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+                tips: list = []
+                plot_series(ax, series, tips)
+                if cats is not None:
+                    ax.set_xticks(range(len(cats)), [fmt.short(c, 10) for c in cats])
+                    ax.set_xlim(-0.5, len(cats) - 0.5)
+                _percent_axis(ax, "y", [100 * p.val_pgd_acc for _, p in vals])
+                # The note above the plots explains the markers: no legend in each small plot.
+                finish(ax, name, name + (" (log)" if log else ""), "val PGD acc (%)", legend="none")
+            svgs.append(to_svg(fig, "sensitivity", name, tips, attrs={"data-method": method, "data-param": name}))
+        out.append((method, svgs))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _search_labels(keys: list[tuple[str, str]], searches: dict) -> dict[tuple[str, str], str]:
+    """``method``; ``method · arch`` when a method ran several searches; ``#n`` if that still repeats."""
+    per_method: dict[str, int] = {}
+    for m, _ in keys:
+        per_method[m] = per_method.get(m, 0) + 1
+    labels = {}
+    for m, parent in keys:
+        archs = ", ".join(_unique(p.arch for p in searches[(m, parent)]))
+        labels[(m, parent)] = m if per_method[m] == 1 else f"{m} · {archs}"
+    seen: dict[str, int] = {}
+    for key, label in list(labels.items()):
+        if list(labels.values()).count(label) > 1:
+            seen[label] = seen.get(label, 0) + 1
+            labels[key] = f"{label} #{seen[label]}"
+    return labels
+
+
+def _labels(rows: list[Row]) -> dict[str, str]:
+    """A legend label per row: its method, with the architecture when the method appears twice."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.method] = counts.get(r.method, 0) + 1
+    return {r.run_id: r.method if counts[r.method] == 1 else f"{r.method} · {r.arch}" for r in rows}
+
+
+def _float(value: str) -> float | None:
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
