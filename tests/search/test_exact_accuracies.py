@@ -20,13 +20,13 @@ from search import evaluation
 from search.config import FinalEval
 from search.tracking import Tracker
 
-EPS = 0.1
-"""Below half the smallest L-inf distance (0.3125) between two of the 200 points: the balls are disjoint."""
+EPS = 0.03
+"""Under half a grey level: digits' pixels are multiples of 1/16, so rounding recovers the clean point."""
 N = 200
 
 
 class Lookup(nn.Module):
-    """Answers each input with the stored answer of its nearest stored point, whatever the perturbation.
+    """Answers each input with the stored answer of its clean point, whatever the perturbation.
 
     A ``trapped`` point is answered wrongly once at least 8 pixels sit at the full +-eps: the
     corners Square's stripes start from, which a uniform random start (PGD, APGD) almost never
@@ -42,7 +42,7 @@ class Lookup(nn.Module):
 
     def forward(self, x):
         flat = x.flatten(1)
-        nearest = torch.cdist(flat.detach(), self.points, p=float("inf")).argmin(1)
+        nearest = torch.cdist((flat.detach() * 16).round() / 16, self.points).argmin(1)
         cornered = ((flat.detach() - self.points[nearest]).abs() >= 0.999 * EPS).sum(1) >= 8
         answer = self.answers[nearest]
         answer = torch.where(self.trapped[nearest] & cornered, (answer + 1) % 10, answer)
