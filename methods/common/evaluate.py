@@ -189,10 +189,10 @@ _LARGEST_N = 10 ** 6
 """The most test points an accuracy is assumed to count when ``n_ex`` is not known."""
 
 
-def _count(accuracy: float, n: Optional[int]) -> Fraction | float:
+def _exact(accuracy: float, n: Optional[int]) -> Fraction | float:
     """The exact fraction k / n that an accuracy stands for (the nearest one with a denominator <= n).
 
-    Accuracies are :func:`share` s, k / n rounded to the nearest double; two fractions with
+    An accuracy from :func:`share` is k / n rounded to the nearest double; two fractions with
     denominators up to n differ by at least 1 / n^2, far more than that rounding, so this
     recovers k / n itself.
     """
@@ -203,7 +203,7 @@ def _count(accuracy: float, n: Optional[int]) -> Fraction | float:
 
 def _beyond(high: float, low: float, threshold: float, n: Optional[int]) -> bool:
     """``high - low > threshold``, exactly: 0.66 - 0.61 is not more than 0.05."""
-    return _count(high, n) - _count(low, n) > Fraction(str(threshold))
+    return _exact(high, n) - _exact(low, n) > Fraction(str(threshold))
 
 
 def _points(delta: float) -> str:
@@ -217,7 +217,7 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     gradient masking shows as AutoAttack far below PGD, accuracy that does not fall to chance as
     eps grows, more PGD steps that help the defense, or the black-box attack succeeding where the
     white-box ones failed. Accuracies are compared as the exact counts they stand for
-    (:func:`_count`), so a gap of exactly a threshold is never beyond it.
+    (:func:`_exact`), so a gap of exactly a threshold is never beyond it.
     """
     t, flags, n_ex = thresholds, {}, result.get("n_ex")
     pgd_name = f"PGD-{result.get('settings', {}).get('pgd_steps', 'k')}"
@@ -242,7 +242,7 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
                 flags["masking:steps"] = f"{long} is {_points(long_acc - short_acc)} more accurate than {short}"
                 break
     blackbox_only = result.get("aa_blackbox_only", 0.0)
-    if blackbox_only > 0 and _count(blackbox_only, n_ex) >= Fraction(str(t.blackbox)):
+    if blackbox_only > 0 and _exact(blackbox_only, n_ex) >= Fraction(str(t.blackbox)):
         flags["masking:blackbox"] = (f"Square (black-box) fooled {result['aa_blackbox_only']:.1%} of the points "
                                      f"that every white-box attack failed on")
     flags.update(result.get("aa_checks", {}))
@@ -252,7 +252,7 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
         flags["small-sample"] = f"n_ex = {n} < {t.small_sample}: 95% CI is {_points((high - low) / 2)} wide each way"
     bound = result.get("lipschitz_bound")
     attacked = min(result.get("aa_acc", 1.0), result.get("pgd_acc", 1.0))
-    beaten = _count(attacked, n_ex) < _count(result.get("certified_acc", 0.0), n_ex)
+    beaten = _exact(attacked, n_ex) < _exact(result.get("certified_acc", 0.0), n_ex)
     if "certified_refused" in result:
         flags["unsound-certificate"] = result["certified_refused"]
     elif bound is not None and bound > 1 + t.lipschitz:
