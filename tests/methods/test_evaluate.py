@@ -204,6 +204,14 @@ def test_stage_table_declares_what_each_stage_writes_and_logs():
         stages._in_order(tuple(reversed(stages.STAGES)))
 
 
+def test_each_stage_column_is_one_leaderboard_column():
+    """The two layers meet at MLflow names only: a stage's column is the leaderboard column of its metric."""
+    from leaderboard.columns import COLUMNS
+
+    shown = [f"test/{column.metric}" for column in COLUMNS if column.metric]
+    assert sorted(shown) == sorted(stage.column for stage in stages.STAGES if stage.column)
+
+
 def test_a_new_stage_is_one_table_entry(digits_test, monkeypatch):
     """An FGSM stage: declared once, it runs, gets its interval and its MLflow metrics."""
     from search.evaluation import to_metrics
