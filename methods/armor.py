@@ -177,6 +177,8 @@ class Armor(Method):
         self.dual_optimizer = torch.optim.AdamW(self.dual.parameters(), lr=self.cfg.armor_dual_lr, weight_decay=0.0)
         self.kl_lambda = torch.tensor(float(self.cfg.armor_lambda_init), device=weight.device)
         """The last batch's lambda* (KL): the transport lambda of the next UDR attack."""
+        self._scored_lambda = self.kl_lambda
+        """The lambda of the last ``loss``; ``update`` makes it ``kl_lambda`` (KL)."""
 
     def passes(self):
         return self.threat.steps + 1.0 + (self._needs_clean() and not self.uses_clean)
@@ -210,29 +212,22 @@ class Armor(Method):
         return udr_attack(self.model, x, target, eps=t.eps, steps=t.steps, step_size=t.step_size,
                           pull=t.step_size * lam / tau, loss_fn=loss_fn, init=init)
 
-    def loss(self, x, y, x_adv):
-        """t CE(f(x), y) + (1 - t) J at the current lambda, nu (alpha-div) or at this batch's lambda* (KL)."""
-        loss, metrics, _ = self._objective(x, y, x_adv)
-        return loss, metrics
-
-    def step(self, x, y, idx):
-        """Attack (eval mode), then one backward for the model and (alpha-div) the dual variables.
-
-        Returns detached scalars: ``loss``, ``J``, ``base`` (mean L_i), ``lambda``, ``nu`` (alpha-div),
-        ``weights_entropy`` and ``weights_zero_frac`` of the sample weights w, ``adv_acc``, ``natural``
-        (clean CE, when computed) and ``cost`` (mean c_i, udr).
-        """
-        x_adv = self.attack(x, y)
-        loss, metrics, lam = self._objective(x, y, x_adv)
+    def update(self, loss):
+        """One backward for the model and the dual variables: their steps (alpha-div), or lambda* kept (KL)."""
         self.dual_optimizer.zero_grad(set_to_none=True)
-        self.update(loss)   # one backward reaches the model and the dual variables
+        super().update(loss)
         if self.cfg.armor_divergence == "alpha":
             self.dual_optimizer.step()
         else:
-            self.kl_lambda = lam
-        return {"loss": loss.detach(), **metrics}
+            self.kl_lambda = self._scored_lambda
 
-    def _objective(self, x, y, x_adv):
+    def loss(self, x, y, x_adv):
+        """t CE(f(x), y) + (1 - t) J at the current lambda, nu (alpha-div) or at this batch's lambda* (KL).
+
+        Returns detached metrics ``J``, ``base`` (mean L_i), ``lambda``, ``nu`` (alpha-div),
+        ``weights_entropy`` and ``weights_zero_frac`` of the sample weights w, ``adv_acc``, ``natural``
+        (clean CE, when computed) and ``cost`` (mean c_i, udr). The lambda used is kept for ``update``.
+        """
         cfg = self.cfg
         logits = self.model(x) if self._needs_clean() else None
         logits_adv = self.model(x_adv)
@@ -256,9 +251,10 @@ class Armor(Method):
             if cfg.armor_natural_weight > 0:   # the "adv + nat" variant (the code's _worig scripts, t = 0.5)
                 loss = cfg.armor_natural_weight * natural + (1 - cfg.armor_natural_weight) * J
         entropy, zero_frac = weight_stats(w)
-        metrics.update({"J": J.detach(), "base": losses.detach().mean(), "lambda": lam.detach(),
+        self._scored_lambda = lam.detach()
+        metrics.update({"J": J.detach(), "base": losses.detach().mean(), "lambda": self._scored_lambda,
                         "weights_entropy": entropy, "weights_zero_frac": zero_frac})
-        return loss, metrics, lam.detach()
+        return loss, metrics
 
     def state_dict(self) -> dict:
         return {"dual": self.dual.state_dict(), "dual_optimizer": self.dual_optimizer.state_dict(),
