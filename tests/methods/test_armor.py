@@ -297,10 +297,30 @@ def test_udr_transport_may_leave_the_ball_but_is_capped_and_in_unit_box(digits, 
         deltas[lam] = (x_adv - x).abs()
     assert deltas[0.05].max() > threat.eps + 0.02   # small lambda: transported outside the ball...
     assert deltas[0.05].max() <= UDR_CAP * threat.eps + 1e-6   # ...but never past the cap
-    # tau = a: a pixel settles at most tau / lambda outside the ball; large lambda is the hard ball.
+    # A pixel settles at most tau / lambda outside the ball (tau = 0.25 eps); large lambda is the hard ball.
     for lam in (2.0, 1e3):
-        assert deltas[lam].max() <= threat.eps + threat.step_size / lam + 1e-6
+        assert deltas[lam].max() <= threat.eps + 0.25 * threat.eps / lam + 1e-6
     assert deltas[0.05].mean() > deltas[2.0].mean()
+
+
+def test_udr_tau_is_its_own_knob_not_the_attack_step(digits, batch, trained_state):
+    """tau = armor_udr_tau * eps whatever the attack step: it bounds how far past the ball a pixel
+    settles (tau / lambda) and scales the cost s / tau * 0.5 ||excess||^2."""
+    x, y = batch
+    lam, excess = 2.0, {}
+    for step, tau in ((0.05, 0.25), (0.02, 0.25), (0.05, 1.0)):
+        threat = ThreatModel("Linf", 0.1, steps=10, step_size=step)
+        method = _method(ArmorPgd, digits, threat=threat, armor_cost="udr", armor_lambda_init=lam, armor_udr_tau=tau)
+        method.model.load_state_dict(trained_state)
+        torch.manual_seed(0)
+        with eval_mode(method.model):
+            x_adv = method.perturb(x, y)
+        excess[step, tau] = ((x_adv - x).abs() - threat.eps).clamp_min(0)
+        assert excess[step, tau].max() <= tau * threat.eps / lam + 1e-6
+        _, metrics = method.loss(x, y, x_adv)
+        expected = udr_cost(x_adv, x, threat.eps, weight=0.1 / (tau * threat.eps)).mean()
+        torch.testing.assert_close(metrics["cost"], expected)
+    assert excess[0.05, 1.0].max() > 0.25 * 0.1 / lam   # a larger tau lets pixels further out
 
 
 def test_udr_cost_is_zero_inside_the_ball_and_quadratic_outside():
@@ -324,7 +344,7 @@ def test_udr_needs_linf(digits):
 
 @pytest.mark.parametrize("bad", [{"armor_alpha": 1.0}, {"armor_alpha": 0.5}, {"armor_alpha": -2.0},
                                  {"armor_divergence": "chi2"}, {"armor_cost": "soft"}, {"armor_radius": 0.0},
-                                 {"armor_natural_weight": 1.5}, {"armor_lambda_init": 0.0}])
+                                 {"armor_natural_weight": 1.5}, {"armor_lambda_init": 0.0}, {"armor_udr_tau": 0.0}])
 def test_config_rejects_invalid_values(bad):
     for cls in (ArmorTrades, ArmorMart, ArmorPgd):
         with pytest.raises(ValueError):
@@ -335,6 +355,10 @@ def test_config_defaults_follow_the_code():
     assert ArmorTrades.Config().armor_natural_weight == 0.5 and ArmorTrades.Config().trades_beta == 6.0
     assert ArmorMart.Config().armor_alpha == 10.0 and ArmorMart.Config().armor_nu_init == 1.0
     assert ArmorPgd.Config().armor_alpha == 6.0 and ArmorPgd.Config().armor_cost == "hard"
+    # The radius defaults to the code's for each divergence: 0.5 (alpha-div), 0.02 (KL, CIFAR-10).
+    assert ArmorTrades.Config().armor_radius == 0.5 and ArmorTrades.Config(armor_divergence="kl").armor_radius == 0.02
+    assert ArmorPgd.Config(armor_divergence="kl", armor_radius=0.2).armor_radius == 0.2
+    assert ArmorPgd.Config().armor_udr_tau == 0.25   # the code's tau, 2/255 at eps 8/255
 
 
 @pytest.mark.parametrize("hparams", [{}, {"armor_divergence": "kl", "armor_radius": 0.02},
