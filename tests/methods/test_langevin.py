@@ -197,6 +197,16 @@ def test_config_and_search_space():
             Config(**bad)
 
 
+def test_default_lambda_is_the_papers_in_units_of_eps():
+    """lambda = 2 eta / sigma^2 scales as 1 / eps: the paper's best, 10 at MNIST eps 0.3, is
+    lambda * eps = 3; the defaults give 89 (2.8 at CIFAR's 8/255), not 200 (6.3)."""
+    cfg = Config()
+    lam = 2 * cfg.langevin_eta / cfg.langevin_sigma ** 2
+    assert lam == pytest.approx(88.9, abs=0.1) and lam * 8 / 255 == pytest.approx(10 * 0.3, rel=0.1)
+    optional = Langevin.OPTIONAL_SPACE["langevin_lambda"]
+    assert optional.log and optional.contains(1.0) and optional.contains(100.0) and optional.default == 100.0
+
+
 def test_one_epoch_improves_validation_pgd_accuracy(digits):
     threat = ThreatModel("Linf", 0.2)
     # T = 2 steps of 0.1 reach the eps = 0.2 boundary on the first visit; with a step of 0.05 and
