@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from dataclasses import replace
 from typing import Any, Literal, Optional
 
 import yaml
@@ -159,7 +160,10 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
     """The method's domains, with ``train`` values pinned and ``space`` overrides applied.
 
     A parameter is searched when the method declares it in ``SEARCH_SPACE`` or the config gives
-    it a range; everything else is ``Fixed``.
+    it a range; everything else is ``Fixed``. A ``train`` value that a ``space`` range searches is
+    the range's default (the first trial); a range that excludes it is an error. A searched
+    default the config leaves alone follows the method's ``Config`` given the fixed values (ARMOR's
+    radius follows its divergence).
     """
     declared = methods.hyperparameters(method)
     searched = set(methods.get(method).SEARCH_SPACE)
@@ -172,6 +176,8 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
     resolved["seed"] = Fixed(cfg.seed)
     overrides = [("train", cfg.train), (f"space.{COMMON}", cfg.space.get(COMMON, {})),
                  (f"space.{method}", cfg.space.get(method, {}))]
+    train_values: dict[str, Any] = {}
+    chosen_defaults = set(cfg.train)
     for where, values in overrides:
         for name, override in values.items():
             if name not in declared:
@@ -181,6 +187,9 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
             if name in ("epochs", "seed"):
                 raise ConfigError(f"{where}.{name}: set it with budget.max_epochs / seed")
             domain = declared[name]
+            if override is None and config_defaults.get(name) is None:   # null keeps a derived default
+                resolved[name] = Fixed(None)
+                continue
             if not isinstance(domain, (Float, Int, Choice)):
                 if isinstance(override, dict):
                     raise ConfigError(f"{where}.{name}: has no search domain; give a fixed value")
@@ -192,6 +201,15 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
                 resolved[name] = narrow(name, domain, override)
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from None
+            if where == "train" and isinstance(resolved[name], Fixed):
+                train_values[name] = resolved[name].value
+            elif isinstance(override, dict):
+                if "default" in override:
+                    chosen_defaults.add(name)
+                if name in train_values:
+                    resolved[name] = _train_value_as_default(where, name, resolved[name], train_values[name],
+                                                             chose_default="default" in override)
+    _follow_config_defaults(method, resolved, chosen_defaults)
     defaults = {name: domain.default for name, domain in resolved.items()}
     try:
         methods.TrainConfig.from_hparams(defaults)
@@ -199,6 +217,32 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{method}: {err}") from None
     return resolved
+
+
+def _train_value_as_default(where: str, name: str, domain, value, *, chose_default: bool):
+    """A fixed ``train:`` value and a ``space:`` range for the same knob: the value must lie in the
+    range and be its default, or the search would silently start elsewhere than the config says."""
+    if not domain.contains(value):
+        raise ConfigError(f"{where}.{name}: the range ({domain.describe()}) excludes train.{name} = {value!r}; "
+                          f"widen the range or drop one of the two")
+    if chose_default and domain.default != value:
+        raise ConfigError(f"{where}.{name}: default {domain.default!r} disagrees with train.{name} = {value!r}")
+    return Choice(domain.options, value) if isinstance(domain, Choice) else replace(domain, default=value)
+
+
+def _follow_config_defaults(method: str, resolved: dict[str, Any], chosen: set) -> None:
+    """Searched defaults the config did not choose start where the method's ``Config`` puts them
+    given the fixed values, when that lies in the range (a ``None`` default resolved from others)."""
+    fixed = {name: domain.value for name, domain in resolved.items() if isinstance(domain, Fixed)}
+    try:
+        derived = methods.get(method).config_from(fixed)
+    except (TypeError, ValueError):
+        return   # the final check of resolve_space reports it
+    for name, domain in resolved.items():
+        value = getattr(derived, name, None)
+        if isinstance(domain, (Float, Int)) and name not in chosen and value is not None \
+                and value != domain.default and domain.contains(value):
+            resolved[name] = replace(domain, default=value)
 
 
 def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:

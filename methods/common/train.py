@@ -96,6 +96,9 @@ TRAIN_SPACE = {
     "optimizer": Choice(("sgd", "adam")),
     "schedule": Choice(("cosine", "multistep", "constant")),
     "attack_steps": Int(1, 20, 10, valid=(1, 1000)),
+    # Fixed at None (2.5 eps / K) unless a config gives a range; the range's default is the CIFAR
+    # literature's a = 2/255 (1.5, 2 and 2.5/255 are common there; eps/4 style steps on MNIST).
+    "attack_step_size": Float(1e-3, 0.1, 2 / 255, log=True, valid=(1e-6, 1.0)),
     "val_n_ex": Int(16, 10_000, 512, valid=(1, 1_000_000)),
     "val_pgd_steps": Int(1, 100, 10, valid=(1, 1000)),
     "seed": Int(0, 2**31 - 1, 0, valid=(0, 2**31 - 1)),
