@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Knobs every method shares (unprefixed names, methods-spec 9)."""
+    """Knobs every method shares (unprefixed names; a method's own knobs carry its prefix)."""
 
     epochs: int = 10
     """Training epochs (the ASHA budget ``max_t`` in a search)."""
