@@ -48,6 +48,7 @@ from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, Sq
 
 import leaderboard  # noqa: E402
 from leaderboard.collect import TRIAL_FILTER  # noqa: E402
+from leaderboard import tags as tag  # noqa: E402
 
 GENERATOR_VERSION = 1
 """Bump when the generated store changes, so that cached stores are rebuilt."""
@@ -120,9 +121,9 @@ def _search(rows: _Rows, rng, exp_id, artifact_root, campaign, threat, method, n
     name, dataset, arch, max_epochs, _, newer = campaign
     norm, eps = threat
     space, base = METHODS[method]
-    place = {"otarena.method": method, "otarena.dataset": dataset, "otarena.arch": arch,
-             "otarena.norm": norm, "otarena.eps": repr(eps), "otarena.paper": f"{method} paper",
-             "otarena.paper_link": f"https://arxiv.org/abs/{rng.randint(1000, 2999)}.{rng.randint(10000, 99999)}"}
+    place = {tag.METHOD: method, tag.DATASET: dataset, tag.ARCH: arch,
+             tag.NORM: norm, tag.EPS: repr(eps), tag.PAPER: f"{method} paper",
+             tag.PAPER_LINK: f"https://arxiv.org/abs/{rng.randint(1000, 2999)}.{rng.randint(10000, 99999)}"}
     parent_id = _uuid(rng)
     trials, t, total_epochs, device_s = [], t_start, 0, 0.0
     for i in range(n_trials):
@@ -147,13 +148,13 @@ def _search(rows: _Rows, rng, exp_id, artifact_root, campaign, threat, method, n
                            "val/best_clean_acc": history["val/clean_acc"][best][2],
                            "val/best_epoch": float(best), "train/epochs": float(epochs)}.items():
             history[key] = [(0, end, value)]
-        tags = {**place, "otarena.role": "trial", "mlflow.parentRunId": parent_id,
-                "otarena.trial_id": f"{method}_{i:05d}", "otarena.outcome": outcome,
-                "otarena.searched": ",".join(sorted(space))}
+        tags = {**place, tag.ROLE: "trial", "mlflow.parentRunId": parent_id,
+                tag.TRIAL_ID: f"{method}_{i:05d}", tag.OUTCOME: outcome,
+                tag.SEARCHED: ",".join(sorted(space))}
         if outcome == "completed":
-            tags["otarena.checkpoint"] = f"/ray/{name}/{method}/trial_{i:05d}/checkpoint_{epochs - 1:06d}"
+            tags[tag.CHECKPOINT] = f"/ray/{name}/{method}/trial_{i:05d}/checkpoint_{epochs - 1:06d}"
         if outcome == "failed":
-            tags["otarena.failure"] = "RuntimeError: CUDA out of memory"
+            tags[tag.FAILURE] = "RuntimeError: CUDA out of memory"
         params = {k: _sample(rng, *spec) for k, spec in space.items()}
         params = {**{"epochs": str(max_epochs), "batch_size": "128", "momentum": "0.9", "optimizer": "sgd",
                      "schedule": "cosine", "attack_steps": "10", "step_size": repr(eps / 4), "seed": "0",
@@ -172,7 +173,7 @@ def _search(rows: _Rows, rng, exp_id, artifact_root, campaign, threat, method, n
     for run in trials:
         rows.run(run["id"], exp_id, artifact_root, run["name"], run["status"], run["start"], run["end"],
                  run["tags"], run["params"], run["history"])
-    parent_tags = {**place, "otarena.role": "search"}
+    parent_tags = {**place, tag.ROLE: "search"}
     parent_params = {"config.name": name, "config.dataset": dataset, "config.arch": arch,
                      "config.threat_model.norm": norm, "config.threat_model.eps": repr(eps),
                      "config.budget.trials": str(n_trials), "config.budget.max_epochs": str(max_epochs),
@@ -200,7 +201,7 @@ def _evaluate(run, rng, eps, newer, seeds):
                "test/aa/square": aa, "test/aa_blackbox_only": 0.0, "test/pgd_check/pgd-10": pgd + 0.01,
                "test/pgd_check/pgd-50": pgd + 0.002, "test/pgd_check/pgd": pgd}
     flags = rng.choice(FLAGS)
-    tags = {"otarena.evaluated": "true", "otarena.flags": flags}
+    tags = {tag.EVALUATED: "true", tag.FLAGS: flags}
     params = {"eval.n_ex": str(n_ex), "eval.pgd_steps": "50", "eval.pgd_restarts": "1", "eval.autoattack": "True",
               "eval.seed": "0"}
     if newer:
@@ -212,12 +213,12 @@ def _evaluate(run, rng, eps, newer, seeds):
             for m, v in (("clean_acc", clean), ("pgd_acc", pgd), ("aa_acc", aa)):
                 metrics |= {f"test/{m}_mean": v - 0.004, f"test/{m}_std": 0.006}
         names = [f for f in flags.split(",") if f]
-        tags["otarena.flag_reasons"] = json.dumps({f: REASONS[f] for f in names})
+        tags[tag.FLAG_REASONS] = json.dumps({f: REASONS[f] for f in names})
         radii = [eps * k / 4 for k in range(9)]
         sweep_pgd = [round(max(0.0, clean * math.exp(-2.5 * r / eps)), 5) for r in radii]
-        tags["otarena.eps_sweep"] = json.dumps(
+        tags[tag.EPS_SWEEP] = json.dumps(
             {"eps": [round(r, 5) for r in radii], "pgd_acc": sweep_pgd, "robust_acc": [min(p, 0.9) for p in sweep_pgd],
-             "chance_bound": 0.1, "steps": 50, "norm": run["tags"]["otarena.norm"]}, separators=(",", ":"))
+             "chance_bound": 0.1, "steps": 50, "norm": run["tags"][tag.NORM]}, separators=(",", ":"))
         params |= {"eval.sweep_steps": "50", "eval.seeds": str(seeds), "eval.thresholds.aa_gap": "0.05"}
     run["tags"] |= tags
     run["params"] |= params

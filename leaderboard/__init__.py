@@ -23,21 +23,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from leaderboard.collect import collect, collect_campaign
 from leaderboard.render import format_text
 from leaderboard.schema import Campaign, Row, Table, tabulate
 from leaderboard.writers import FORMATS, Output
 
 __all__ = ["FORMATS", "Campaign", "Row", "Table", "build", "collect", "collect_campaign", "format_text", "tabulate"]
-
-
-def __getattr__(name: str):
-    """``collect`` and ``collect_campaign`` on first use: they import mlflow (over a second), which
-    ``otarena --help`` (its ``--format`` help reads :data:`FORMATS`) need not pay."""
-    if name in ("collect", "collect_campaign"):
-        from leaderboard import collect as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build(
@@ -77,8 +68,6 @@ def build(
     if unknown or not formats:
         raise ValueError(f"unknown leaderboard format(s) {', '.join(unknown) or '(none given)'}; "
                          f"supported: {', '.join(FORMATS)}")
-    from leaderboard.collect import collect_campaign
-
     campaign = collect_campaign(tracking_uri, experiments, filter_string)
     tables = tabulate(list(campaign.rows))
     # Never publish the credentials a server URI may carry: the page is meant to be public.

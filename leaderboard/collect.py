@@ -24,10 +24,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from leaderboard import tags as tag
 from leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Row, TrialPoint
 
-TRIAL_FILTER = "tags.`otarena.role` = 'trial'"
-SEARCH_FILTER = "tags.`otarena.role` = 'search'"
+TRIAL_FILTER = f"tags.`{tag.ROLE}` = 'trial'"
+SEARCH_FILTER = f"tags.`{tag.ROLE}` = 'search'"
 _log = logging.getLogger(__name__)
 _PAGE = 50_000  # MLflow's largest page size: one round trip for any realistic campaign
 
@@ -130,9 +131,9 @@ def is_candidate(run: Run) -> bool:
     """The leaderboard's entry rule: a finished, evaluated, not failed trial with a test AA metric."""
     tags, aa = run.data.tags, _metric(run, "test/aa_acc")
     return (
-        tags.get("otarena.role") == "trial"
-        and tags.get("otarena.evaluated", "").lower() == "true"
-        and tags.get("otarena.outcome") != "failed"
+        tags.get(tag.ROLE) == "trial"
+        and tags.get(tag.EVALUATED, "").lower() == "true"
+        and tags.get(tag.OUTCOME) != "failed"
         and run.info.status == "FINISHED"
         and aa is not None
     )
@@ -193,13 +194,13 @@ def collect_campaign(tracking_uri: str, experiments: Iterable[str] | None = None
 def _place(tags: dict) -> tuple[str, str, float, str] | None:
     """(dataset, norm, eps, method) of a trial run; ``None`` without the tags that place it in a table."""
     try:
-        return tags["otarena.dataset"], tags["otarena.norm"], float(tags["otarena.eps"]), tags["otarena.method"]
+        return tags[tag.DATASET], tags[tag.NORM], float(tags[tag.EPS]), tags[tag.METHOD]
     except (KeyError, ValueError):
         return None
 
 
 def _searched(run: Run) -> tuple[tuple[str, str], ...]:
-    names = [n.strip() for n in run.data.tags.get("otarena.searched", "").split(",") if n.strip()]
+    names = [n.strip() for n in run.data.tags.get(tag.SEARCHED, "").split(",") if n.strip()]
     return tuple((n, run.data.params[n]) for n in names if n in run.data.params)
 
 
@@ -209,11 +210,11 @@ def _to_point(run: Run) -> TrialPoint | None:
     if place is None:
         return None
     dataset, norm, eps, method = place
-    evaluated = tags.get("otarena.evaluated", "").lower() == "true"
+    evaluated = tags.get(tag.EVALUATED, "").lower() == "true"
     return TrialPoint(
         run_id=run.info.run_id, experiment_id=run.info.experiment_id, parent_id=tags.get("mlflow.parentRunId", ""),
-        dataset=dataset, norm=norm, eps=eps, method=method, arch=tags.get("otarena.arch", ""),
-        outcome=tags.get("otarena.outcome", ""), val_pgd_acc=_metric(run, "val/best_pgd_acc"),
+        dataset=dataset, norm=norm, eps=eps, method=method, arch=tags.get(tag.ARCH, ""),
+        outcome=tags.get(tag.OUTCOME, ""), val_pgd_acc=_metric(run, "val/best_pgd_acc"),
         epochs=_metric(run, "train/epochs"), end_time=run.info.end_time, hparams=_searched(run),
         clean_acc=_metric(run, "test/clean_acc") if evaluated else None,
         aa_acc=_metric(run, "test/aa_acc") if evaluated else None)
@@ -221,7 +222,7 @@ def _to_point(run: Run) -> TrialPoint | None:
 
 def _eps_sweep(run: Run) -> EpsSweep | None:
     """The ``otarena.eps_sweep`` tag; ``None`` when absent or not a well-formed curve."""
-    text = run.data.tags.get("otarena.eps_sweep", "")
+    text = run.data.tags.get(tag.EPS_SWEEP, "")
     try:
         raw = json.loads(text) if text else None
         sweep = EpsSweep(tuple(map(float, raw["eps"])), tuple(map(float, raw["pgd_acc"])),
@@ -240,7 +241,7 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         return None
     dataset, norm, eps, method = place
     reasons = _flag_reasons(run)
-    flags = [f.strip() for f in tags.get("otarena.flags", "").split(",") if f.strip()]
+    flags = [f.strip() for f in tags.get(tag.FLAGS, "").split(",") if f.strip()]
     flags += [f for f in reasons if f not in flags]  # a flag given a reason was raised, listed or not
     n_seeds = _metric(run, "test/n_seeds")
     n_seeds = max(1, round(n_seeds)) if n_seeds is not None and math.isfinite(n_seeds) else 1
@@ -258,7 +259,7 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         norm=norm,
         eps=eps,
         method=method,
-        arch=tags.get("otarena.arch", ""),
+        arch=tags.get(tag.ARCH, ""),
         aa_acc=_metric(run, "test/aa_acc"),
         clean_acc=_metric(run, "test/clean_acc"),
         pgd_acc=_metric(run, "test/pgd_acc"),
@@ -278,8 +279,8 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         n_seeds=n_seeds,
         flag_reasons=tuple((f, reasons[f]) for f in flags if f in reasons),
         device_hours=_metric(parents[parent_id], "search/device_hours") if parent_id in parents else None,
-        paper=tags.get("otarena.paper") or None,
-        paper_link=tags.get("otarena.paper_link") or None,
+        paper=tags.get(tag.PAPER) or None,
+        paper_link=tags.get(tag.PAPER_LINK) or None,
         eps_sweep=_eps_sweep(run),
         run_name=run.info.run_name or "",
         experiment_name=(names or {}).get(run.info.experiment_id, ""),
@@ -311,7 +312,7 @@ def _flag_reasons(run: Run) -> dict[str, str]:
     The reasons only explain flags, so a tag that is not a JSON object of names costs the row its
     reasons, never its place on the leaderboard (and never the whole build).
     """
-    text = run.data.tags.get("otarena.flag_reasons", "").strip()
+    text = run.data.tags.get(tag.FLAG_REASONS, "").strip()
     if not text:
         return {}
     try:

@@ -144,7 +144,8 @@ COLUMNS: tuple[Column, ...] = (
     # Sorted by warnings, then notes; the CSV's reasons are sanitised before encoding (JSON would
     # keep an ANSI escape as "\u001b" for the reader to decode).
     Column("flags", "Flags", text=lambda i, r: _flags(r), value=lambda i, r: len(r.warnings) + len(r.notes) / 100,
-           sort="number", first="descending", tip="⚠ warnings question the evaluation; the others are notes on precision",
+           sort="number", first="descending",
+           tip="⚠ warnings question the evaluation; the others are notes on precision",
            csv=(("flags", lambda i, r: ";".join(r.flags)),
                 ("flag_reasons", lambda i, r: json.dumps({fmt.printable(f): fmt.printable(t)
                                                           for f, t in r.flag_reasons}, ensure_ascii=False)))),

@@ -120,7 +120,10 @@ def flag(name: str, reason: str | None = None) -> str:
 
 def printable(text: object) -> str:
     """Replace control and format characters (newlines, ANSI escapes, bidi overrides) by a space."""
-    return "".join(" " if unicodedata.category(c).startswith("C") else c for c in str(text))
+    text = str(text)
+    if text.isprintable():  # no character of category C (nor a separator but " "): the common case, in C
+        return text
+    return "".join(" " if unicodedata.category(c).startswith("C") else c for c in text)
 
 
 def short(text: str, n: int) -> str:

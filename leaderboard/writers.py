@@ -68,5 +68,5 @@ FORMATS: dict[str, Format] = {
 
 
 def help_text() -> str:
-    """The CLI's ``--format`` help: ``md (Markdown), csv (CSV), ...``."""
-    return ", ".join(f"{name} ({f.description}, {f.file})" for name, f in FORMATS.items())
+    """The CLI's ``--format`` help: ``md: Markdown (leaderboard.md); csv: CSV (leaderboard.csv); ...``."""
+    return "; ".join(f"{name}: {f.description} ({f.file})" for name, f in FORMATS.items())

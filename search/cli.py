@@ -195,6 +195,7 @@ def _run_target(args, client) -> dict:
     """Weights, model, threat model and settings of a logged trial run."""
     import torch
 
+    from leaderboard import tags as tag
     from search import evaluation
     from search.trainable import load_state
 
@@ -214,7 +215,7 @@ def _run_target(args, client) -> dict:
                                                    tracking_uri=args.tracking_uri)
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - no logged weights: fall back to the Ray checkpoint
-        folder = tags.get("otarena.checkpoint")
+        folder = tags.get(tag.CHECKPOINT)
         if folder and os.path.isdir(folder):
             weights = load_state(folder)["best_model"]
     if weights is None:
@@ -317,6 +318,7 @@ def _evaluate_target(args, client, target: dict) -> int:
 
 
 def _log_evaluation(args, client, target: dict, result: dict, context: dict) -> str:
+    from leaderboard import tags as tag
     from search import evaluation
     from search.tracking import Tracker, flatten
 
@@ -329,14 +331,13 @@ def _log_evaluation(args, client, target: dict, result: dict, context: dict) -> 
     if args.run_id:
         run = target["run"]
         tracker = Tracker(args.tracking_uri, client.get_experiment(run.info.experiment_id).name)
-        tags = {k: v for k, v in run.data.tags.items() if k in ("otarena.method", "otarena.dataset", "otarena.arch",
-                                                                 "otarena.norm", "otarena.eps")}
-        tags |= {"mlflow.parentRunId": args.run_id, "otarena.evaluates": args.run_id}
+        tags = {k: v for k, v in run.data.tags.items() if k in tag.SEARCH_KEYS}
+        tags |= {"mlflow.parentRunId": args.run_id, tag.EVALUATES: args.run_id}
     else:
         tracker = Tracker(args.tracking_uri, args.experiment)
-        tags = {"otarena.dataset": target["dataset"], "otarena.arch": target["arch"], "otarena.norm": target["norm"],
-                "otarena.eps": repr(target["eps"]), "otarena.checkpoint": context["checkpoint"]} \
-            | ({"otarena.method": target["method"]} if target["method"] else {})
+        tags = {tag.DATASET: target["dataset"], tag.ARCH: target["arch"], tag.NORM: target["norm"],
+                tag.EPS: repr(target["eps"]), tag.CHECKPOINT: context["checkpoint"]} \
+            | ({tag.METHOD: target["method"]} if target["method"] else {})
     run_id = tracker.evaluation_run(f"evaluate-{args.run_id[:8] if args.run_id else _stem(args.checkpoint)}", tags)
     evaluation.log_evaluation(tracker, run_id, result, params=params, context=context,
                               weights=None if args.run_id else target["weights"])
@@ -379,10 +380,18 @@ def cmd_ui(args) -> int:
         return 0
 
 
+class _FormatsHelp(str):
+    """The ``--format`` help, completed from the leaderboard's writer registry (``leaderboard.FORMATS``)
+    only when help is printed: importing ``leaderboard`` imports mlflow, a second every command would pay."""
+
+    def __mod__(self, params):  # argparse expands every help string with `help % params`
+        from leaderboard.writers import help_text
+
+        return str.__mod__(self, params) + help_text()
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from leaderboard import writers as leaderboard_formats  # no mlflow or torch: the help stays fast
-
     parser = argparse.ArgumentParser(prog="otarena", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -449,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="site")
     p.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all)")
     p.add_argument("--filter", help="an MLflow filter string on the trial runs")
-    p.add_argument("--format", help="comma-separated subset of the formats (default: all): "
-                                    + leaderboard_formats.help_text())
+    p.add_argument("--format", help=_FormatsHelp("comma-separated subset of the formats (default: all): "))
     p.add_argument("--title", default="otarena leaderboard", help="heading of the page and the LaTeX captions")
     p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
                                         "(default: the tracking URI when it is a server, else no links)")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 import methods
+from leaderboard import tags as tag
 from methods.common import evaluate as stages
 from search.config import FinalEval
 
@@ -106,14 +107,14 @@ def single_seed_reason(seeds: int) -> dict[str, str]:
 
 def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     reasons = {**result.get("flag_reasons", {}), **(extra_flags or {})}
-    tags = {"otarena.evaluated": "true", "otarena.flags": ",".join(reasons),
-            "otarena.flag_reasons": json.dumps(reasons)}
+    tags = {tag.EVALUATED: "true", tag.FLAGS: ",".join(reasons),
+            tag.FLAG_REASONS: json.dumps(reasons)}
     if "certified_refused" in result:
-        tags["otarena.certificate_refused"] = result["certified_refused"]
+        tags[tag.CERTIFICATE_REFUSED] = result["certified_refused"]
     if result.get("eps_sweep"):
         # Also a tag, so that a leaderboard of thousands of runs plots it without an artifact download each.
         sweep = result["eps_sweep"]
-        tags["otarena.eps_sweep"] = json.dumps({k: [round(v, 5) for v in sweep[k]] if isinstance(sweep[k], list)
+        tags[tag.EPS_SWEEP] = json.dumps({k: [round(v, 5) for v in sweep[k]] if isinstance(sweep[k], list)
                                                 else sweep[k] for k in sweep}, separators=(",", ":"))
     return tags
 

@@ -29,14 +29,13 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 import methods
+from leaderboard import tags as tag
 from methods.common import data as data_lib
 from search import evaluation, spaces
 from search.config import SearchConfig
-from search.tracking import METHOD, OUTCOME, TRIAL_ID, Tracker, flatten, last_line
+from search.tracking import Tracker, flatten, last_line
 from search.trainable import TrialSpec, load_state, train_trial
 
-RAY_PATH = "otarena.ray_path"
-"""Tag of a search's parent run: the Ray experiment folder that ``--resume`` restores."""
 METRIC, MODE = "val/pgd_acc", "max"
 """What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
 
@@ -88,7 +87,7 @@ class MlflowTrials(tune.Callback):
                       "arch": self.spec.arch, "norm": self.spec.norm, "eps": self.spec.eps}
             run_id = self.tracker.trial_run(
                 self.parent_id, trial.trial_id, name=f"{self.spec.method}-{trial.trial_id}",
-                tags={**self.tags, "otarena.searched": ",".join(self.searched)}, params=params)
+                tags={**self.tags, tag.SEARCHED: ",".join(self.searched)}, params=params)
             self.run_ids[trial.trial_id] = run_id
             # After a restore, a trial goes on from the checkpoint Ray saved, which may be older than
             # the last epoch MLflow got: those epochs are trained again (same seed, same numbers).
@@ -111,7 +110,7 @@ class MlflowTrials(tune.Callback):
         if "node_id" in result and trial.trial_id not in self.nodes:
             # Which Ray node trained it: on a cluster, the trials of one search spread over nodes.
             self.nodes[trial.trial_id] = result["node_id"]
-            self.tracker.set_tags(self.run_id(trial), {"otarena.node_id": result["node_id"]})
+            self.tracker.set_tags(self.run_id(trial), {tag.NODE_ID: result["node_id"]})
         log(f"{self.spec.method}: trial {trial.trial_id} epoch {epoch}/{self.max_epochs} "
             f"val clean {result['val/clean_acc']:.1%} pgd {result['val/pgd_acc']:.1%} "
             f"({result['time/epoch_s']:.1f}s)")
@@ -127,8 +126,8 @@ class MlflowTrials(tune.Callback):
                                           "train/epochs": epochs})
         checkpoint = getattr(trial, "checkpoint", None)
         # Where its weights live, so that `otarena evaluate RUN_ID` works on any finished trial.
-        where = {"otarena.checkpoint": checkpoint.path} if checkpoint else {}
-        self.tracker.set_tags(run_id, {OUTCOME: outcome} | where)
+        where = {tag.CHECKPOINT: checkpoint.path} if checkpoint else {}
+        self.tracker.set_tags(run_id, {tag.OUTCOME: outcome} | where)
         self.tracker.finish(run_id)
         log(f"{self.spec.method}: trial {trial.trial_id} {outcome} after {epochs} epochs "
             f"(best val pgd {result.get('val/best_pgd_acc', float('nan')):.1%})")
@@ -136,7 +135,7 @@ class MlflowTrials(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         reason = last_line(getattr(trial, "error_msg", None) or _error_text(trial))
-        self.tracker.set_tags(run_id, {OUTCOME: "failed", "otarena.failure": reason or "unknown error"})
+        self.tracker.set_tags(run_id, {tag.OUTCOME: "failed", tag.FAILURE: reason or "unknown error"})
         self.tracker.log_metrics(run_id, {"train/epochs": (trial.last_result or {}).get("training_iteration", 0)})
         self.tracker.finish(run_id, "FAILED")
         log(f"{self.spec.method}: trial {trial.trial_id} FAILED: {reason}")
@@ -199,14 +198,14 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
                      fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
     cls = methods.get(method)
-    tags = {METHOD: method, "otarena.dataset": cfg.dataset, "otarena.arch": cfg.arch,
-            "otarena.norm": cfg.threat_model.norm, "otarena.eps": repr(cfg.threat_model.eps),
-            "otarena.paper": cls.paper, "otarena.paper_link": cls.link or ""}
+    tags = {tag.METHOD: method, tag.DATASET: cfg.dataset, tag.ARCH: cfg.arch,
+            tag.NORM: cfg.threat_model.norm, tag.EPS: repr(cfg.threat_model.eps),
+            tag.PAPER: cls.paper, tag.PAPER_LINK: cls.link or ""}
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     previous = tracker.open_search(tags) if resume else None
-    path = previous.data.tags.get(RAY_PATH) if previous else None
+    path = previous.data.tags.get(tag.RAY_PATH) if previous else None
     if path and tune.Tuner.can_restore(path):
         parent_id = previous.info.run_id
         log(f"{method}: resuming the search of MLflow parent run {parent_id} from {path}")
@@ -233,7 +232,8 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
     # By the otarena.trial_id tag, not the callback's memory: after a restore the callback is a copy.
-    run_ids = {r.data.tags[TRIAL_ID]: r.info.run_id for r in tracker.trial_runs(parent_id) if TRIAL_ID in r.data.tags}
+    run_ids = {r.data.tags[tag.TRIAL_ID]: r.info.run_id for r in tracker.trial_runs(parent_id)
+               if tag.TRIAL_ID in r.data.tags}
     return MethodSearch(method, spec, parent_id, results, run_ids)
 
 
@@ -243,7 +243,7 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.name}-{method}-{stamp}"
     storage = _storage(cfg.storage_path)
-    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {RAY_PATH: _join(storage, name)}, {
+    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {tag.RAY_PATH: _join(storage, name)}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
         "search.algorithm": "optuna-tpe", "search.scheduler": cfg.budget.scheduler, "search.metric": METRIC,
         "search.space": {k: space[k].describe() for k in searched}})
@@ -462,7 +462,7 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
     for cfg, tracker, outcome, pending in evaluations:
         summaries += record_final_evaluation(cfg, outcome, pending, tracker)
         if tracker.client.outage_s:
-            tracker.set_tags(outcome.parent_id, {"otarena.tracking_outage_s": f"{tracker.client.outage_s:.0f}"})
+            tracker.set_tags(outcome.parent_id, {tag.TRACKING_OUTAGE_S: f"{tracker.client.outage_s:.0f}"})
         tracker.finish(outcome.parent_id)
     for tracker in dict.fromkeys(t for _, t, _, _ in evaluations):
         _report_tracking(tracker)

@@ -21,14 +21,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-ROLE, METHOD, TRIAL_ID, OUTCOME = "otarena.role", "otarena.method", "otarena.trial_id", "otarena.outcome"
+from leaderboard import tags as tag
+
 EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
 """Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""
 MAX_PARAM_LENGTH = 6000
-_SEARCH_KEYS = (METHOD, "otarena.dataset", "otarena.arch", "otarena.norm", "otarena.eps")
-"""Tags that identify one method's search within a campaign's experiment."""
-_TRIAL_ONLY_TAGS = {TRIAL_ID, OUTCOME, "otarena.evaluated", "otarena.flags", "otarena.flag_reasons",
-                    "otarena.checkpoint", "otarena.failure"}
+_TRIAL_ONLY_TAGS = {tag.TRIAL_ID, tag.OUTCOME, tag.EVALUATED, tag.FLAGS, tag.FLAG_REASONS,
+                    tag.CHECKPOINT, tag.FAILURE}
 
 
 class TrackingError(RuntimeError):
@@ -247,8 +246,8 @@ class Tracker:
 
     def open_search(self, tags: Mapping[str, str]) -> Optional[Any]:
         """The latest unfinished search parent run with these tags (what ``--resume`` continues)."""
-        clauses = [f"tags.`{ROLE}` = 'search'", "attributes.status = 'RUNNING'"]
-        clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in _SEARCH_KEYS]
+        clauses = [f"tags.`{tag.ROLE}` = 'search'", "attributes.status = 'RUNNING'"]
+        clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in tag.SEARCH_KEYS]
         found = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1,
                                         order_by=["attributes.start_time DESC"])
         return found[0] if found else None
@@ -258,10 +257,10 @@ class Tracker:
         trial's start and Ray's next save of the experiment. The trial never ran on after that, and
         the search replaced it, so its run leaves the trials (``otarena.role=lost``) but keeps its data."""
         lost = [r for r in self.trial_runs(parent_id)
-                if r.data.tags.get(ROLE) == "trial" and r.data.tags.get(TRIAL_ID) not in known]
+                if r.data.tags.get(tag.ROLE) == "trial" and r.data.tags.get(tag.TRIAL_ID) not in known]
         for run in lost:
-            self.set_tags(run.info.run_id, {ROLE: "lost", OUTCOME: "failed",
-                                            "otarena.failure": "driver stopped before Ray saved this trial"})
+            self.set_tags(run.info.run_id, {tag.ROLE: "lost", tag.OUTCOME: "failed",
+                                            tag.FAILURE: "driver stopped before Ray saved this trial"})
             if run.info.status == "RUNNING":
                 self.finish(run.info.run_id, "KILLED")
         return len(lost)
@@ -270,14 +269,14 @@ class Tracker:
         """Trial runs a crash left RUNNING that no trial continued: KILLED, never RUNNING forever."""
         stale = [r for r in self.trial_runs(parent_id) if r.info.status == "RUNNING"]
         for run in stale:
-            self.set_tags(run.info.run_id, {OUTCOME: run.data.tags.get(OUTCOME, "failed"),
-                                            "otarena.failure": run.data.tags.get("otarena.failure",
+            self.set_tags(run.info.run_id, {tag.OUTCOME: run.data.tags.get(tag.OUTCOME, "failed"),
+                                            tag.FAILURE: run.data.tags.get(tag.FAILURE,
                                                                                  "driver stopped; not resumed")})
             self.finish(run.info.run_id, "KILLED")
         return len(stale)
 
     def start_search(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "search", **tags})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={tag.ROLE: "search", **tags})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
@@ -286,14 +285,14 @@ class Tracker:
         """The one run of a trial: found by its ``otarena.trial_id`` tag, or created."""
         existing = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+            filter_string=f"tags.`{tag.TRIAL_ID}` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
             max_results=1)
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, ROLE: "trial", TRIAL_ID: trial_id, **tags})
+            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, tag.ROLE: "trial", tag.TRIAL_ID: trial_id, **tags})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
@@ -304,17 +303,17 @@ class Tracker:
         for a trial of the search, and its ``otarena.seed_of`` tag points at the trial.
         """
         source = self.client.get_run(replicates).data.tags
-        kept = {k: v for k, v in source.items() if k.startswith("otarena.") and k not in _TRIAL_ONLY_TAGS}
+        kept = {k: v for k, v in source.items() if k.startswith(tag.PREFIX) and k not in _TRIAL_ONLY_TAGS}
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            **kept, MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, ROLE: "seed",
-            "otarena.seed_of": replicates, "otarena.seed": str(seed)})
+            **kept, MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, tag.ROLE: "seed",
+            tag.SEED_OF: replicates, tag.SEED: str(seed)})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
     def evaluation_run(self, name: str, tags: Mapping[str, str]) -> str:
         """A run holding one ``otarena evaluate`` (``otarena.role=evaluation``)."""
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**tags, MLFLOW_RUN_NAME: name, ROLE: "evaluation"})
+                                     tags={**tags, MLFLOW_RUN_NAME: name, tag.ROLE: "evaluation"})
         return run.info.run_id
 
     def last_step(self, run_id: str, key: str) -> int:

@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``otarena.*`` MLflow tag names, declared once: ``search/`` writes them, ``leaderboard/`` reads them.
+
+``docs/mlflow-schema.md`` says what each holds and on which runs. This module imports nothing, so
+``search/`` can use it without pulling in the leaderboard's writers, and ``leaderboard/`` never has to
+import ``search/`` (or torch) to know a name.
+"""
+
+PREFIX = "otarena."
+"""Every otarena tag starts with it; a seed run copies the trial's tags that do (less the trial's own)."""
+
+ROLE = "otarena.role"
+"""What a run is: ``search``, ``trial``, ``seed``, ``evaluation`` or ``lost``."""
+METHOD = "otarena.method"
+DATASET = "otarena.dataset"
+ARCH = "otarena.arch"
+NORM = "otarena.norm"
+EPS = "otarena.eps"
+"""The threat model's radius, as ``repr(float)``."""
+SEARCH_KEYS = (METHOD, DATASET, ARCH, NORM, EPS)
+"""The tags that identify one method's search (parent, trials, seeds and evaluations all carry them)."""
+PAPER = "otarena.paper"
+PAPER_LINK = "otarena.paper_link"
+
+TRIAL_ID = "otarena.trial_id"
+"""Ray Tune's trial id: the one key a trial's run is found by."""
+OUTCOME = "otarena.outcome"
+"""``completed``, ``pruned`` or ``failed``."""
+SEARCHED = "otarena.searched"
+"""Comma-separated names of the searched hyperparameters."""
+NODE_ID = "otarena.node_id"
+CHECKPOINT = "otarena.checkpoint"
+FAILURE = "otarena.failure"
+RAY_PATH = "otarena.ray_path"
+"""On a search's parent run: the Ray experiment folder that ``--resume`` restores."""
+TRACKING_OUTAGE_S = "otarena.tracking_outage_s"
+
+EVALUATED = "otarena.evaluated"
+"""``true`` once the final evaluation has run."""
+FLAGS = "otarena.flags"
+FLAG_REASONS = "otarena.flag_reasons"
+"""A JSON object ``{flag: one-line reason}``."""
+EPS_SWEEP = "otarena.eps_sweep"
+CERTIFICATE_REFUSED = "otarena.certificate_refused"
+
+SEED = "otarena.seed"
+SEED_OF = "otarena.seed_of"
+"""On a seed run: the trial run it replicates."""
+EVALUATES = "otarena.evaluates"
+"""On an ``otarena evaluate`` run: the trial run it evaluates."""
