@@ -74,6 +74,11 @@ def columns(fmt_name: str) -> list[Column]:
     return [c for c in COLUMNS if fmt_name in c.formats]
 
 
+def csv_fields() -> list[tuple[str, Cell]]:
+    """The CSV's fields, column by column: (name, value at full precision)."""
+    return [f for c in COLUMNS for f in c.csv]
+
+
 def _accuracy(name: str, header: str, metric: str, formats: frozenset[str] = TABLES) -> Column:
     """A test accuracy: shown as its headline (mean ± std over seeds), in the CSV with its spread and CI."""
     prefix = metric.removesuffix("_acc")

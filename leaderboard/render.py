@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 
 from leaderboard import formatting as fmt
-from leaderboard.columns import COLUMNS, MD, TEX, TEXT, Column, columns
+from leaderboard.columns import MD, TEX, TEXT, Column, columns, csv_fields
 from leaderboard.schema import Row, Table, is_warning
 
 LATEX_WARNING_MARK = r"$\dagger$"
@@ -131,7 +131,7 @@ def to_latex(tables: list[Table], title: str = "otarena leaderboard") -> str:
 def to_csv(tables: list[Table]) -> str:
     """One CSV row per leaderboard row: each column's fields (:attr:`leaderboard.columns.Column.csv`),
     accuracies as fractions, floats at full precision."""
-    fields = [f for c in COLUMNS for f in c.csv]
+    fields = csv_fields()
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([name for name, _ in fields])

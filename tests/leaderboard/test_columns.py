@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one column spec (leaderboard/columns.py), the one writer registry (leaderboard/writers.py) and
+the one list of MLflow tag names (leaderboard/tags.py).
+
+Every format shows its columns in the spec's order with the spec's alignment; adding a column is one
+spec entry, and adding a format one function plus one registry line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import leaderboard
+from leaderboard import columns as spec
+from leaderboard import html, render, tags, writers
+from leaderboard.columns import COLUMNS, HTML, MD, TEX, TEXT, Column, columns
+from leaderboard.schema import Campaign, Row, Table
+
+ROW = Row(run_id="r1", experiment_id="0", dataset="digits", norm="Linf", eps=0.2, method="trades", arch="small_cnn",
+          aa_acc=0.5, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0, n_ex=200.0)
+TABLE = Table("digits", "Linf", 0.2, (ROW,))
+
+
+def _headers(fmt: str) -> list[str]:
+    """The header cells each writer actually printed."""
+    if fmt == MD:
+        line = next(x for x in render.to_markdown([TABLE]).splitlines() if x.startswith("| Rank"))
+    elif fmt == TEXT:
+        line = render.format_text([TABLE]).splitlines()[1]
+    elif fmt == TEX:
+        line = next(x for x in render.to_latex([TABLE]).splitlines() if x.startswith("Rank &"))
+        return [h.strip() for h in line.removesuffix("\\\\").split("&")]
+    else:
+        page = html.to_html([TABLE], Campaign((ROW,), ()), title="t", run_url=None)
+        return [h.replace("\u00a0", " ") for h in re.findall(r'<button type="button">([^<]*)</button>', page)]
+    return [h.strip() for h in line.strip("|").split("|")]
+
+
+@pytest.mark.parametrize("fmt", [MD, TEXT, TEX, HTML])
+def test_each_format_prints_the_spec_columns_in_one_order(fmt):
+    shown = columns(fmt)
+    assert _headers(fmt) == [c.header_in(fmt).replace("\u00a0", " ") for c in shown]
+    order = [c.name for c in COLUMNS]
+    assert [c.name for c in shown] == sorted((c.name for c in shown), key=order.index)
+    accuracies = [c.name for c in shown if c.name in ("clean", "autoattack", "pgd", "certified")]
+    assert accuracies == ["clean", "autoattack", "pgd", "certified"]  # RobustBench's: the ranking metric second
+
+
+def test_every_accuracy_is_right_aligned_everywhere():
+    assert all(c.numeric for c in COLUMNS if c.metric)
+    md = render.to_markdown([TABLE])
+    head, rule = [x for x in md.splitlines() if x.startswith("|")][:2]
+    aligns = dict(zip([h.strip() for h in head.strip("|").split("|")], rule.strip("|").split("|")))
+    assert [aligns[h] for h in ("Clean", "AutoAttack", "PGD", "Certified")] == ["---:"] * 4
+    assert "\\begin{tabular}{rlrrrrlrc}" in render.to_latex([TABLE])
+
+
+def test_a_new_column_is_one_spec_entry(monkeypatch):
+    extra = Column("val_pgd", "Val PGD", text=lambda i, r: "12.5", value=lambda i, r: 0.125, align="right",
+                   csv=(("val_pgd_acc", lambda i, r: 0.125),))
+    monkeypatch.setattr(spec, "COLUMNS", (*COLUMNS, extra))
+    for fmt in (MD, TEXT, TEX, HTML):
+        assert _headers(fmt)[-1] == "Val PGD"
+    assert render.to_csv([TABLE]).splitlines()[0].endswith(",val_pgd_acc")
+
+
+def test_a_new_format_is_one_function_and_one_registry_line(monkeypatch, tmp_path):
+    def to_tsv(path, out):
+        path.write_text("\n".join(f"{r.method}\t{r.aa_acc}" for t in out.tables for r in t.rows))
+
+    formats = {**writers.FORMATS, "tsv": writers.Format("leaderboard.tsv", "tab-separated values", to_tsv)}
+    monkeypatch.setattr(writers, "FORMATS", formats)
+    monkeypatch.setattr(leaderboard, "FORMATS", formats)
+    assert "tsv: tab-separated values (leaderboard.tsv)" in writers.help_text()
+    from search.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert "tsv: tab-separated values (leaderboard.tsv)" in " ".join(subcommands["leaderboard"].format_help().split())
+    out = writers.Output([TABLE], Campaign((ROW,), ()), "t", None)
+    formats["tsv"].write(tmp_path / "leaderboard.tsv", out)
+    assert (tmp_path / "leaderboard.tsv").read_text() == "trades\t0.5"
+    assert formats["tsv"].describe(tmp_path / "leaderboard.tsv") == f"wrote {tmp_path / 'leaderboard.tsv'}"
+
+
+def test_unknown_format_names_the_registry():
+    with pytest.raises(ValueError, match="supported: md, csv, tex, html, json"):
+        leaderboard.build("sqlite:///nowhere.db", formats="md,pdf")
+
+
+def test_csv_fields_are_the_columns_fields():
+    names = [name for name, _ in spec.csv_fields()]
+    assert len(names) == len(set(names)) and names[:5] == ["dataset", "norm", "eps", "rank", "method"]
+    assert names.index("clean_acc") < names.index("aa_acc") < names.index("pgd_acc") < names.index("certified_acc")
+
+
+def test_every_tag_name_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "mlflow-schema.md").read_text(encoding="utf-8")
+    names = [v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"]
+    assert len(names) == len(set(names)) and all(n.startswith(tags.PREFIX) for n in names)
+    assert [n for n in names if f"`{n}" not in doc] == []
