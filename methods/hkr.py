@@ -15,8 +15,8 @@ labels, :math:`s_{ik} = +1` if :math:`k = y_i` else :math:`-1`, and a minibatch 
     \mathrm{KR} = \frac{1}{K} \sum_k \Big( \operatorname*{mean}_{i:\, y_i = k} f_k(x_i)
         - \operatorname*{mean}_{i:\, y_i \neq k} f_k(x_i) \Big)
 
-with :math:`w_{ik} = K - 1` for the true class and 1 otherwise, :math:`\alpha` = ``hkr_alpha`` and
-:math:`m` = ``hkr_margin`` (the library's ``min_margin``: the full logit gap, each side gets half).
+with :math:`w_{ik} = K - 1` for the true class and 1 otherwise, and :math:`m` = ``hkr_margin``
+(the library's ``min_margin``: the full logit gap, each side gets half).
 
 Conventions: the paper and deel-torchlip 0.1 write
 :math:`\mathcal{L}_{paper} = -\mathrm{KR} + \alpha_{paper}\,\mathrm{HIN}` with hinge
@@ -25,15 +25,18 @@ Conventions: the paper and deel-torchlip 0.1 write
 .. math::
     \alpha = \frac{\alpha_{paper}}{1 + \alpha_{paper}}, \qquad m = 2\, m_{paper}
 
-(e.g. the paper's :math:`\alpha = 100` is 0.990; a paper margin of 0.25 is 0.5 here). The loss is
-the paper's times :math:`1/(1 + \alpha_{paper})`, a scale Adam's steps hardly depend on.
+``hkr_alpha`` is :math:`\alpha_{paper}`, the paper's weight of the hinge against KR (10 to 1000
+in its experiments, so it is searched on a log scale; the library's robust default 0.99 is 99), and
+:math:`m` is in the library's convention (a paper margin of 0.25 is 0.5 here). The loss is the
+paper's times :math:`1/(1 + \alpha_{paper})`, a scale Adam's steps hardly depend on.
 
 Deviations:
     - KR uses per-minibatch class means, as the library does: a class absent from a batch adds
       only its negative term (:math:`-\operatorname{mean}_i f_k(x_i)`), still weighted 1/K.
     - The loss is ours (so the formula is visible); ``tests/methods/test_hkr.py`` checks that it
-      equals deel-torchlip's ``HKRMulticlassLoss``. Unlike the library, which converts an
-      alpha > 1 with a warning, we reject it (the error message gives the converted value).
+      equals deel-torchlip's ``HKRMulticlassLoss`` at the converted alpha.
+    - ``hkr_alpha`` below 1 is rejected: that is a deel-torchlip 1.x alpha in [0, 1] (0.99 is 99
+      here), and the paper never weighs the hinge below KR.
     - The architectures (``lipschitz_small``, ``lipschitz_cifar``) run 10 power-iteration steps
       per training forward in each spectral normalisation, where deel-torchlip's layers keep
       torch's 1: with 1, Björck's iteration diverged (NaN) at Adam lr 5e-3 on digits.
@@ -62,24 +65,23 @@ from methods.space import Float
 
 @dataclass(frozen=True)
 class Config:
-    hkr_alpha: float = 0.99
-    """alpha in [0, 1] (deel-torchlip 1.x): weight of the hinge term, 1 - alpha that of KR."""
+    hkr_alpha: float = 99.0
+    """alpha of the paper (>= 1): weight of the hinge term against KR (deel-torchlip 1.x's 0.99)."""
     hkr_margin: float = 0.25
     """m: the hinge's minimal logit gap (``min_margin``), in logit units; each side gets m / 2."""
 
     def __post_init__(self):
-        if not 0 <= self.hkr_alpha <= 1:
-            hint = (f"; a paper / deel-torchlip 0.1 alpha of {self.hkr_alpha:g} is "
-                    f"{self.hkr_alpha / (1 + self.hkr_alpha):.4g} here (alpha / (1 + alpha))"
-                    if self.hkr_alpha > 1 else "")
-            raise ValueError(f"hkr_alpha must be in [0, 1] (deel-torchlip 1.x convention), "
-                             f"got {self.hkr_alpha}{hint}")
+        if not 1 <= self.hkr_alpha <= 1e5:
+            hint = (f"; a deel-torchlip 1.x alpha of {self.hkr_alpha:g} is "
+                    f"{self.hkr_alpha / (1 - self.hkr_alpha):.4g} here (alpha / (1 - alpha))"
+                    if 0 < self.hkr_alpha < 1 else "")
+            raise ValueError(f"hkr_alpha is the paper's alpha, in [1, 1e5], got {self.hkr_alpha}{hint}")
         if not 0 < self.hkr_margin <= 10:
             raise ValueError(f"hkr_margin must be in (0, 10] logit units, got {self.hkr_margin}")
 
 
 SEARCH_SPACE = {
-    "hkr_alpha": Float(0.9, 0.999, Config.hkr_alpha, valid=(0.0, 1.0)),
+    "hkr_alpha": Float(10.0, 1000.0, Config.hkr_alpha, log=True, valid=(1.0, 1e5)),
     "hkr_margin": Float(0.05, 1.0, Config.hkr_margin, valid=(1e-4, 10.0)),
 }
 
@@ -142,6 +144,7 @@ class Hkr(Method):
         cfg = self.cfg
         logits = self.model(x)
         hinge, kr = hkr_terms(logits, y, cfg.hkr_margin)
-        loss = cfg.hkr_alpha * hinge.mean() - (1 - cfg.hkr_alpha) * kr.mean()
+        weight = cfg.hkr_alpha / (1 + cfg.hkr_alpha)
+        loss = weight * hinge.mean() - (1 - weight) * kr.mean()
         acc = (logits.argmax(1) == y).float().mean()
         return loss, {"hinge": hinge.mean().detach(), "kr": kr.mean().detach(), "acc": acc.detach()}

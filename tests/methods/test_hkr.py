@@ -130,13 +130,15 @@ def test_paper_convention_converts_as_documented(alpha_paper, margin_paper):
 
 
 def test_config_and_search_space():
-    assert Config() == Config(hkr_alpha=0.99, hkr_margin=0.25)
-    with pytest.raises(ValueError, match=r"0\.9901"):   # 100 / 101: the message gives the conversion
-        Config(hkr_alpha=100.0)
-    for bad in (dict(hkr_alpha=-0.1), dict(hkr_margin=0.0), dict(hkr_margin=11.0)):
+    assert Config() == Config(hkr_alpha=99.0, hkr_margin=0.25)
+    with pytest.raises(ValueError, match=r"is 99 here"):   # 0.99 / 0.01: the message gives the conversion
+        Config(hkr_alpha=0.99)
+    for bad in (dict(hkr_alpha=-0.1), dict(hkr_alpha=0.0), dict(hkr_margin=0.0), dict(hkr_margin=11.0)):
         with pytest.raises(ValueError):
             Config(**bad)
-    assert SEARCH_SPACE["hkr_alpha"].contains(0.99) and not SEARCH_SPACE["hkr_alpha"].is_valid(1.5)
+    alpha = SEARCH_SPACE["hkr_alpha"]
+    assert alpha.log and alpha.contains(99.0) and alpha.contains(10.0) and alpha.contains(1000.0)
+    assert not alpha.is_valid(0.99)
     assert SEARCH_SPACE["hkr_margin"].contains(0.25) and not SEARCH_SPACE["hkr_margin"].is_valid(0.0)
     assert (Hkr.archs, Hkr.certified, Hkr.norm) == (("lipschitz_small", "lipschitz_cifar"), True, "L2")
     assert methods.Method.archs is None and methods.Method.certified is False
