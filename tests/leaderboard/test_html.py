@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The static site (leaderboard/html.py, leaderboard/plots.py), on a real MLflow sqlite store, then in headless Chromium.
+"""The static site (leaderboard/html.py, plots.py, svg.py), on a real MLflow sqlite store, then in headless Chromium.
 
 The store (built once per module):
 
@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from leaderboard import build, formatting, html, plots
+from leaderboard import build, formatting, html, plots, svg
 from leaderboard.schema import Campaign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,19 +238,20 @@ def test_plot_survives_odd_numbers_and_hostile_text():
     """NaN, infinities and non-positive values on a log axis are left out; each point left keeps its
     hover text; user text is drawn as text (never mathtext), escaped, and no inline style remains
     for the page's CSP to refuse."""
-    fig = plots.new_figure(300, 200)
+    fig = svg.new_figure(300, 200)
     ax = fig.add_subplot()
     ax.set_xscale("log")
     tips: list = []
     xs, ys = [1.0, float("inf"), -1.0, 10.0, 100.0], [float("nan"), 2.0, 3.0, 4.0, 5.0]
-    plots.plot_series(ax, [plots.Series("_$x^2$ <b>", xs, ys, "#000000", tips=[f"p{k} <i>" for k in range(5)])], tips)
-    plots.finish(ax, "odd </svg>", "x", "y")
-    svg = plots.to_svg(fig, "x", "odd", tips)
-    assert "nan" not in svg.lower() and "inf" not in svg.lower()
-    assert svg.count("<title>") == 2  # the two points left
-    assert "<title>p3 &lt;i&gt;</title>" in svg and "<title>p4 &lt;i&gt;</title>" in svg
-    assert "$x^2$ &lt;b&gt;" in svg and "odd &lt;/svg&gt;" in svg and "<b>" not in svg
-    assert not re.search(r"\sstyle=", svg) and "<style" not in svg and svg.startswith('<svg class="plot" data-plot="x"')
+    svg.plot_series(ax, [svg.Series("_$x^2$ <b>", xs, ys, "#000000", tips=[f"p{k} <i>" for k in range(5)])], tips)
+    svg.finish(ax, "odd </svg>", "x", "y")
+    drawn = svg.to_svg(fig, "x", "odd", tips)
+    assert "nan" not in drawn.lower() and "inf" not in drawn.lower()
+    assert drawn.count("<title>") == 2  # the two points left
+    assert "<title>p3 &lt;i&gt;</title>" in drawn and "<title>p4 &lt;i&gt;</title>" in drawn
+    assert "$x^2$ &lt;b&gt;" in drawn and "odd &lt;/svg&gt;" in drawn and "<b>" not in drawn
+    assert not re.search(r"\sstyle=", drawn) and "<style" not in drawn
+    assert drawn.startswith('<svg class="plot" data-plot="x"')
 
 
 # ----------------------------------------------------------------------------------------------------
