@@ -8,8 +8,9 @@ static site, with the plots of :mod:`~leaderboard.plots`) and :mod:`~leaderboard
 (RobustBench ``model_info`` JSON). Every table format reads the one column spec,
 :data:`~leaderboard.columns.COLUMNS`, and formats with :mod:`~leaderboard.formatting`.
 
-This package meets ``search/`` only through the MLflow key names of ``docs/mlflow-schema.md``; it
-never imports torch, ray or ``methods``, so a leaderboard can be built on a laptop with no GPU stack.
+This package meets ``search/`` only through the MLflow key names of ``docs/mlflow-schema.md`` (the tag
+names are :mod:`~leaderboard.tags`, which ``search/`` writes with); it never imports torch, ray,
+``search`` or ``methods``, so a leaderboard can be built on a laptop with no GPU stack.
 
 Example:
     >>> tables = build("sqlite:///mlflow.db", out_dir="site")  # doctest: +SKIP
@@ -28,7 +29,8 @@ from leaderboard.render import format_text
 from leaderboard.schema import Campaign, Row, Table, tabulate
 from leaderboard.writers import FORMATS, Output
 
-__all__ = ["FORMATS", "Campaign", "Row", "Table", "build", "collect", "collect_campaign", "format_text", "tabulate"]
+__all__ = ["FORMATS", "Campaign", "Output", "Row", "Table", "build", "collect", "collect_campaign", "format_text",
+           "tabulate"]
 
 
 def build(
