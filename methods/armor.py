@@ -77,7 +77,7 @@ from methods.common.attacks import ce_loss, pgd
 from methods.common.dro import LAMBDA_MIN, DualVariables, dual_objective, udr_attack, udr_cost, weight_stats
 from methods.common.functional import (clean_probabilities, kl_to_clean, mart_loss_per_example,
                                        trades_loss_per_example, trades_start)
-from methods.common.method import Method
+from methods.common.method import Method, hits
 from methods.common.train import TRAIN_SPACE
 from methods.space import Choice, Float
 
@@ -250,7 +250,7 @@ class Armor(Method):
         logits = self.model(x) if self._needs_clean() else None
         logits_adv = self.model(x_adv)
         losses = self._base_losses(logits, logits_adv, y)
-        metrics = {"adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+        metrics = {"adv_acc": hits(logits_adv, y)}
         costs = torch.zeros_like(losses.detach())
         if cfg.armor_cost == "udr":
             tau = cfg.armor_udr_tau * self.threat.eps

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from methods.common.attacks import pgd
 from methods.common.functional import kl_to_clean, trades_attack
-from methods.common.method import Method
+from methods.common.method import Method, hits
 from methods.common.train import TRAIN_SPACE
 from methods.space import Choice, Float, Int
 
@@ -258,8 +258,7 @@ class Got(Method):
         else:
             adv = F.cross_entropy(logits_adv, y)
             loss = self.cfg.got_adv_weight * adv + natural
-        acc = (logits_adv.argmax(1) == y).float().mean()
-        return loss, {"natural": natural.detach(), "adv": adv.detach(), "adv_acc": acc.detach()}
+        return loss, {"natural": natural.detach(), "adv": adv.detach(), "adv_acc": hits(logits_adv, y)}
 
     def _fit_phi(self, z, cost, mask):
         """``got_phi_steps`` Adam ascent steps of W over phi alone (latents and cost detached)."""

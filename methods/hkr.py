@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.common.method import Method
+from methods.common.method import Method, hits
 from methods.space import Float
 
 
@@ -146,5 +146,4 @@ class Hkr(Method):
         hinge, kr = hkr_terms(logits, y, cfg.hkr_margin)
         weight = cfg.hkr_alpha / (1 + cfg.hkr_alpha)
         loss = weight * hinge.mean() - (1 - weight) * kr.mean()
-        acc = (logits.argmax(1) == y).float().mean()
-        return loss, {"hinge": hinge.mean().detach(), "kr": kr.mean().detach(), "acc": acc.detach()}
+        return loss, {"hinge": hinge.mean().detach(), "kr": kr.mean().detach(), "acc": hits(logits, y)}

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.common.attacks import ascent, ascent_step, project
-from methods.common.method import Method
+from methods.common.method import Method, hits
 from methods.space import Float, Int
 
 NOISES = ("gaussian", "uniform")
@@ -222,8 +222,7 @@ class Langevin(Method):
 
     def loss(self, x, y, x_adv):
         logits_adv = self.model(x_adv)
-        acc = (logits_adv.argmax(1) == y).float().mean()
-        return F.cross_entropy(logits_adv, y), {"adv_acc": acc.detach()}
+        return F.cross_entropy(logits_adv, y), {"adv_acc": hits(logits_adv, y)}
 
     def step(self, x, y, idx):
         if idx is None:

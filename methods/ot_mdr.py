@@ -183,7 +183,7 @@ class OtMdr(Method):
                 torch._foreach_copy_(params, theta)
             total = grads if total is None else [None if a is None else a + b for a, b in zip(total, grads)]
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] = sums[key] + value if key in sums else value
         with torch.no_grad():
             live = list(self.model.buffers())
             if live:
@@ -194,7 +194,8 @@ class OtMdr(Method):
         for p, g in zip(params, total):
             p.grad = g
         self.optimizer.step()
-        out = {key: value / c.ot_mdr_particles for key, value in sums.items()}
+        # (hits, n) pairs stay sums: the loop's one division makes them a share of every particle's examples.
+        out = {key: value / c.ot_mdr_particles if value.is_floating_point() else value for key, value in sums.items()}
         out["grad_norm"] = global_norm(total).detach()
         return out
 

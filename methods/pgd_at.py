@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from methods.common.attacks import pgd
-from methods.common.method import Method
+from methods.common.method import Method, hits
 from methods.common.train import TRAIN_SPACE
 
 
@@ -40,5 +40,4 @@ class PgdAT(Method):
 
     def loss(self, x, y, x_adv):
         logits_adv = self.model(x_adv)
-        acc = (logits_adv.argmax(1) == y).float().mean()
-        return F.cross_entropy(logits_adv, y), {"adv_acc": acc.detach()}
+        return F.cross_entropy(logits_adv, y), {"adv_acc": hits(logits_adv, y)}

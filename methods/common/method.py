@@ -19,6 +19,16 @@ import torch.nn as nn
 from methods.common.attacks import ThreatModel, eval_mode
 
 
+def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions and examples, as the integer pair ``(hits, n)``: a training accuracy.
+
+    The training loop sums an epoch's pairs and divides once, so that ``train/<key>`` is an exact
+    count over the examples seen, not a float32 mean of batch means. ``n`` is filled on the device
+    (no host-to-device copy, hence no sync, per step).
+    """
+    return torch.stack(((logits.argmax(1) == y).sum(), y.new_full((), y.numel())))
+
+
 @dataclass(frozen=True)
 class NoConfig:
     """A method without hyperparameters of its own."""
@@ -75,7 +85,8 @@ class Method:
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One update on a minibatch: ``attack``, ``loss``, ``update``; returns detached scalar tensors to log.
+        """One update on a minibatch: ``attack``, ``loss``, ``update``; returns detached tensors to log:
+        scalars, and for accuracies ``(hits, n)`` integer pairs (:func:`hits`).
 
         Tensors rather than floats, so that the loop averages them on the device and syncs with
         the host once per epoch instead of once per batch.

@@ -240,6 +240,15 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *,
         return run.method.step(x, y, idx)
 
 
+def epoch_value(total: torch.Tensor, n_batches: int) -> float:
+    """An epoch's value of a step metric summed over its steps: the mean of a scalar, or, for summed
+    ``(hits, n)`` pairs (``methods.common.method.hits``), the exact share hits / n."""
+    if total.is_floating_point():
+        return float(total) / n_batches
+    hit, n = total.tolist()
+    return hit / n
+
+
 def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) -> Run:
     """Train ``run`` from ``run.epoch`` to ``run.cfg.epochs``, validating after each epoch.
 
@@ -262,10 +271,10 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
         n_batches = 0
         for x, y, idx in batches(run.train, cfg.batch_size, shuffle=True, generator=generator):
             for key, value in train_step(run, x, y, idx, generator=crops).items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] = sums[key] + value if key in sums else value
             n_batches += 1
         run.schedule.step()
-        metrics = {f"train/{k}": float(v) / n_batches for k, v in sums.items()}
+        metrics = {f"train/{k}": epoch_value(v, n_batches) for k, v in sums.items()}
         if not math.isfinite(metrics["train/loss"]):
             raise DivergedError(f"training loss is {metrics['train/loss']} at epoch {run.epoch + 1}")
         metrics.update(validate(model, run.val, run.method.threat, cfg))

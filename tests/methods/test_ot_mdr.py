@@ -310,3 +310,6 @@ def test_one_epoch_improves_validation_pgd_accuracy(digits):
     for key in ("train/loss", "train/adv_acc", "train/ascent_norm", "train/grad_norm"):
         assert math.isfinite(epochs[0][key]), key
     assert epochs[0]["train/ascent_norm"] > 0.01   # at least rho_1
+    # An exact count over the epoch's examples (the loop sums (hits, n) pairs), not a float32 mean.
+    share = epochs[0]["train/adv_acc"]
+    assert round(share * len(train)) / len(train) == share
