@@ -25,9 +25,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/otarena search configs/demo.yaml configs/demo-l2.yaml --out site
 
-# The HTML leaderboard test drives Debian's chromium headless (apt, as root or through sudo).
+# The HTML and LaTeX leaderboard tests drive Debian's chromium and pdflatex (apt, as root or through sudo).
 test: $(STAMP)
-	sh scripts/ensure-chromium.sh
+	sh scripts/ensure-test-tools.sh
 	$(BIN)/python -m pytest -q
 
 ui: $(STAMP)

@@ -9,7 +9,7 @@ The store (built once per module):
   method whose name is itself markup; pruned and failed trials for the plots;
 * the same experiment, mnist / L2 / eps=1.5: one search with a categorical hyperparameter.
 
-The browser test needs Debian's ``chromium`` (``scripts/ensure-chromium.sh``, run by ``make test``) and
+The browser test needs Debian's ``chromium`` (``scripts/ensure-test-tools.sh``, run by ``make test``) and
 the ``playwright`` Python package (dev extras); it never downloads a browser.
 """
 
@@ -264,7 +264,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run scripts/ensure-chromium.sh (make test does)")
+        pytest.fail("Debian's chromium is missing: run scripts/ensure-test-tools.sh (make test does)")
     from playwright import sync_api as playwright  # a dev dependency: never skipped
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)

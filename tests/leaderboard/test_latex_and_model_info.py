@@ -224,8 +224,9 @@ def test_latex_empty_and_unique_labels():
                                                                  "tab:otarena-ab-Linf-0.1-2"]
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no pdflatex on this machine")
 def test_latex_compiles(site, tmp_path):
+    if shutil.which("pdflatex") is None:
+        pytest.fail("pdflatex is missing: run scripts/ensure-test-tools.sh (make test does)")
     (tmp_path / "board.tex").write_text(site.tex, encoding="utf-8")
     (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
                                       "\\input{board.tex}\n\\end{document}\n")
