@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode, pgd, pgd_best, project
+from methods.common.attacks import ThreatModel, eval_mode, madry_step, pgd, pgd_best, project
 
 METRIC_PREFIX = "test/"
 """The MLflow namespace of an evaluation's metrics (docs/mlflow-schema.md)."""
@@ -157,7 +157,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
             else:
                 at = ThreatModel(threat.norm, eps)
                 generator = torch.Generator(device=x.device).manual_seed(seed)
-                correct = pgd_correct(model, x, y, at, steps=steps, step_size=2.5 * eps / steps,
+                correct = pgd_correct(model, x, y, at, steps=steps, step_size=madry_step(eps, steps),
                                       batch_size=batch_size, generator=generator)
                 grey = _correct(model, project(torch.full_like(x, 0.5), x, eps, threat.norm), y, batch_size)
             curve["pgd_acc"].append(share(correct))
@@ -379,7 +379,7 @@ def _steps_check(run: StageInput) -> dict:
     cfg, ladder = run.settings, {}
     for steps in (max(1, cfg.pgd_steps // 5), cfg.pgd_steps):
         ladder[f"PGD-{steps}"] = pgd_accuracy(run.model, run.x, run.y, run.threat, steps=steps,
-                                              step_size=2.5 * run.threat.eps / steps, keep_best=False,
+                                              step_size=madry_step(run.threat.eps, steps), keep_best=False,
                                               batch_size=cfg.batch_size, generator=run.generator())
     if "pgd_acc" in run.result:
         ladder[f"PGD-{cfg.pgd_steps} with restarts"] = run.result["pgd_acc"]
