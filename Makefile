@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-	@$(BIN)/python -c "import methods, search, leaderboard, torch, torchvision, ray, mlflow, optuna, pyautoattack" \
+	@$(BIN)/python -c "import otarena.methods, otarena.search, otarena.leaderboard, torch, torchvision, ray, mlflow, optuna, pyautoattack" \
 		|| { echo "installation failed"; exit 1; }
 	@touch $(STAMP)
 

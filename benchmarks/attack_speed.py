@@ -53,9 +53,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks._report import save  # noqa: E402
 
-import methods  # noqa: E402
-from methods.common.attacks import frozen, pgd, random_start  # noqa: E402
-from methods.common.data import INFO, TensorData  # noqa: E402
+from otarena import methods  # noqa: E402
+from otarena.methods.common.attacks import frozen, pgd, random_start  # noqa: E402
+from otarena.methods.common.data import INFO, TensorData  # noqa: E402
 
 try:
     import torchattacks

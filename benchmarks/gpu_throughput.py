@@ -46,9 +46,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks._report import save  # noqa: E402
 
-import methods  # noqa: E402
-from methods.common.data import INFO, TensorData, batches  # noqa: E402
-from methods.common.train import compile_available, pick_device, prepare, train_step  # noqa: E402
+from otarena import methods  # noqa: E402
+from otarena.methods.common.data import INFO, TensorData, batches  # noqa: E402
+from otarena.methods.common.train import compile_available, pick_device, prepare, train_step  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 """CIFAR-10's training set: what one projected epoch covers."""

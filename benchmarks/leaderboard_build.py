@@ -46,9 +46,9 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import ViewType  # noqa: E402
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag  # noqa: E402
 
-import leaderboard  # noqa: E402
-from leaderboard.collect import TRIAL_FILTER  # noqa: E402
-from leaderboard import tags as tag  # noqa: E402
+from otarena import leaderboard  # noqa: E402
+from otarena.leaderboard.collect import TRIAL_FILTER  # noqa: E402
+from otarena.leaderboard import tags as tag  # noqa: E402
 
 GENERATOR_VERSION = 1
 """Bump when the generated store changes, so that cached stores are rebuilt."""

@@ -41,10 +41,11 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-import search.run  # noqa: E402
-from methods.common import data as data_lib  # noqa: E402
-from search import config as config_lib  # noqa: E402
-from search.tracking import Tracker  # noqa: E402
+import otarena.search.run  # noqa: E402
+from otarena import search  # noqa: E402
+from otarena.methods.common import data as data_lib  # noqa: E402
+from otarena.search import config as config_lib  # noqa: E402
+from otarena.search.tracking import Tracker  # noqa: E402
 
 METHOD = "pgd_at"
 

@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from leaderboard.collect import collect, collect_campaign
-from leaderboard.render import format_text
-from leaderboard.schema import Campaign, Row, Table, tabulate
-from leaderboard.writers import FORMATS, Output
+from otarena.leaderboard.collect import collect, collect_campaign
+from otarena.leaderboard.render import format_text
+from otarena.leaderboard.schema import Campaign, Row, Table, tabulate
+from otarena.leaderboard.writers import FORMATS, Output
 
 __all__ = ["FORMATS", "Campaign", "Output", "Row", "Table", "build", "collect", "collect_campaign", "format_text",
            "tabulate"]

@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from leaderboard import tags as tag
-from leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Row, TrialPoint
+from otarena.leaderboard import tags as tag
+from otarena.leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Row, TrialPoint
 
 TRIAL_FILTER = f"tags.`{tag.ROLE}` = 'trial'"
 SEARCH_FILTER = f"tags.`{tag.ROLE}` = 'search'"

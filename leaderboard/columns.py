@@ -16,8 +16,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from leaderboard import formatting as fmt
-from leaderboard.schema import Row
+from otarena.leaderboard import formatting as fmt
+from otarena.leaderboard.schema import Row
 
 Cell = Callable[[int, Row], object]
 """A function of (rank within the table, row)."""

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from urllib.parse import urlparse
 
-from leaderboard.schema import Row, Table, is_warning
+from otarena.leaderboard.schema import Row, Table, is_warning
 
 EMPTY_MESSAGE = "No evaluated trial runs found: nothing to rank yet."
 RULES = (

@@ -27,10 +27,10 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
-from leaderboard import formatting as fmt
-from leaderboard import plots
-from leaderboard.columns import HTML, Column, columns
-from leaderboard.schema import Campaign, Row, Table, is_warning
+from otarena.leaderboard import formatting as fmt
+from otarena.leaderboard import plots
+from otarena.leaderboard.columns import HTML, Column, columns
+from otarena.leaderboard.schema import Campaign, Row, Table, is_warning
 
 TEMPLATES = Path(__file__).parent / "templates"
 CSS = (TEMPLATES / "site.css").read_text(encoding="utf-8")

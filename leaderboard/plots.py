@@ -20,9 +20,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from leaderboard import formatting as fmt
-from leaderboard.schema import Row, Table, TrialPoint
-from leaderboard.svg import RC, Series, finish, new_figure, plot_series, to_svg
+from otarena.leaderboard import formatting as fmt
+from otarena.leaderboard.schema import Row, Table, TrialPoint
+from otarena.leaderboard.svg import RC, Series, finish, new_figure, plot_series, to_svg
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -13,9 +13,9 @@ import io
 import re
 from collections.abc import Callable
 
-from leaderboard import formatting as fmt
-from leaderboard.columns import MD, TEX, TEXT, Column, columns, csv_fields
-from leaderboard.schema import Row, Table, is_warning
+from otarena.leaderboard import formatting as fmt
+from otarena.leaderboard.columns import MD, TEX, TEXT, Column, columns, csv_fields
+from otarena.leaderboard.schema import Row, Table, is_warning
 
 LATEX_WARNING_MARK = r"$\dagger$"
 """Flags-column mark of a row with a warning flag (the evaluation may be unreliable)."""

@@ -68,8 +68,8 @@ import math
 import re
 from pathlib import Path
 
-from leaderboard.formatting import count, eps, pct, printable
-from leaderboard.schema import ACCURACIES, Row, Table, is_warning
+from otarena.leaderboard.formatting import count, eps, pct, printable
+from otarena.leaderboard.schema import ACCURACIES, Row, Table, is_warning
 
 MODEL_INFO_FIELDS = (
     "link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from leaderboard import formatting as fmt
+from otarena.leaderboard import formatting as fmt
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaderboard import html, render, robustbench
-from leaderboard.schema import Campaign, Table
+from otarena.leaderboard import html, render, robustbench
+from otarena.leaderboard.schema import Campaign, Table
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,21 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from methods.common import data as data
-from methods.common import nets as nets
-from methods.common.attacks import ThreatModel
-from methods.common.evaluate import evaluate
-from methods.common.method import Method
-from methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
-from methods.armor import ArmorMart, ArmorPgd, ArmorTrades
-from methods.erm import Erm
-from methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
-from methods.hkr import Hkr
-from methods.langevin import Langevin
-from methods.mart import Mart
-from methods.ot_mdr import OtMdr, OtMdrPgd, OtMdrTrades
-from methods.pgd_at import PgdAT
-from methods.trades import Trades
+from otarena.methods.common import data as data
+from otarena.methods.common import nets as nets
+from otarena.methods.common.attacks import ThreatModel
+from otarena.methods.common.evaluate import evaluate
+from otarena.methods.common.method import Method
+from otarena.methods.common.train import TRAIN_SPACE, Run, TrainConfig, build_optimizer, build_schedule, fit, pick_device
+from otarena.methods.armor import ArmorMart, ArmorPgd, ArmorTrades
+from otarena.methods.erm import Erm
+from otarena.methods.got import GotPgdLM, GotPgdS, GotTradesLM, GotTradesS
+from otarena.methods.hkr import Hkr
+from otarena.methods.langevin import Langevin
+from otarena.methods.mart import Mart
+from otarena.methods.ot_mdr import OtMdr, OtMdrPgd, OtMdrTrades
+from otarena.methods.pgd_at import PgdAT
+from otarena.methods.trades import Trades
 
 REGISTRY: dict[str, type[Method]] = {
     "erm": Erm,

@@ -73,13 +73,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from methods.common.attacks import ce_loss, pgd
-from methods.common.dro import LAMBDA_MIN, DualVariables, dual_objective, udr_attack, udr_cost, weight_stats
-from methods.common.functional import (clean_probabilities, kl_to_clean, mart_loss_per_example,
+from otarena.methods.common.attacks import ce_loss, pgd
+from otarena.methods.common.dro import LAMBDA_MIN, DualVariables, dual_objective, udr_attack, udr_cost, weight_stats
+from otarena.methods.common.functional import (clean_probabilities, kl_to_clean, mart_loss_per_example,
                                        trades_loss_per_example, trades_start)
-from methods.common.method import Method, hits
-from methods.common.train import TRAIN_SPACE
-from methods.space import Choice, Float
+from otarena.methods.common.method import Method, hits
+from otarena.methods.common.train import TRAIN_SPACE
+from otarena.methods.space import Choice, Float
 
 DIVERGENCES = ("alpha", "kl")
 COSTS = ("hard", "udr")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from methods.common.method import Method
+from otarena.methods.common.method import Method
 
 
 class Erm(Method):

@@ -65,11 +65,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common.attacks import pgd
-from methods.common.functional import kl_to_clean, trades_attack
-from methods.common.method import Method, hits
-from methods.common.train import TRAIN_SPACE
-from methods.space import Choice, Float, Int
+from otarena.methods.common.attacks import pgd
+from otarena.methods.common.functional import kl_to_clean, trades_attack
+from otarena.methods.common.method import Method, hits
+from otarena.methods.common.train import TRAIN_SPACE
+from otarena.methods.space import Choice, Float, Int
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.common.method import Method, hits
-from methods.space import Float
+from otarena.methods.common.method import Method, hits
+from otarena.methods.space import Float
 
 
 @dataclass(frozen=True)

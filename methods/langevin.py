@@ -75,9 +75,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from methods.common.attacks import ascent, ascent_step, project
-from methods.common.method import Method, hits
-from methods.space import Float, Int
+from otarena.methods.common.attacks import ascent, ascent_step, project
+from otarena.methods.common.method import Method, hits
+from otarena.methods.space import Float, Int
 
 NOISES = ("gaussian", "uniform")
 GPU_FRACTION = 0.25

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.common.attacks import pgd
-from methods.common.functional import mart_terms, trades_start
-from methods.common.method import Method
-from methods.common.train import TRAIN_SPACE
-from methods.space import Float
+from otarena.methods.common.attacks import pgd
+from otarena.methods.common.functional import mart_terms, trades_start
+from otarena.methods.common.method import Method
+from otarena.methods.common.train import TRAIN_SPACE
+from otarena.methods.space import Float
 
 
 @dataclass(frozen=True)

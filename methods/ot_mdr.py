@@ -73,13 +73,13 @@ from typing import ClassVar
 
 import torch
 
-from methods.common.functional import ascend, global_norm
-from methods.common.method import Method
-from methods.common.train import TRAIN_SPACE
-from methods.erm import Erm
-from methods.pgd_at import PgdAT
-from methods.space import Choice, Float, Int
-from methods.trades import Trades
+from otarena.methods.common.functional import ascend, global_norm
+from otarena.methods.common.method import Method
+from otarena.methods.common.train import TRAIN_SPACE
+from otarena.methods.erm import Erm
+from otarena.methods.pgd_at import PgdAT
+from otarena.methods.space import Choice, Float, Int
+from otarena.methods.trades import Trades
 
 EPS = 1e-12
 """Added to a gradient norm before dividing by it (as the official code)."""

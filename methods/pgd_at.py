@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from methods.common.attacks import pgd
-from methods.common.method import Method, hits
-from methods.common.train import TRAIN_SPACE
+from otarena.methods.common.attacks import pgd
+from otarena.methods.common.method import Method, hits
+from otarena.methods.common.train import TRAIN_SPACE
 
 
 class PgdAT(Method):

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from methods.common.functional import kl_to_clean, trades_attack
-from methods.common.method import Method
-from methods.common.train import TRAIN_SPACE
-from methods.space import Float
+from otarena.methods.common.functional import kl_to_clean, trades_attack
+from otarena.methods.common.method import Method
+from otarena.methods.common.train import TRAIN_SPACE
+from otarena.methods.space import Float
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- methods
 def cmd_methods(args) -> int:
-    import methods
+    from otarena import methods
 
     listing = {}
     shared = set(methods.defaults("erm"))
@@ -71,7 +71,7 @@ def cmd_methods(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def _train_config(args):
-    from search import config as config_lib
+    from otarena.search import config as config_lib
 
     if args.config:
         raw = config_lib.read_mapping(args.config)
@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     cfg, hparams = _train_config(args)
     import torch
 
-    import methods
+    from otarena import methods
 
     method = cfg.methods[0]
     threat = methods.ThreatModel(cfg.threat_model.norm, cfg.threat_model.eps)
@@ -137,8 +137,8 @@ def cmd_train(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- search
 def cmd_search(args) -> int:
-    from search import config as config_lib
-    from search.tracking import check_reachable
+    from otarena.search import config as config_lib
+    from otarena.search.tracking import check_reachable
 
     overrides = _parse_sets(args.set)
     for key, value in (("tracking_uri", args.tracking_uri), ("storage_path", args.storage)):
@@ -149,7 +149,7 @@ def cmd_search(args) -> int:
     for cfg in configs:
         check_reachable(cfg.tracking_uri)
         _check_writable(cfg.storage_path)
-    from search.run import run_search
+    from otarena.search.run import run_search
 
     run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out, resume=args.resume)
     return 0
@@ -170,7 +170,7 @@ def _check_writable(path: str) -> None:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _eval_settings(args, logged: dict) -> dict:
     """FinalEval settings: the config defaults, then what the run logged, then the command line."""
-    from search.config import ConfigError, FinalEval
+    from otarena.search.config import ConfigError, FinalEval
 
     settings = FinalEval().model_dump()
     for key, value in logged.items():
@@ -195,9 +195,9 @@ def _run_target(args, client) -> dict:
     """Weights, model, threat model and settings of a logged trial run."""
     import torch
 
-    from leaderboard import tags as tag
-    from search import evaluation
-    from search.trainable import load_state
+    from otarena.leaderboard import tags as tag
+    from otarena.search import evaluation
+    from otarena.search.trainable import load_state
 
     try:
         run = client.get_run(args.run_id)
@@ -246,10 +246,10 @@ def _checkpoint_target(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    import methods
-    from methods.common import data as data_lib
-    from methods.common.attacks import check_eps
-    from methods.common.nets import ARCHS
+    from otarena import methods
+    from otarena.methods.common import data as data_lib
+    from otarena.methods.common.attacks import check_eps
+    from otarena.methods.common.nets import ARCHS
 
     if bool(args.run_id) == bool(args.checkpoint):
         raise UsageError("give a RUN_ID or --checkpoint PATH (not both)")
@@ -257,11 +257,11 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"unknown method {args.method!r}; choose from {sorted(methods.REGISTRY)}")
     client = None
     if args.run_id or not args.no_mlflow:
-        from search.tracking import check_reachable
+        from otarena.search.tracking import check_reachable
 
         check_reachable(args.tracking_uri)
     if args.run_id:
-        from leaderboard.collect import open_client
+        from otarena.leaderboard.collect import open_client
 
         try:
             client = open_client(args.tracking_uri)  # an existing store: a typo must not create one
@@ -285,8 +285,8 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate_target(args, client, target: dict) -> int:
-    import methods
-    from search import evaluation
+    from otarena import methods
+    from otarena.search import evaluation
 
     test = methods.data.load(target["dataset"], "test", data_dir=args.data_dir, download=args.download)
     settings, certified = target["settings"], args.certified or (bool(target["method"]) and
@@ -318,9 +318,9 @@ def _evaluate_target(args, client, target: dict) -> int:
 
 
 def _log_evaluation(args, client, target: dict, result: dict, context: dict) -> str:
-    from leaderboard import tags as tag
-    from search import evaluation
-    from search.tracking import Tracker, flatten
+    from otarena.leaderboard import tags as tag
+    from otarena.search import evaluation
+    from otarena.search.tracking import Tracker, flatten
 
     params = {f"eval.{k}": v for k, v in flatten(target["settings"]).items()} | {"eval.seed": target["seed"]}
     if args.run_id and args.into_run:
@@ -351,7 +351,7 @@ def _stem(path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- leaderboard / ui
 def cmd_leaderboard(args) -> int:
-    import leaderboard
+    from otarena import leaderboard
 
     # build() checks the formats before it opens the store: a bad one is a one-line error (exit 2).
     chosen = ",".join(leaderboard.FORMATS) if args.format is None else args.format
@@ -385,7 +385,7 @@ class _FormatsHelp(str):
     only when help is printed: importing ``leaderboard`` imports mlflow, a second every command would pay."""
 
     def __mod__(self, params):  # argparse expands every help string with `help % params`
-        from leaderboard.writers import help_text
+        from otarena.leaderboard.writers import help_text
 
         return str.__mod__(self, params) + help_text()
 
@@ -474,14 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from search.config import ConfigError
+    from otarena.search.config import ConfigError
 
     try:
         return args.func(args)
     except (ConfigError, UsageError, FileNotFoundError) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except Exception as err:  # noqa: BLE001 - the tracking and leaderboard layers raise plain errors
-        from search.tracking import TrackingError
+        from otarena.search.tracking import TrackingError
 
         if isinstance(err, TrackingError) or (args.command == "leaderboard" and isinstance(err, (ValueError, RuntimeError))):
             return _fail(str(err).splitlines()[0])

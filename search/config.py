@@ -15,12 +15,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-import methods
-from methods.common import data as data_lib
-from methods.common.attacks import check_eps
-from methods.common.evaluate import EvalSettings, Thresholds
-from methods.common.nets import ARCHS
-from methods.space import Choice, Fixed, Float, Int, narrow
+from otarena import methods
+from otarena.methods.common import data as data_lib
+from otarena.methods.common.attacks import check_eps
+from otarena.methods.common.evaluate import EvalSettings, Thresholds
+from otarena.methods.common.nets import ARCHS
+from otarena.methods.space import Choice, Fixed, Float, Int, narrow
 
 COMMON = "common"
 """Key of ``space`` whose overrides apply to every method."""

@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-import methods
-from leaderboard import tags as tag
-from methods.common import evaluate as stages
-from search.config import FinalEval
+from otarena import methods
+from otarena.leaderboard import tags as tag
+from otarena.methods.common import evaluate as stages
+from otarena.search.config import FinalEval
 
 ACCURACIES = stages.ACCURACIES
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
@@ -146,7 +146,7 @@ def plot_sweep(sweep: Mapping[str, Any], path: str, title: str = "") -> str:
 
     Drawn by :func:`leaderboard.plots.eps_sweep_png`, the plotting the leaderboard site uses too.
     """
-    from leaderboard.plots import eps_sweep_png
+    from otarena.leaderboard.plots import eps_sweep_png
 
     return eps_sweep_png(dict(sweep), path, title=title)
 

@@ -28,13 +28,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-import methods
-from leaderboard import tags as tag
-from methods.common import data as data_lib
-from search import evaluation, spaces
-from search.config import SearchConfig
-from search.tracking import Tracker, flatten, last_line
-from search.trainable import TrialSpec, load_state, train_trial
+from otarena import methods
+from otarena.leaderboard import tags as tag
+from otarena.methods.common import data as data_lib
+from otarena.search import evaluation, spaces
+from otarena.search.config import SearchConfig
+from otarena.search.tracking import Tracker, flatten, last_line
+from otarena.search.trainable import TrialSpec, load_state, train_trial
 
 METRIC, MODE = "val/pgd_acc", "max"
 """What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
@@ -438,7 +438,7 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
     Several configs share one Ray session, and every final evaluation runs while later searches
     go on, so that a campaign of many configs keeps all its cores busy.
     """
-    import leaderboard
+    from otarena import leaderboard
 
     configs = configs if isinstance(configs, list) else [configs]
     start = time.time()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.space import Choice, Fixed, Float, Int
+from otarena.methods.space import Choice, Fixed, Float, Int
 
 
 def searched(space: dict[str, Any]) -> dict[str, Any]:

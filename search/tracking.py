@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from leaderboard import tags as tag
+from otarena.leaderboard import tags as tag
 
 EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
 """Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""

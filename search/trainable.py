@@ -16,8 +16,8 @@ import ray
 import torch
 from ray import tune
 
-import methods
-from methods.common.train import Run
+from otarena import methods
+from otarena.methods.common.train import Run
 
 STATE_FILE = "state.pt"
 

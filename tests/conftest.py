@@ -13,7 +13,7 @@ def ray_local():
     """One in-process Ray cluster for every test that needs one."""
     import ray
 
-    from search.run import init_ray
+    from otarena.search.run import init_ray
 
     init_ray()
     yield ray

@@ -32,8 +32,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode
-from methods.common.evaluate import share
+from otarena.methods.common.attacks import ThreatModel, eval_mode
+from otarena.methods.common.evaluate import share
 
 CHECKS = {
     "aa-check:randomized": re.compile(r"randomized defense"),

@@ -31,9 +31,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import eval_mode
-from methods.common.evaluate import share
-from methods.common.lipschitz import UnsupportedLayerError, export, lipschitz_bound
+from otarena.methods.common.attacks import eval_mode
+from otarena.methods.common.evaluate import share
+from otarena.methods.common.lipschitz import UnsupportedLayerError, export, lipschitz_bound
 
 DIVISORS = {"sqrt2": math.sqrt(2.0), "2": 2.0}
 """c: ``sqrt2`` when the whole network is Lipschitz (spectral last layer), ``2`` per logit."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common.attacks import ascent, ce_loss, random_start
+from otarena.methods.common.attacks import ascent, ce_loss, random_start
 
 LAMBDA_MIN = 1e-6
 """Floor of lambda: the softplus parametrization's offset and the low end of the KL search."""

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode, madry_step, pgd, pgd_best, project
+from otarena.methods.common.attacks import ThreatModel, eval_mode, madry_step, pgd, pgd_best, project
 
 METRIC_PREFIX = "test/"
 """The MLflow namespace of an evaluation's metrics (docs/mlflow-schema.md)."""
@@ -391,7 +391,7 @@ def _steps_check_metrics(result: Mapping) -> dict[str, float]:
 
 
 def _autoattack(run: StageInput) -> dict:
-    from methods.common.autoattack import autoattack_cascade
+    from otarena.methods.common.autoattack import autoattack_cascade
 
     cfg = run.settings
 
@@ -422,7 +422,7 @@ def _eps_sweep(run: StageInput) -> dict:
 
 
 def _certified(run: StageInput) -> dict:
-    from methods.common.certify import UncertifiableError, certify
+    from otarena.methods.common.certify import UncertifiableError, certify
 
     try:
         certificate = certify(run.given_model, run.x, run.y, [run.threat.eps], batch_size=run.settings.batch_size)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common.attacks import ThreatModel, pgd
+from otarena.methods.common.attacks import ThreatModel, pgd
 
 # --------------------------------------------------------------------------------------------------
 # Per-example losses

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from deel import torchlip
 
-from methods.common.attacks import eval_mode
-from methods.common.nets import Classifier
+from otarena.methods.common.attacks import eval_mode
+from otarena.methods.common.nets import Classifier
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from methods.common.attacks import ThreatModel, eval_mode
+from otarena.methods.common.attacks import ThreatModel, eval_mode
 
 
 def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ def _lipschitz(name: str) -> Callable[..., Classifier]:
     """A deel-torchlip architecture of ``methods.common.lipschitz``, imported on first use: that
     module subclasses ``Classifier``, so importing it at the top of this one would be circular."""
     def build_lipschitz(in_channels: int, num_classes: int, mean, std) -> Classifier:
-        from methods.common import lipschitz
+        from otarena.methods.common import lipschitz
         return getattr(lipschitz, name)(in_channels, num_classes, mean, std)
     return build_lipschitz
 

@@ -22,10 +22,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from methods.common.attacks import ThreatModel
-from methods.common.data import AUGMENTS, TensorData, augment, batches
-from methods.common.evaluate import accuracy, pgd_accuracy
-from methods.space import Choice, Float, Int
+from otarena.methods.common.attacks import ThreatModel
+from otarena.methods.common.data import AUGMENTS, TensorData, augment, batches
+from otarena.methods.common.evaluate import accuracy, pgd_accuracy
+from otarena.methods.space import Choice, Float, Int
 
 
 PRECISIONS = ("fp32", "bf16")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import leaderboard
-from leaderboard import columns as spec
-from leaderboard import html, render, tags, writers
-from leaderboard.columns import COLUMNS, HTML, MD, TEX, TEXT, Column, columns
-from leaderboard.schema import Campaign, Row, Table
+from otarena import leaderboard
+from otarena.leaderboard import columns as spec
+from otarena.leaderboard import html, render, tags, writers
+from otarena.leaderboard.columns import COLUMNS, HTML, MD, TEX, TEXT, Column, columns
+from otarena.leaderboard.schema import Campaign, Row, Table
 
 ROW = Row(run_id="r1", experiment_id="0", dataset="digits", norm="Linf", eps=0.2, method="trades", arch="small_cnn",
           aa_acc=0.5, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0, n_ex=200.0)
@@ -75,7 +75,7 @@ def test_a_new_format_is_one_function_and_one_registry_line(monkeypatch, tmp_pat
     monkeypatch.setattr(writers, "FORMATS", formats)
     monkeypatch.setattr(leaderboard, "FORMATS", formats)
     assert "tsv: tab-separated values (leaderboard.tsv)" in writers.help_text()
-    from search.cli import build_parser
+    from otarena.search.cli import build_parser
 
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert "tsv: tab-separated values (leaderboard.tsv)" in " ".join(subcommands["leaderboard"].format_help().split())

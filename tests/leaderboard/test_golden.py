@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from leaderboard import build
+from otarena.leaderboard import build
 
 GOLDEN = Path(__file__).parent / "golden"
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "tex": "leaderboard.tex"}

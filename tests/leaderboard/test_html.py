@@ -26,8 +26,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from leaderboard import build, formatting, html, plots, svg
-from leaderboard.schema import Campaign
+from otarena.leaderboard import build, formatting, html, plots, svg
+from otarena.leaderboard.schema import Campaign
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,14 +17,14 @@ from types import SimpleNamespace
 import pytest
 from test_golden import HOSTILE, HOSTILE_ARCH, HOSTILE_METHOD, HOSTILE_RUN_NAME, golden_store
 
-from leaderboard import build
-from leaderboard.columns import TEX, columns
-from leaderboard.formatting import EMPTY_MESSAGE, latex_escape
-from leaderboard.render import to_latex
-from leaderboard.robustbench import (
+from otarena.leaderboard import build
+from otarena.leaderboard.columns import TEX, columns
+from otarena.leaderboard.formatting import EMPTY_MESSAGE, latex_escape
+from otarena.leaderboard.render import to_latex
+from otarena.leaderboard.robustbench import (
     MODEL_INFO_FIELDS, OTARENA_KEYS, REQUIRED_FIELDS, validate_model_info, write_model_info)
-from leaderboard.schema import Row, Table
-from search.cli import main
+from otarena.leaderboard.schema import Row, Table
+from otarena.search.cli import main
 
 # RobustBench's own entry, as stored in RobustBench/robustbench model_info/cifar10/Linf/Kang2021Stable.json.
 KANG2021 = {

@@ -25,10 +25,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-import leaderboard
-from leaderboard import build, format_text
-from leaderboard.columns import COLUMNS, MD, columns
-from leaderboard.formatting import EMPTY_MESSAGE, md_escape
+from otarena import leaderboard
+from otarena.leaderboard import build, format_text
+from otarena.leaderboard.columns import COLUMNS, MD, columns
+from otarena.leaderboard.formatting import EMPTY_MESSAGE, md_escape
 
 _ids = itertools.count()
 

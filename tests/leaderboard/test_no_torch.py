@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-import leaderboard, leaderboard.collect, leaderboard.render, leaderboard.schema
+import otarena.leaderboard.collect, otarena.leaderboard.render, otarena.leaderboard.schema
+from otarena import leaderboard
 from mlflow import MlflowClient
 uri = "sqlite:///" + sys.argv[1] + "/mlflow.db"
 MlflowClient(uri).search_experiments()
 assert leaderboard.build(uri, sys.argv[1] + "/site") == []
-banned = [m for m in ("ray", "methods", "search") if m in sys.modules]
+banned = [m for m in ("ray", "otarena.methods", "otarena.search") if m in sys.modules]
 assert not banned, banned
 """
 

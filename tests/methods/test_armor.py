@@ -13,16 +13,16 @@ import scipy.optimize
 import torch
 import torch.nn.functional as F
 
-from methods.armor import ArmorMart, ArmorPgd, ArmorTrades
-from methods.common import data, nets
-from methods.common.attacks import ThreatModel, eval_mode
-from methods.common.dro import (LAMBDA_MIN, UDR_CAP, DualVariables, alpha_dual, f_star_alpha, kl_dual, kl_dual_slope,
+from otarena.methods.armor import ArmorMart, ArmorPgd, ArmorTrades
+from otarena.methods.common import data, nets
+from otarena.methods.common.attacks import ThreatModel, eval_mode
+from otarena.methods.common.dro import (LAMBDA_MIN, UDR_CAP, DualVariables, alpha_dual, f_star_alpha, kl_dual, kl_dual_slope,
                                 kl_optimal_lambda, udr_cost, weight_stats)
-from methods.common.functional import mart_loss_per_example, trades_loss_per_example
-from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.mart import Mart
-from methods.pgd_at import PgdAT
-from methods.trades import Trades
+from otarena.methods.common.functional import mart_loss_per_example, trades_loss_per_example
+from otarena.methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
+from otarena.methods.mart import Mart
+from otarena.methods.pgd_at import PgdAT
+from otarena.methods.trades import Trades
 
 THREAT = ThreatModel("Linf", 0.2, steps=3)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import methods
-from methods.common.attacks import ThreatModel, ce_loss, eval_mode, fgsm, pgd, pgd_best, project, random_start
-from methods.common.evaluate import accuracy, pgd_accuracy
+from otarena import methods
+from otarena.methods.common.attacks import ThreatModel, ce_loss, eval_mode, fgsm, pgd, pgd_best, project, random_start
+from otarena.methods.common.evaluate import accuracy, pgd_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_fgsm_is_deterministic_and_raises_the_loss(erm_model, batch):
 
 
 def test_project_is_idempotent_inside_the_ball(batch):
-    from methods.common.attacks import project
+    from otarena.methods.common.attacks import project
 
     x, _ = batch
     for norm, eps in (("Linf", 0.1), ("L2", 0.5)):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from pyautoattack import AutoAttack
 
-import methods
-from methods.common import nets
-from methods.common.autoattack import autoattack_cascade
+from otarena import methods
+from otarena.methods.common import nets
+from otarena.methods.common.autoattack import autoattack_cascade
 
 THREAT = methods.ThreatModel("Linf", 0.15)
 

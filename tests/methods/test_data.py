@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.common import data as D
+from otarena.methods.common import data as D
 
 N_TRAIN, N_TEST = 60, 20
 TORCHVISION = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")

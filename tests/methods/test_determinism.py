@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import methods
+from otarena import methods
 
 SETTINGS = {"epochs": 2, "optimizer": "adam", "lr": 2e-3, "batch_size": 64, "val_n_ex": 48, "val_pgd_steps": 3,
             "attack_steps": 2, "seed": 7}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import methods
-from methods.common.train import DivergedError
+from otarena import methods
+from otarena.methods.common.train import DivergedError
 
 
 def test_nan_loss_raises_diverged_error():

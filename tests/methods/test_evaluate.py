@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import methods
-from methods.common import evaluate as stages
-from methods.common import nets
-from methods.common.attacks import fgsm
-from methods.common.evaluate import (EvalSettings, Stage, StageInput, Thresholds, confidence_interval, eps_sweep,
+from otarena import methods
+from otarena.methods.common import evaluate as stages
+from otarena.methods.common import nets
+from otarena.methods.common.attacks import fgsm
+from otarena.methods.common.evaluate import (EvalSettings, Stage, StageInput, Thresholds, confidence_interval, eps_sweep,
                                      flags_for, share, sweep_radii)
 
 LINF = methods.ThreatModel("Linf", 0.2)
@@ -206,7 +206,7 @@ def test_stage_table_declares_what_each_stage_writes_and_logs():
 
 def test_each_stage_column_is_one_leaderboard_column():
     """The two layers meet at MLflow names only: a stage's column is the leaderboard column of its metric."""
-    from leaderboard.columns import COLUMNS
+    from otarena.leaderboard.columns import COLUMNS
 
     shown = [f"test/{column.metric}" for column in COLUMNS if column.metric]
     assert sorted(shown) == sorted(stage.column for stage in stages.STAGES if stage.column)
@@ -214,7 +214,7 @@ def test_each_stage_column_is_one_leaderboard_column():
 
 def test_a_new_stage_is_one_table_entry(digits_test, monkeypatch):
     """An FGSM stage: declared once, it runs, gets its interval and its MLflow metrics."""
-    from search.evaluation import to_metrics
+    from otarena.search.evaluation import to_metrics
 
     def run_fgsm(run: StageInput) -> dict:
         x_adv = fgsm(run.model, run.x, run.y, eps=run.threat.eps, norm=run.threat.norm)

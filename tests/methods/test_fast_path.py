@@ -14,10 +14,10 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-import methods
-from methods.common import data as D
-from methods.common import train as T
-from methods.common.train import Run, TrainConfig, fit, prepare, train_step
+from otarena import methods
+from otarena.methods.common import data as D
+from otarena.methods.common import train as T
+from otarena.methods.common.train import Run, TrainConfig, fit, prepare, train_step
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 FAST = {"precision": "bf16", "channels_last": True}

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.common import data, nets
-from methods.common.attacks import ThreatModel, eval_mode, pgd
-from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.got import (Got, GotPgdLM, GotPgdS, GotTradesLM, GotTradesS, ground_costs, semi_dual,
+from otarena.methods.common import data, nets
+from otarena.methods.common.attacks import ThreatModel, eval_mode, pgd
+from otarena.methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
+from otarena.methods.got import (Got, GotPgdLM, GotPgdS, GotTradesLM, GotTradesS, ground_costs, semi_dual,
                          transport_plan)
-from methods.trades import Trades
+from otarena.methods.trades import Trades
 
 VARIANTS = (GotPgdS, GotPgdLM, GotTradesS, GotTradesLM)
 THREAT = ThreatModel("Linf", 0.2, steps=3)

@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 from deel import torchlip
 
-import methods
-from methods.common import lipschitz
-from methods.common.attacks import ThreatModel, pgd
-from methods.common.certify import (UncertifiableError, certified_accuracy, certified_radius, certify)
-from methods.common.lipschitz import export, lipschitz_bound, lipschitz_estimate, operator_norm
-from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.hkr import SEARCH_SPACE, Config, Hkr, hkr_loss, hkr_terms
+from otarena import methods
+from otarena.methods.common import lipschitz
+from otarena.methods.common.attacks import ThreatModel, pgd
+from otarena.methods.common.certify import (UncertifiableError, certified_accuracy, certified_radius, certify)
+from otarena.methods.common.lipschitz import export, lipschitz_bound, lipschitz_estimate, operator_norm
+from otarena.methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
+from otarena.methods.hkr import SEARCH_SPACE, Config, Hkr, hkr_loss, hkr_terms
 
 TOLERANCE = 0.02
 

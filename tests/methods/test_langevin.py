@@ -12,10 +12,10 @@ from dataclasses import fields
 import pytest
 import torch
 
-import methods
-from methods.common.attacks import ThreatModel, eval_mode, pgd
-from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.langevin import Config, Langevin, langevin_sample
+from otarena import methods
+from otarena.methods.common.attacks import ThreatModel, eval_mode, pgd
+from otarena.methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
+from otarena.methods.langevin import Config, Langevin, langevin_sample
 
 THREATS = {"Linf": ThreatModel("Linf", 0.1), "L2": ThreatModel("L2", 0.5)}
 

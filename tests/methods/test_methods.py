@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import methods
-from methods.common.attacks import ThreatModel, eval_mode
-from methods.common.functional import boosted_ce, kl_per_example
-from methods.common.train import TRAIN_SPACE, TrainConfig
+from otarena import methods
+from otarena.methods.common.attacks import ThreatModel, eval_mode
+from otarena.methods.common.functional import boosted_ce, kl_per_example
+from otarena.methods.common.train import TRAIN_SPACE, TrainConfig
 
 NAMES = sorted(methods.REGISTRY)
 THREATS = {"Linf": ThreatModel("Linf", 0.1), "L2": ThreatModel("L2", 0.5)}

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common import data, nets
-from methods.common.attacks import ThreatModel, eval_mode, pgd
-from methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
-from methods.erm import Erm
-from methods.ot_mdr import Config, OtMdr, OtMdrPgd, OtMdrTrades, TradesConfig
-from methods.pgd_at import PgdAT
-from methods.trades import Trades
+from otarena.methods.common import data, nets
+from otarena.methods.common.attacks import ThreatModel, eval_mode, pgd
+from otarena.methods.common.train import Run, TrainConfig, build_optimizer, build_schedule, fit, validate
+from otarena.methods.erm import Erm
+from otarena.methods.ot_mdr import Config, OtMdr, OtMdrPgd, OtMdrTrades, TradesConfig
+from otarena.methods.pgd_at import PgdAT
+from otarena.methods.trades import Trades
 
 THREAT = ThreatModel("Linf", 0.2, steps=3)
 

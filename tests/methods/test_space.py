@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 import pytest
 
-from methods.space import Choice, Fixed, Float, Int, narrow
+from otarena.methods.space import Choice, Fixed, Float, Int, narrow
 
 
 def test_narrow_pins_widens_and_rejects():

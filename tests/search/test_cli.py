@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from search.cli import main
+from otarena.search.cli import main
 
 GOOD = {
     "name": "cli-test",
@@ -149,7 +149,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_methods_lists_every_method_with_its_space(capsys):
-    import methods
+    from otarena import methods
 
     assert main(["methods", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
@@ -215,7 +215,7 @@ def test_evaluate_rejects_bad_input_before_any_work(tmp_path, capsys):
     _evaluate_fails(["--checkpoint", str(weights), "--arch", "small_cnn", "--dataset", "cifar10", "--no-mlflow"],
                     capsys, "needs --data-dir")
     _evaluate_fails(["not-a-run", "--tracking-uri", uri], capsys, "no MLflow store")
-    from search.tracking import Tracker
+    from otarena.search.tracking import Tracker
 
     Tracker(uri, "exists")
     capsys.readouterr()
@@ -236,7 +236,7 @@ def test_evaluate_a_checkpoint_into_mlflow(tmp_path, capsys):
     import torch
     from mlflow import MlflowClient
 
-    import methods
+    from otarena import methods
 
     torch.manual_seed(0)
     info = methods.data.INFO["digits"]

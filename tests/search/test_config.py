@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from methods.space import Fixed, Float
-from search import config as config_lib
+from otarena.methods.space import Fixed, Float
+from otarena.search import config as config_lib
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BASE = {"name": "c", "threat_model": {"norm": "Linf", "eps": 0.2}, "budget": {"trials": 2, "max_epochs": 3}}

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-import methods
-from search.cli import main
+from otarena import methods
+from otarena.search.cli import main
 
 
 def _setting(name):

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import methods
-from methods.common.train import TrainConfig, validate
-from search import evaluation
-from search.config import FinalEval
-from search.tracking import Tracker
+from otarena import methods
+from otarena.methods.common.train import TrainConfig, validate
+from otarena.search import evaluation
+from otarena.search.config import FinalEval
+from otarena.search.tracking import Tracker
 
 EPS = 0.03
 """Under half a grey level: digits' pixels are multiples of 1/16, so rounding recovers the clean point."""

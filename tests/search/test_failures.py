@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from processes import count_rows
 
-import leaderboard
+from otarena import leaderboard
 
 OTARENA = str(Path(sys.executable).parent / "otarena")
 TRIALS, EPOCHS = 3, 4

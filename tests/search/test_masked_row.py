@@ -7,10 +7,10 @@ import json
 import torch
 import torch.nn as nn
 
-import leaderboard
-import methods
-from search import evaluation
-from search.tracking import Tracker
+from otarena import leaderboard
+from otarena import methods
+from otarena.search import evaluation
+from otarena.search.tracking import Tracker
 
 THREAT = methods.ThreatModel("Linf", 0.2)
 

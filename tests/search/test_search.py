@@ -10,10 +10,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from search import config as config_lib
-from search.cli import main
-from search.run import PrunedAwareOptunaSearch, run_search
-from search.tracking import Tracker
+from otarena.search import config as config_lib
+from otarena.search.cli import main
+from otarena.search.run import PrunedAwareOptunaSearch, run_search
+from otarena.search.tracking import Tracker
 
 
 @pytest.fixture(scope="module")

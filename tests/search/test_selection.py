@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import methods
-from leaderboard.schema import Row, selection_key, tabulate
-from methods.common import data as data_lib
-from search.run import top_k
+from otarena import methods
+from otarena.leaderboard.schema import Row, selection_key, tabulate
+from otarena.methods.common import data as data_lib
+from otarena.search.run import top_k
 
 
 class ReadTestMetric(AssertionError):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 from mlflow.exceptions import MlflowException
 
-from search.tracking import ResilientClient, TrackingError, _is_outage
+from otarena.search.tracking import ResilientClient, TrackingError, _is_outage
 
 RUN_ID = "0a1b2c3d4e5f4503a1b2c3d4e5f50300"
 
