@@ -249,7 +249,7 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
         "search.space": {k: space[k].describe() for k in searched}})
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.budget.trials // 2)))
+    sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials)
     searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
                                        max_epochs=cfg.budget.max_epochs)

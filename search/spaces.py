@@ -6,9 +6,17 @@ its log scale, as the method declared it.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Any
 
+import optuna
+
 from otarena.methods.space import Choice, Fixed, Float, Int
+
+STARTUP_GAP = 0.05
+"""How close to the default a start-up draw may come, as a fraction of each range (of its log for a
+log range): the default is the first trial already, a draw next to it would repeat that trial."""
 
 
 def searched(space: dict[str, Any]) -> dict[str, Any]:
@@ -43,3 +51,66 @@ class DefineByRun:
                 trial.suggest_int(name, d.low, d.high, log=d.log)
             else:
                 trial.suggest_categorical(name, list(d.options))
+
+
+def method_seed(seed: int, method: str) -> int:
+    """A sampler seed of its own for each method of a search, the same on every run.
+
+    One seed for every method would make every method's search draw the same start-up points; the
+    seed is derived with SHA-256, not Python's ``hash()``, which changes from one process to the next.
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}/{method}".encode()).digest()[:4], "big")
+
+
+def _position(value: float, low: float, high: float, log: bool) -> float:
+    """Where ``value`` lies in ``[low, high]``, from 0 to 1 (on the log scale for a log range)."""
+    if high == low:
+        return 0.0
+    if log:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low)
+
+
+def near_default(value: Any, domain: Any, gap: float = STARTUP_GAP) -> bool:
+    """A numeric value within ``gap`` of the domain's default (as a fraction of its range)."""
+    if not isinstance(domain, (Float, Int)):
+        return False
+    return abs(_position(value, domain.low, domain.high, domain.log)
+               - _position(domain.default, domain.low, domain.high, domain.log)) < gap
+
+
+class StartupAwayFromDefault(optuna.samplers.TPESampler):
+    """Optuna's TPE whose random start-up draws keep ``STARTUP_GAP`` away from the method's default.
+
+    The first trial of every search is the default (``defaults``, enqueued by ``search/run.py``), so a
+    start-up draw next to it spends a trial on the same configuration. A numeric draw that close is
+    drawn again; a categorical one is kept (there is no distance between choices). Once
+    ``n_startup_trials`` trials have finished, TPE samples as usual.
+    """
+
+    def __init__(self, space: dict[str, Any], *, seed: int, n_startup_trials: int):
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
+        self.n_startup_trials, self.domains = n_startup_trials, searched(space)
+        self.startup = optuna.samplers.RandomSampler(seed=seed)
+
+    def reseed_rng(self) -> None:
+        super().reseed_rng()
+        self.startup.reseed_rng()
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                           optuna.trial.TrialState.PRUNED))
+        if len(finished) >= self.n_startup_trials:
+            return super().sample_independent(study, trial, param_name, param_distribution)
+        domain = self.domains.get(param_name)
+        for _ in range(1000):  # the gap is a tenth of the range at most: a few draws suffice
+            value = self.startup.sample_independent(study, trial, param_name, param_distribution)
+            if not near_default(value, domain):
+                return value
+        return value
+
+
+def sampler(space: dict[str, Any], *, seed: int, method: str, trials: int) -> StartupAwayFromDefault:
+    """The TPE sampler of one method's search: its own seed, start-up draws away from the default."""
+    return StartupAwayFromDefault(space, seed=method_seed(seed, method),
+                                  n_startup_trials=max(2, min(10, trials // 2)))
