@@ -156,15 +156,20 @@ def cmd_search(args) -> int:
 
 
 def _check_writable(path: str) -> None:
+    """Write a file into the storage folder before the search writes anything elsewhere (mlflow.db, a
+    parent run). A real write, not ``os.access``: as root, or on /proc, access() says yes to folders
+    that refuse every file."""
+    import tempfile
+
     if "://" in path:
         return
     target = os.path.abspath(path)
-    while not os.path.exists(target):
-        target = os.path.dirname(target)
-    if not os.path.isdir(target):
-        raise UsageError(f"storage path {path!r} is not writable: {target} is not a directory")
-    if not os.access(target, os.W_OK):
-        raise UsageError(f"storage path {path!r} is not writable")
+    try:
+        os.makedirs(target, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise UsageError(f"storage path {path!r} is not writable: cannot create a file there ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
