@@ -30,6 +30,14 @@ in its experiments, so it is searched on a log scale; the library's robust defau
 :math:`m` is in the library's convention (a paper margin of 0.25 is 0.5 here). The loss is the
 paper's times :math:`1/(1 + \alpha_{paper})`, a scale Adam's steps hardly depend on.
 
+Certification: a logit gap :math:`M` certifies the L2 radius :math:`M / \sqrt 2`
+(``methods.common.certify``), and the hinge is satisfied once every gap reaches :math:`m`, so the
+hinge aims at certified points only when :math:`m > \sqrt 2\, \varepsilon`. The default 0.25
+aims at :math:`\varepsilon < 0.177`, the search range 0.05-1.0 at up to 0.71. At a larger radius
+a config narrows the range (``configs/demo-l2.yaml``: 0.45-1.5 at :math:`\varepsilon` = 0.3), and
+the search config warns when part of the range lies below :math:`\sqrt 2\, \varepsilon`
+(``Hkr.space_warnings``); KR may still widen gaps beyond :math:`m`, so it is a warning, not an error.
+
 Deviations:
     - KR uses per-minibatch class means, as the library does: a class absent from a batch adds
       only its negative term (:math:`-\operatorname{mean}_i f_k(x_i)`), still weighted 1/K.
@@ -54,6 +62,7 @@ See Also: ``methods.common.lipschitz`` (architectures, export, bounds), ``method
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +137,18 @@ class Hkr(Method):
     certified = True
     norm = "L2"
     """L2 only: its certificates are L2 radii (an L-inf radius e needs r >= e sqrt(d))."""
+
+    @classmethod
+    def space_warnings(cls, space, norm, eps):
+        """A margin below sqrt(2) eps: the hinge is then satisfied by gaps that certify less than eps."""
+        margin = space.get("hkr_margin")
+        lowest = getattr(margin, "low", getattr(margin, "value", None))
+        needed = math.sqrt(2) * eps
+        if lowest is None or lowest >= needed:
+            return []
+        return [f"hkr_margin {margin.describe()} reaches below sqrt(2) x eps = {needed:.3g}, the logit gap that "
+                f"certifies L2 radius {eps:g}: trials there aim at margins that cannot certify it "
+                f"(give hkr_margin {math.ceil(needed * 100) / 100:g} or more)"]
 
     def passes(self):
         # One forward+backward. The normalizers (one power-iteration step and up to 15 Björck

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Union
 
 
@@ -52,12 +53,8 @@ class Float(_Range):
 
     @staticmethod
     def coerce(value: Any) -> Any:
-        """YAML reads ``1e-3`` as a string; accept it, and ints, as floats."""
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
+        """YAML reads ``1e-3`` and ``8/255`` as strings; accept them, and ints, as floats."""
+        value = as_number(value)
         return float(value) if _is_number(value) else value
 
 
@@ -104,6 +101,23 @@ class Choice:
 Domain = Union[Float, Int, Choice]
 
 
+def as_number(value: Any) -> Any:
+    """A number written as text, the float it means: ``"1e-3"`` (YAML 1.1 reads it as a string) or a
+    fraction ``"8/255"`` (the README's way to write a radius; exactly the float ``8 / 255``). Anything
+    else comes back unchanged, for the caller's type check to name."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        numerator, slash, denominator = text.partition("/")
+        if not slash:
+            return float(text)
+        # Fractions are exact: the quotient is rounded once, as the division 8 / 255 is.
+        return float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
+    except (ValueError, ZeroDivisionError):
+        return value
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -129,6 +143,38 @@ class Fixed:
         return f"fixed {self.value!r}"
 
 
+RANGE_KEYS = ("low", "high", "log", "options", "default")
+"""The keys of a range override (``narrow``)."""
+
+
+def _kind(domain: Domain) -> str:
+    return "a whole number" if isinstance(domain, Int) else "a number"
+
+
+def _check_value(name: str, domain: Domain, value: Any) -> None:
+    """A fixed value: the wrong type and a value the method is not defined for get different words."""
+    if isinstance(domain, Choice):
+        if not domain.is_valid(value):
+            raise ValueError(f"{name}={value!r} is not one of {list(domain.options)}")
+        return
+    if not domain.accepts(value):
+        raise ValueError(f"{name}: expected {_kind(domain)}, got {value!r}")
+    if not domain.is_valid(value):
+        low, high = domain.valid
+        raise ValueError(f"{name}={value!r} is outside its valid domain [{low:g}, {high:g}]")
+
+
+def _list_message(name: str, domain: Domain, values) -> str:
+    """A YAML list where one value or a range mapping is expected: what to write instead."""
+    if isinstance(domain, Choice):
+        return (f"{name}: a list {list(values)!r} is not a value; to search among options write "
+                f"{{options: {list(values)}}}, to fix it write one of {list(domain.options)}")
+    bounds = (f"{{low: {values[0]}, high: {values[1]}}}" if len(values) == 2
+              else "{low: L, high: H}")
+    return (f"{name}: a list {list(values)!r} is not a range; to search it write {bounds} "
+            f"(add log: true for a log scale), to fix it write one number")
+
+
 def narrow(name: str, domain: Domain, override: Any) -> Domain | Fixed:
     """Apply a config override to a declared domain; raise ``ValueError`` on an invalid one.
 
@@ -136,14 +182,15 @@ def narrow(name: str, domain: Domain, override: Any) -> Domain | Fixed:
     ``low``, ``high``, ``log``, ``options``, ``default``. A range may be narrowed, or widened up
     to the method's ``valid`` domain (the declared range is the paper's advice, not a law).
     """
+    if isinstance(override, (list, tuple)):
+        raise ValueError(_list_message(name, domain, override))
     if not isinstance(override, dict):
         override = domain.coerce(override)
-        if not domain.is_valid(override):
-            raise ValueError(f"{name}={override!r} is outside its valid domain ({domain.describe()})")
+        _check_value(name, domain, override)
         return Fixed(override)
-    unknown = set(override) - {"low", "high", "log", "options", "default"}
+    unknown = set(override) - set(RANGE_KEYS)
     if unknown:
-        raise ValueError(f"{name}: unknown range keys {sorted(unknown)} (use low, high, log, options, default)")
+        raise ValueError(f"{name}: unknown range keys {sorted(unknown)} (use {', '.join(RANGE_KEYS)})")
     if isinstance(domain, Choice):
         options = tuple(override.get("options", domain.options))
         bad = [o for o in options if not domain.is_valid(o)]
@@ -153,7 +200,9 @@ def narrow(name: str, domain: Domain, override: Any) -> Domain | Fixed:
         return Choice(options, default)
     low = domain.coerce(override.get("low", domain.low))
     high = domain.coerce(override.get("high", domain.high))
-    for bound in (low, high):
+    for key, bound in (("low", low), ("high", high)):
+        if not domain.accepts(bound):
+            raise ValueError(f"{name}.{key}: expected {_kind(domain)}, got {bound!r}")
         if not domain.is_valid(bound):
             raise ValueError(f"{name}: range [{low}, {high}] leaves the valid domain {list(domain.valid)}")
     if low > high:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Optional
 
 import yaml
@@ -33,7 +34,9 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got {pair!r}")
-        values[key.strip()] = yaml.safe_load(text) if text else None
+        from otarena.search.config import load_yaml
+
+        values[key.strip()] = load_yaml(text, f"--set {key.strip()}") if text else None
     return values
 
 
@@ -70,6 +73,15 @@ def cmd_methods(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
+DATASET_TRAIN = {
+    # configs/demo.yaml's settings. TrainConfig's defaults are the CIFAR-10 recipe (SGD at lr 0.05 on
+    # batches of 128): on digits' 1,300 training images an epoch is 10 such steps and ends at chance;
+    # Adam at 2e-3 on batches of 32 with a 5-step attack learns in one epoch.
+    "digits": {"optimizer": "adam", "lr": 2e-3, "batch_size": 32, "weight_decay": 0.0, "attack_steps": 5},
+}
+"""``otarena train``'s defaults per dataset, used without a config file (``--set`` overrides them)."""
+
+
 def _train_config(args):
     from otarena.search import config as config_lib
 
@@ -83,8 +95,9 @@ def _train_config(args):
     else:
         if not args.method:
             raise UsageError("give a CONFIG file or --method")
-        raw = {"name": "train", "methods": [args.method], "dataset": args.dataset or "digits",
-               "arch": args.arch or "small_cnn", "threat_model": {"norm": args.norm, "eps": args.eps}}
+        dataset = args.dataset or "digits"
+        raw = {"name": "train", "methods": [args.method], "dataset": dataset, "arch": args.arch or "small_cnn",
+               "threat_model": {"norm": args.norm, "eps": args.eps}, "train": dict(DATASET_TRAIN.get(dataset, {}))}
     for key, value in (("dataset", args.dataset), ("arch", args.arch), ("data_dir", args.data_dir)):
         if value is not None:
             raw[key] = value
@@ -105,13 +118,15 @@ def cmd_train(args) -> int:
     import torch
 
     from otarena import methods
+    from otarena.methods.common.train import set_threads
 
+    threads = set_threads(args.threads)
     method = cfg.methods[0]
     threat = methods.ThreatModel(cfg.threat_model.norm, cfg.threat_model.eps)
     run = methods.build_run(method, hparams, dataset=cfg.dataset, arch=cfg.arch, threat=threat,
                             data_dir=cfg.data_dir, download=cfg.download, device=args.device)
     print(f"training {method} on {cfg.dataset} ({cfg.arch}, {threat.norm} eps={threat.eps:g}) on "
-          f"{next(run.model.parameters()).device}: "
+          f"{next(run.model.parameters()).device} ({threads} CPU threads): "
           + ", ".join(f"{k}={v}" for k, v in sorted(hparams.items())), flush=True)
 
     def show(metrics, run):
@@ -149,10 +164,33 @@ def cmd_search(args) -> int:
     for cfg in configs:
         check_reachable(cfg.tracking_uri)
         _check_writable(cfg.storage_path)
-    from otarena.search.run import run_search
+    from otarena.search.run import INTERRUPT_EXIT, Interrupted, run_search
 
-    run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out, resume=args.resume)
+    try:
+        run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out,
+                   resume=args.resume)
+    except Interrupted as stop:
+        if stop.resumable:
+            print(f"otarena: stopped by Ctrl-C; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
+        else:
+            print("otarena: stopped by Ctrl-C after every search and evaluation was recorded; no site built "
+                  "(otarena leaderboard builds it)", file=sys.stderr, flush=True)
+        return INTERRUPT_EXIT
     return 0
+
+
+def _resume_command(args) -> str:
+    """The exact ``otarena search`` command line that continues this one."""
+    import shlex
+
+    words = ["otarena", "search", *args.config]
+    for flag, value in (("--address", args.address), ("--tracking-uri", args.tracking_uri),
+                        ("--storage", args.storage), ("--out", None if args.out == "site" else args.out)):
+        if value:
+            words += [flag, value]
+    for pair in args.set or []:
+        words += ["--set", pair]
+    return shlex.join(words + ["--no-leaderboard"] * args.no_leaderboard + ["--resume"])
 
 
 def _check_writable(path: str) -> None:
@@ -169,7 +207,8 @@ def _check_writable(path: str) -> None:
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as err:
-        raise UsageError(f"storage path {path!r} is not writable: cannot create a file there ({err.strerror or err})") from None
+        raise UsageError(f"storage path {path!r} is not writable: cannot create a file there "
+                         f"({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -241,13 +280,26 @@ def _checkpoint_target(args) -> dict:
         raise UsageError(f"checkpoint {args.checkpoint!r} not found")
     try:
         weights = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a pickle with code in it is refused here
-        raise UsageError(f"cannot load {args.checkpoint} as weights only ({str(err).splitlines()[0]})") from None
+    except Exception:  # noqa: BLE001 - a text file, or a pickle with code in it: never unpickled
+        raise UsageError(f"cannot load {args.checkpoint}: it is not a state dict "
+                         f"({_not_weights(args.checkpoint)})") from None
     if isinstance(weights, dict) and "best_model" in weights:  # a Ray trial checkpoint's state.pt
         weights = weights["best_model"]
     return {"weights": weights, "method": args.method, "dataset": args.dataset, "arch": args.arch,
             "norm": args.norm, "eps": args.eps, "seed": args.seed or 0, "run": None,
             "settings": _eval_settings(args, {})}
+
+
+def _not_weights(path: str) -> str:
+    """Why a file that weights-only loading refused is not a state dict (torch's own message would
+    suggest loading it with code execution allowed)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # a pickle's protocol opcode: torch.save's legacy format
+    if zipfile.is_zipfile(path) or pickled:
+        return "it holds Python objects besides tensors; save model.state_dict(), not the model"
+    return "not a file written by torch.save"
 
 
 def cmd_evaluate(args) -> int:
@@ -286,6 +338,14 @@ def cmd_evaluate(args) -> int:
     reason = None if args.download else data_lib.missing(target["dataset"], args.data_dir)
     if reason:
         raise UsageError(reason)
+    from otarena.search.evaluation import weights_mismatch
+
+    mismatch = weights_mismatch(target["weights"], target["arch"], target["dataset"])
+    if mismatch:
+        raise UsageError(f"the weights of {args.checkpoint or f'run {args.run_id}'}: {mismatch}")
+    from otarena.methods.common.train import set_threads
+
+    set_threads(args.threads)
     return _evaluate_target(args, client, target)
 
 
@@ -301,7 +361,7 @@ def _evaluate_target(args, client, target: dict) -> int:
     result = evaluation.evaluate_weights(
         target["weights"], method=target["method"], certified=certified, arch=target["arch"], norm=target["norm"],
         eps=target["eps"], test_data=test, eval_cfg=settings, seed=target["seed"],
-        state_path=args.state, log=lambda line: print(f"  {line}", flush=True))
+        state_path=args.state, log=None if args.quiet else lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     source = {"run_id": args.run_id} if args.run_id else {"checkpoint": os.path.abspath(args.checkpoint)}
     context = {"title": f"{target['method'] or target['arch']} on {target['dataset']}, {target['norm']} "
                         f"eps={target['eps']:g}", "method": target["method"], "dataset": target["dataset"],
@@ -357,28 +417,60 @@ def _stem(path: str) -> str:
 # ---------------------------------------------------------------------------------------------- leaderboard / ui
 def cmd_leaderboard(args) -> int:
     from otarena import leaderboard
+    from otarena.search.tracking import check_reachable
 
+    check_reachable(args.tracking_uri)  # a server that is down: one line now, not after MLflow's retries
     # build() checks the formats before it opens the store: a bad one is a one-line error (exit 2).
     chosen = ",".join(leaderboard.FORMATS) if args.format is None else args.format
     formats = [f.strip() for f in chosen.split(",") if f.strip()]
-    tables = leaderboard.build(args.tracking_uri, args.out, experiments=args.experiment or None,
-                               filter_string=args.filter or "", formats=formats, title=args.title,
-                               mlflow_url=args.mlflow_url)
+    try:
+        tables = leaderboard.build(args.tracking_uri, args.out, experiments=args.experiment or None,
+                                   filter_string=args.filter or "", formats=formats, title=args.title,
+                                   mlflow_url=args.mlflow_url, allow_empty=args.allow_empty)
+    except leaderboard.EmptySelection as err:  # the site already there stays as it was
+        raise UsageError(f"{err}; --allow-empty writes an empty leaderboard anyway") from err
     print(leaderboard.format_text(tables))
     for fmt in dict.fromkeys(formats):
         print(leaderboard.FORMATS[fmt].describe(os.path.join(args.out, leaderboard.FORMATS[fmt].file)))
     return 0
 
 
+TRAINING_VIEW = "#/experiments?workflowType=machine_learning"
+"""The MLflow UI page that lists the experiments in its "Model training" view (MLflow 3 opens its GenAI
+view unless the address or the browser's last choice of the switch at its top left says otherwise)."""
+UI_APP = "otarena"
+"""``mlflow ui --app-name``: MLflow's server, opening in the training view (search/mlflow_app.py)."""
+
+
 def cmd_ui(args) -> int:
     import shutil
     import subprocess
+    import urllib.parse
 
+    from otarena.leaderboard.collect import open_client
+    from otarena.search.tracking import check_reachable
+
+    if urllib.parse.urlparse(args.tracking_uri).scheme in ("http", "https"):
+        raise UsageError(f"{args.tracking_uri} is an MLflow server already: open {args.tracking_uri.rstrip('/')}/"
+                         f"{TRAINING_VIEW} in a browser")
+    check_reachable(args.tracking_uri)
+    try:
+        open_client(args.tracking_uri)  # an existing store: `mlflow ui` would create an empty one
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from None
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if mlflow is None:
         raise UsageError("the mlflow command is not installed in this environment")
+    from mlflow.utils.plugins import get_entry_points
+
     command = [mlflow, "ui", "--backend-store-uri", args.tracking_uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI for {args.tracking_uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    if any(app.name == UI_APP for app in get_entry_points("mlflow.app")):
+        command += ["--app-name", UI_APP]
+    else:  # an install older than the entry point: the address still asks for the training view
+        print("otarena: MLflow's own app (reinstall otarena, `make install`, to open in the training view)",
+              file=sys.stderr)
+    print(f"MLflow UI for {args.tracking_uri} at http://{args.host}:{args.port}/{TRAINING_VIEW} (Ctrl-C to stop)",
+          flush=True)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -395,86 +487,165 @@ class _FormatsHelp(str):
         return str.__mod__(self, params) + help_text()
 
 
+def _threads(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {text!r}")
+    return int(text)
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, metavar="N",
+                        help="torch's CPU threads (default: the cores this process may use, by its CPU "
+                             "affinity and cgroup quota; fewer run faster on a busy machine)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(text: str) -> float:
+    """A command-line number, written as a decimal or a fraction (``--eps 8/255``)."""
+    from otarena.methods.space import as_number
+
+    value = as_number(text)
+    if not isinstance(value, float):
+        raise ValueError(text)
+    return value
+
+
+_number.__name__ = "number"   # argparse names the type in its error: "invalid number value: 'x'"
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: the status a shell reports for a Unix tool whose reader went away."""
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otarena", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from otarena import __version__
 
-    p = sub.add_parser("methods", help="list methods, their papers and search spaces")
-    p.add_argument("--json", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="otarena", formatter_class=_HelpFormatter,
+        description="otarena: search, track and rank adversarially robust training methods "
+                    "(Ray Tune + Optuna + ASHA, logged to MLflow, published as a leaderboard).",
+        epilog="Run 'otarena COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    p = command("methods", "list methods, their papers and search spaces")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON, for scripts")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("train", help="train one configuration, without Ray")
+    p = command("train", "train one configuration, without Ray")
     p.add_argument("config", nargs="?", help="a search config (its first method, at its defaults)")
-    p.add_argument("--method")
-    p.add_argument("--dataset")
-    p.add_argument("--arch")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--eps", type=float, default=0.2, help="radius in [0, 1] pixel units")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a hyperparameter (repeatable)")
-    p.add_argument("--data-dir")
+    p.add_argument("--method", help="the method to train ('otarena methods' lists them); "
+                                    "default: the config's first")
+    p.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100 or svhn; default: the config's, else digits")
+    p.add_argument("--arch", help="the network (small_cnn, preact_resnet18, wrn34_10, lipschitz_small, "
+                                  "lipschitz_cifar); default: the config's, else small_cnn")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model norm, without a config")
+    p.add_argument("--eps", type=_number, default=0.2,
+                   help="radius in [0, 1] pixel units, a decimal or a fraction such as 8/255 (without a config)")
+    p.add_argument("--epochs", type=int, help="epochs to train; default: the config's budget.max_epochs, else 10")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a hyperparameter, e.g. lr=0.01 or trades_beta=6 (repeatable)")
+    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits)")
     p.add_argument("--download", action="store_true", help="download a missing torchvision dataset")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
     p.add_argument("--out", default="runs", help="folder for the trained weights")
     p.add_argument("--test", action="store_true", help="evaluate the best epoch on the test split")
     p.add_argument("--autoattack", action="store_true", help="with --test, also run AutoAttack")
+    _threads_option(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("search", help="run search configs: Ray Tune + Optuna + ASHA, logged to MLflow")
+    p = command("search", "run search configs: Ray Tune + Optuna + ASHA, logged to MLflow")
     p.add_argument("config", nargs="+", help="one or more search configs, run in one Ray session")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: a local cluster")
     p.add_argument("--tracking-uri", help=f"MLflow store (default: the config's, else {DEFAULT_URI})")
     p.add_argument("--storage", help="Ray storage_path for checkpoints (shared storage on clusters)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (budget.trials=4)")
     p.add_argument("--out", default="site", help="where the leaderboard is written")
-    p.add_argument("--no-leaderboard", action="store_true")
+    p.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished searches of these configs (after a crash or a kill)")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("evaluate", help="evaluate a logged trial (RUN_ID) or any checkpoint on the test split")
+    p = command("evaluate", "evaluate a logged trial (RUN_ID) or any checkpoint on the test split")
     p.add_argument("run_id", nargs="?", help="an MLflow trial run to re-evaluate with its logged settings")
     p.add_argument("--checkpoint", help="a state_dict file (loaded with weights_only=True) instead of a run")
     p.add_argument("--arch", help="with --checkpoint: the architecture")
     p.add_argument("--dataset", help="with --checkpoint: the dataset whose test split is used")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="with --checkpoint")
-    p.add_argument("--eps", type=float, default=0.3, help="with --checkpoint: radius in [0, 1] pixel units")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="with --checkpoint: the threat model norm")
+    p.add_argument("--eps", type=_number, default=0.3,
+                   help="with --checkpoint: radius in [0, 1] pixel units, a decimal or a fraction such as 8/255")
     p.add_argument("--method", help="with --checkpoint: the method that trained it (recorded; certifies HKR)")
     p.add_argument("--certified", action="store_true", help="also certify (1-Lipschitz nets)")
     p.add_argument("--n-ex", type=int, help="test examples (default: the run's setting, else all)")
-    p.add_argument("--pgd-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, help="default: the run's evaluation seed")
-    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--pgd-steps", type=int, help="PGD steps (default: the run's setting, else 50)")
+    p.add_argument("--batch-size", type=int, help="images per attack batch (default: the run's setting, else 500)")
+    p.add_argument("--seed", type=int, help="evaluation seed (default: the run's, else 0)")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack")
     p.add_argument("--no-sweep", action="store_true", help="skip the eps sweep")
     p.add_argument("--state", help="AutoAttack per-batch state file: a preempted evaluation resumes from it")
-    p.add_argument("--report", help="JSON report path (default evaluations/<run or checkpoint>.json)")
-    p.add_argument("--tracking-uri", default=DEFAULT_URI)
+    p.add_argument("--report", help="JSON report path (default: evaluations/<run or checkpoint>.json)")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store that holds the run and gets the result")
     p.add_argument("--experiment", default="evaluations", help="with --checkpoint: the MLflow experiment")
     p.add_argument("--into-run", action="store_true", help="write into the trial's own run, not a new child run")
     p.add_argument("--no-mlflow", action="store_true", help="with --checkpoint: only write the JSON report")
-    p.add_argument("--data-dir")
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits)")
+    p.add_argument("--download", action="store_true", help="download a missing torchvision dataset")
+    _threads_option(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (stages, AutoAttack) on stderr")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("leaderboard", help="build the leaderboard tables from an MLflow store")
-    p.add_argument("--tracking-uri", default=DEFAULT_URI)
-    p.add_argument("--out", default="site")
+    p = command("leaderboard", "build the leaderboard tables from an MLflow store")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store to read")
+    p.add_argument("--out", default="site", help="folder for the page and the table files")
     p.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all)")
-    p.add_argument("--filter", help="an MLflow filter string on the trial runs")
+    p.add_argument("--filter", help="an MLflow filter string on the trial runs; one that matches no evaluated "
+                                    "trial is refused (exit 2) and leaves --out as it was")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write an empty leaderboard even when --filter matches no evaluated trial")
     p.add_argument("--format", help=_FormatsHelp("comma-separated subset of the formats (default: all): "))
     p.add_argument("--title", default="otarena leaderboard", help="heading of the page and the LaTeX captions")
     p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
                                         "(default: the tracking URI when it is a server, else no links)")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("ui", help="open the MLflow UI for a store, on 127.0.0.1")
-    p.add_argument("--tracking-uri", default=DEFAULT_URI)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=5000)
+    p = command("ui", "open the MLflow UI for a store, on 127.0.0.1")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store to show")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; the default, loopback, serves this machine only")
+    p.add_argument("--port", type=int, default=5000, help="port of the UI")
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def _print_config_warnings(shown_as_usual):
+    """ConfigWarnings as one line each, like the errors; other warnings as Python shows them."""
+    from otarena.search.config import ConfigWarning
+
+    def show(message, category, *rest):
+        if issubclass(category, ConfigWarning):
+            print(f"otarena: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown_as_usual(message, category, *rest)
+    return show
+
+
+def _reader_gone() -> int:
+    """``otarena methods --json | head``: the reader closed the pipe. Stop quietly, as Unix tools do;
+    stdout goes to /dev/null so that Python's flush at exit does not report the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # a stdout without a file descriptor (tests)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -482,7 +653,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from otarena.search.config import ConfigError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_config_warnings(warnings.showwarning)
+            code = args.func(args)
+            sys.stdout.flush()   # a closed pipe shows here, inside the handler, not at exit
+            return code
+    except BrokenPipeError:
+        return _reader_gone()
     except (ConfigError, UsageError, FileNotFoundError) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except Exception as err:  # noqa: BLE001 - the tracking and leaderboard layers raise plain errors

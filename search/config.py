@@ -9,18 +9,20 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import warnings
 from dataclasses import replace
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from otarena import methods
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.attacks import check_eps
 from otarena.methods.common.evaluate import EvalSettings, Thresholds
 from otarena.methods.common.nets import ARCHS
-from otarena.methods.space import Choice, Fixed, Float, Int, narrow
+from otarena.methods.space import RANGE_KEYS, Choice, Fixed, Float, Int, as_number, narrow
 
 COMMON = "common"
 """Key of ``space`` whose overrides apply to every method."""
@@ -30,13 +32,21 @@ class ConfigError(ValueError):
     """A one-line description of what is wrong with a config."""
 
 
+class ConfigWarning(UserWarning):
+    """A valid config that likely does not do what it is run for (the CLI prints one line)."""
+
+
+Number = Annotated[float, BeforeValidator(as_number)]
+"""A float that may be written as a fraction, ``eps: 8/255`` (YAML reads it as text)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ThreatModelConfig(_Strict):
     norm: Literal["Linf", "L2"] = "Linf"
-    eps: float
+    eps: Number
 
     @model_validator(mode="after")
     def _eps_in_pixel_units(self):
@@ -56,8 +66,8 @@ class Budget(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1, description="CPUs per trial; torch uses this many threads")
-    gpu: float = Field(0, description="GPUs per trial; fractions (0.25) pack trials on one GPU")
+    cpu: Number = Field(1, description="CPUs per trial; torch uses this many threads")
+    gpu: Number = Field(0, description="GPUs per trial; fractions (0.25) pack trials on one GPU")
 
     @field_validator("cpu")
     @classmethod
@@ -82,13 +92,13 @@ _THRESHOLDS = Thresholds()
 class FlagThresholds(_Strict):
     """When the final evaluation raises a flag; the defaults are methods.common.evaluate.Thresholds'."""
 
-    aa_gap: float = Field(_THRESHOLDS.aa_gap, ge=0, le=1, description="AutoAttack this far below PGD: masking:aa-gap")
-    plateau: float = Field(_THRESHOLDS.plateau, ge=0, le=1, description="PGD above chance at the chance radius")
-    rise: float = Field(_THRESHOLDS.rise, ge=0, le=1, description="PGD accuracy rising this much with eps")
-    steps: float = Field(_THRESHOLDS.steps, ge=0, le=1, description="more PGD steps raising accuracy this much")
-    blackbox: float = Field(_THRESHOLDS.blackbox, ge=0, le=1, description="share of points only Square breaks")
+    aa_gap: Number = Field(_THRESHOLDS.aa_gap, ge=0, le=1, description="AutoAttack this far below PGD: masking:aa-gap")
+    plateau: Number = Field(_THRESHOLDS.plateau, ge=0, le=1, description="PGD above chance at the chance radius")
+    rise: Number = Field(_THRESHOLDS.rise, ge=0, le=1, description="PGD accuracy rising this much with eps")
+    steps: Number = Field(_THRESHOLDS.steps, ge=0, le=1, description="more PGD steps raising accuracy this much")
+    blackbox: Number = Field(_THRESHOLDS.blackbox, ge=0, le=1, description="share of points only Square breaks")
     small_sample: int = Field(_THRESHOLDS.small_sample, ge=1)
-    lipschitz: float = Field(_THRESHOLDS.lipschitz, ge=0, description="Lipschitz bound tolerance of a certificate")
+    lipschitz: Number = Field(_THRESHOLDS.lipschitz, ge=0, description="Lipschitz bound tolerance of a certificate")
 
 
 _EVAL = EvalSettings()
@@ -150,10 +160,12 @@ def _closest(value: str, options) -> Optional[str]:
     return hint[0] if hint else None
 
 
-def _choose(kind: str, value: str, options) -> str:
-    hint = _closest(value, options)
-    suggestion = f" (did you mean {hint!r}?)" if hint else ""
-    return f"unknown {kind} {value!r}{suggestion}; choose from {sorted(options)}"
+def _unknown(kind: str, value: str, options, where: str = "") -> str:
+    """The one message for a name a config got wrong at any level (a key, a range key, a space
+    section, a hyperparameter, a method, a dataset): the name it most likely meant, else the choices."""
+    hint = _closest(str(value), options)
+    suggestion = f" (did you mean {hint!r}?)" if hint else f"; choose from {sorted(options)}"
+    return f"{where + ': ' if where else ''}unknown {kind} {value!r}{suggestion}"
 
 
 def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
             if name not in declared:
                 if where.startswith("space.") and where != f"space.{method}":
                     continue  # a common override of a knob this method does not have
-                raise ConfigError(f"{where}: {_choose('hyperparameter', name, declared)}")
+                raise ConfigError(_unknown("hyperparameter", name, declared, where))
             if name in ("epochs", "seed"):
                 raise ConfigError(f"{where}.{name}: set it with budget.max_epochs / seed")
             domain = declared[name]
@@ -197,6 +209,9 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
                     raise ConfigError(f"{where}.{name}: expected {type(domain).__name__}, got {override!r}")
                 resolved[name] = Fixed(override)
                 continue
+            for key in override if isinstance(override, dict) else ():
+                if key not in RANGE_KEYS:
+                    raise ConfigError(_unknown("range key", key, RANGE_KEYS, f"{where}.{name}"))
             try:
                 resolved[name] = narrow(name, domain, override)
             except ValueError as err:
@@ -248,12 +263,12 @@ def _follow_config_defaults(method: str, resolved: dict[str, Any], chosen: set) 
 def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
     """Checks that need the registries, the file system or the machine."""
     if cfg.dataset not in data_lib.INFO:
-        raise ConfigError(_choose("dataset", cfg.dataset, data_lib.DATASETS))
+        raise ConfigError(_unknown("dataset", cfg.dataset, data_lib.DATASETS))
     if cfg.arch not in ARCHS:
-        raise ConfigError(_choose("arch", cfg.arch, ARCHS))
+        raise ConfigError(_unknown("arch", cfg.arch, ARCHS))
     for method in cfg.methods:
         if method not in methods.REGISTRY:
-            raise ConfigError(_choose("method", method, methods.REGISTRY))
+            raise ConfigError(_unknown("method", method, methods.REGISTRY))
         cls = methods.get(method)
         archs = cls.archs
         if archs and cfg.arch not in archs:
@@ -263,10 +278,18 @@ def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
             raise ConfigError(f"method {method!r} certifies {norm} robustness; set threat_model.norm: {norm}")
     for key in cfg.space:
         if key != COMMON and key not in cfg.methods:
-            raise ConfigError(f"space.{key}: not a method of this search ({', '.join(cfg.methods)}) "
-                              f"nor {COMMON!r}")
+            raise ConfigError(_unknown("section", key, [*cfg.methods, COMMON], "space")
+                              + f" (space holds {COMMON!r} and this search's methods)")
+    # A common override of a knob one method lacks is skipped for that method (resolve_space);
+    # one that no method has is a typo, and would silently search the default.
+    known = _any_methods_hyperparameters()
+    for name in cfg.space.get(COMMON, {}):
+        if name not in known:
+            raise ConfigError(_unknown("hyperparameter", name, known, f"space.{COMMON}"))
     for method in cfg.methods:
-        resolve_space(cfg, method)
+        space = resolve_space(cfg, method)
+        for line in methods.get(method).space_warnings(space, cfg.threat_model.norm, cfg.threat_model.eps):
+            warnings.warn(f"{method}: {line}", ConfigWarning, stacklevel=2)
     if cfg.budget.grace_epochs > cfg.budget.max_epochs:
         raise ConfigError(f"budget.grace_epochs ({cfg.budget.grace_epochs}) exceeds budget.max_epochs "
                           f"({cfg.budget.max_epochs})")
@@ -293,24 +316,35 @@ def check_local_resources(resources: Resources) -> None:
 
 
 def _pydantic_message(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key comes first: `epss: 0.1` also makes `eps` missing, and the typo is the cause.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key{_suggest_key(first['loc'])}"
+        return _unknown_key(first["loc"])
+    if first["type"] == "missing":
+        return f"{where}: required, but missing"
+    if first["type"] in ("float_parsing", "float_type"):
+        return f"{where}: expected a number such as 0.03 or 8/255, got {first.get('input')!r}"
     message = first["msg"].removeprefix("Value error, ")
     return f"{where}: {message} (got {first.get('input')!r})" if first["type"] != "value_error" \
         else f"{where}: {message}"
 
 
-def _suggest_key(loc: tuple) -> str:
+def _unknown_key(loc: tuple) -> str:
+    """An unknown key in a section of ``SearchConfig``, with the key of that section it likely meant."""
     model: Any = SearchConfig
-    for part in loc[:-1]:
-        annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    hint = _closest(str(loc[-1]), model.model_fields)
-    return f" (did you mean {hint!r}?)" if hint else f"; known keys: {', '.join(model.model_fields)}"
+    for part in loc[:-1]:   # only a section that is a model forbids extra keys
+        model = model.model_fields[part].annotation
+    key, where = str(loc[-1]), ".".join(str(p) for p in loc[:-1])
+    if not where and key in _any_methods_hyperparameters():   # `lr: 0.01` at the top, or `--set lr=0.01`
+        return (f"unknown key {key!r}: a hyperparameter goes under train (fixed: train.{key}) "
+                f"or space (searched: space.common.{key})")
+    return _unknown("key", key, model.model_fields, where)
+
+
+def _any_methods_hyperparameters() -> set[str]:
+    return {name for method in methods.REGISTRY for name in methods.hyperparameters(method)}
 
 
 def parse(raw: Any, *, local: bool = True) -> SearchConfig:
@@ -324,17 +358,46 @@ def parse(raw: Any, *, local: bool = True) -> SearchConfig:
     return validate(cfg, local=local)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: the later one would silently win."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may repeat what it merges
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in first_line:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} repeats the one on line "
+                                                    f"{first_line[key] + 1}", key_node.start_mark)
+        first_line[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def load_yaml(text, source: str) -> Any:
+    """YAML text or a binary file's content; ``ConfigError`` naming ``source``, line and column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+
+
 def read_mapping(path: str) -> dict:
     """A YAML config file's top-level mapping; ``ConfigError`` for a missing, malformed or empty file."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}") from None
+        with open(path, "rb") as f:   # bytes: YAML detects the encoding and reports a bad one
+            raw = load_yaml(f, path)
+    except OSError as err:
+        raise ConfigError(f"config file {path!r}: {err.strerror}") from None
     if raw is None:
         raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(raw, dict):

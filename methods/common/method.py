@@ -77,6 +77,13 @@ class Method:
         names = {f.name for f in fields(cls.Config)}
         return cls.Config(**{k: v for k, v in hparams.items() if k in names})
 
+    @classmethod
+    def space_warnings(cls, space: Mapping[str, Any], norm: str, eps: float) -> list[str]:
+        """What a resolved search space (name to ``methods.space`` domain) does wrong at a threat
+        model without being invalid, one line each (HKR: margins too small to certify eps); the
+        search config prints them as warnings. None by default."""
+        return []
+
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The inner maximization; the default is no attack."""
         return x
