@@ -29,8 +29,12 @@ from otarena.leaderboard.render import format_text
 from otarena.leaderboard.schema import Campaign, Row, Table, tabulate
 from otarena.leaderboard.writers import FORMATS, Output
 
-__all__ = ["FORMATS", "Campaign", "Output", "Row", "Table", "build", "collect", "collect_campaign", "format_text",
-           "tabulate"]
+__all__ = ["FORMATS", "Campaign", "EmptySelection", "Output", "Row", "Table", "build", "collect", "collect_campaign",
+           "format_text", "tabulate"]
+
+
+class EmptySelection(ValueError):
+    """A filter matched no evaluated trial: :func:`build` wrote nothing (see its ``allow_empty``)."""
 
 
 def build(
@@ -41,6 +45,7 @@ def build(
     formats: Iterable[str] = tuple(FORMATS),
     title: str = "otarena leaderboard",
     mlflow_url: str | None = None,
+    allow_empty: bool = False,
 ) -> list[Table]:
     """Read a tracking store, apply the leaderboard rules and write the outputs.
 
@@ -56,12 +61,17 @@ def build(
         title: The page heading.
         mlflow_url: Base URL of the MLflow UI that runs link to; default: the tracking URI when it
             is a server (without the credentials it may carry), else no links.
+        allow_empty: Write an empty leaderboard even when ``filter_string`` matches no evaluated
+            trial. Without a filter an empty result is always written: it is what the store holds
+            (a search publishes its first, empty board so).
 
     Returns:
         The tables, one per (dataset, norm, eps); empty for a store with no evaluated trials
         (the files then say so).
 
     Raises:
+        EmptySelection: ``filter_string`` matched no evaluated trial and ``allow_empty`` is false;
+            nothing was written, so an earlier leaderboard in ``out_dir`` stays as it was.
         ValueError: An unknown format, a missing store, an unknown experiment or a bad filter.
         RuntimeError: The store exists but cannot be read.
     """
@@ -72,6 +82,11 @@ def build(
                          f"supported: {', '.join(FORMATS)}")
     campaign = collect_campaign(tracking_uri, experiments, filter_string)
     tables = tabulate(list(campaign.rows))
+    if not tables and filter_string and not allow_empty:
+        # A typo in a filter would otherwise replace a published site with an empty page.
+        matched = f"{len(campaign.trials)} trial runs, none of them evaluated" if campaign.trials else "no trial run"
+        raise EmptySelection(f"the filter {filter_string!r} matches {matched}: nothing to rank, "
+                             f"nothing written to {out_dir}")
     # Never publish the credentials a server URI may carry: the page is meant to be public.
     if mlflow_url is None and urlparse(tracking_uri).scheme in ("http", "https"):
         mlflow_url = tracking_uri

@@ -13,7 +13,7 @@ interval beside it, then the other attacks.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from otarena.leaderboard import formatting as fmt
@@ -69,9 +69,17 @@ class Column:
         return self.headers.get(fmt_name, self.header)
 
 
-def columns(fmt_name: str) -> list[Column]:
-    """The columns a table format shows, in order."""
-    return [c for c in COLUMNS if fmt_name in c.formats]
+def columns(fmt_name: str, rows: Sequence[Row] | None = None) -> list[Column]:
+    """The columns a table format shows, in order.
+
+    Given a table's rows, a column with no value in any of them is left out (an Linf table has no
+    certified accuracy: a column of dashes only widens it). The CSV keeps every field, so that its
+    header is the same for every store.
+    """
+    shown = [c for c in COLUMNS if fmt_name in c.formats]
+    if rows is None:
+        return shown
+    return [c for c in shown if any(c.value(i, r) is not None for i, r in enumerate(rows, 1))]
 
 
 def csv_fields() -> list[tuple[str, Cell]]:
@@ -94,9 +102,10 @@ def _accuracy(name: str, header: str, metric: str, formats: frozenset[str] = TAB
 
 def _count(name: str, header: str, attr: str, tip: str = "", formats: frozenset[str] = TABLES - {TEX},
            csv: str | None = None) -> Column:
-    """A count logged as a float metric (epochs, trials, n_ex)."""
+    """A count logged as a float metric (epochs, trials, n_ex): an integer in the CSV too."""
     return Column(name, header, text=lambda i, r: fmt.count(getattr(r, attr)), value=lambda i, r: getattr(r, attr),
-                  align="right", formats=formats, tip=tip, csv=((csv or attr, lambda i, r: getattr(r, attr)),))
+                  align="right", formats=formats, tip=tip,
+                  csv=((csv or attr, lambda i, r: fmt.integral(getattr(r, attr))),))
 
 
 def _hparams(r: Row, show: Callable[[str], str] = fmt.param) -> str:

@@ -12,8 +12,11 @@ characters (which could otherwise smuggle ANSI escape sequences).
 from __future__ import annotations
 
 import html
+import math
 import re
 import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from otarena.leaderboard.schema import Row, Table, is_warning
@@ -61,11 +64,16 @@ def ci_of(row: Row, metric: str) -> tuple[float, float] | None:
     return getattr(row, f"{metric.removesuffix('_acc')}_ci")
 
 
+def integral(x: float | None) -> int | float | None:
+    """A count logged as an MLflow float metric (epochs, trials, n_ex) as the integer it is: ``10.0`` -> ``10``."""
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def count(x: float | None) -> str:
-    """Counts (epochs, trials, n_ex) are logged as MLflow float metrics; show them as integers."""
+    """A count as text: ``10``, or ``2.5`` for the rare count that is no integer."""
     if x is None:
         return MISSING
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    return str(integral(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def hours(x: float | None) -> str:
@@ -112,6 +120,76 @@ def flag(name: str, reason: str | None = None) -> str:
     """``⚠ masking:aa-gap (reason)`` for a warning, ``small-sample (reason)`` for a note (unescaped)."""
     text = f"{WARNING_MARK} {name}" if is_warning(name) else name
     return text if not reason else f"{text} ({reason})"
+
+
+@dataclass(frozen=True)
+class FlagNote:
+    """One distinct flag of a table with its reason, and the ranks of the rows that carry it."""
+
+    flag: str
+    reason: str | None
+    ranks: tuple[int, ...]
+
+    @property
+    def warning(self) -> bool:
+        return is_warning(self.flag)
+
+
+def flag_notes(rows: Sequence[Row]) -> list[FlagNote]:
+    """A table's flags as notes under it: one per distinct (flag, reason), not one per row.
+
+    Warnings come first, then notes, each in the order the rows first show them; the LaTeX
+    footnotes and the page's notes (which a tap on a flag reaches, on a phone too) both list these.
+    """
+    ranks: dict[tuple[str, str | None], list[int]] = {}
+    for i, r in enumerate(rows, 1):
+        reasons = dict(r.flag_reasons)
+        for f in flag_order(r):
+            ranks.setdefault((f, reasons.get(f)), []).append(i)
+    keys = sorted(ranks, key=lambda k: not is_warning(k[0]))  # stable: first-seen order within each kind
+    return [FlagNote(f, reason, tuple(ranks[(f, reason)])) for f, reason in keys]
+
+
+def rank_list(ranks: Sequence[int]) -> str:
+    """``row 2``, ``rows 1, 3``, ``rows 1–4, 6``: runs of three or more consecutive ranks as a range."""
+    parts, k = [], 0
+    while k < len(ranks):
+        j = k
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        parts += [f"{ranks[k]}–{ranks[j]}"] if j - k >= 2 else [str(x) for x in ranks[k:j + 1]]
+        k = j + 1
+    return ("row " if len(ranks) == 1 else "rows ") + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Certified accuracy far below the empirical one
+
+CERTIFIED_FAR_BELOW = 0.5
+"""A certified accuracy under this share of the AutoAttack accuracy gets a note explaining the gap."""
+
+
+def certified_note(t: Table) -> str | None:
+    """Why a certified accuracy can sit far below AutoAttack's, for a table whose rows show it; else ``None``.
+
+    Both numbers are right: an attack gives an upper bound on robust accuracy, a certificate a lower
+    one. A 1-Lipschitz net's logit gap M certifies the L2 radius M / sqrt(2) (Tsuzuku et al. 2018,
+    "Lipschitz-Margin Training", arXiv:1802.04034; Serrurier et al. 2021, HKR, arXiv:2006.06520), so an
+    image is certified at eps only when its gap exceeds sqrt(2) x eps, and a net trained to a smaller
+    margin is robust in practice yet certifies few images.
+    """
+    ranks = [i for i, r in enumerate(t.rows, 1)
+             if (c := r.headline("certified_acc")) is not None and (a := r.headline("aa_acc")) is not None
+             and c < CERTIFIED_FAR_BELOW * a]
+    if not ranks:
+        return None
+    threshold = (f": for a 1-Lipschitz net a logit margin above sqrt(2) x eps = {math.sqrt(2) * t.eps:.3g} here"
+                 if t.norm == "L2" else "")
+    return (f"Certified accuracy far below AutoAttack ({rank_list(ranks)}): an attack only bounds robust accuracy "
+            "from above, a certificate from below. A test image counts as certified only when its logit margin "
+            f"proves that no perturbation within eps can change its class{threshold}. A net trained to a smaller "
+            "margin (HKR's hkr_margin) resists the attacks yet certifies few images: the certified column is a "
+            "guarantee, the attacks are evidence.")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ CSP = (f"default-src 'none'; style-src {_sha256(CSS)}; script-src {_sha256(JS)};
 
 _CAPTIONS = {
     "pareto": ("Every evaluated trial of this threat model (failed ones left out), at its own seed's test numbers; "
-               "large outlined markers are the leaderboard entries, the step line the Pareto front (no trial is "
-               "better on both axes)."),
+               "large outlined markers are the leaderboard entries. The step line joins the Pareto front, the trials "
+               "no other trial beats on both axes; every other trial lies below it."),
     "eps-sweep": ("PGD accuracy of each entry at growing radii. A curve that stays flat far above the dashed "
                   "chance bound as eps grows suggests gradient masking."),
     "no-eps-sweep": "No row of this table logged an eps sweep (tag otarena.eps_sweep).",
@@ -84,33 +84,48 @@ def to_html(tables: list[Table], campaign: Campaign, *, title: str, run_url: str
     """
     color = plots.colors([*(r.method for r in campaign.rows), *(p.method for p in campaign.trials),
                           *(r.method for t in tables for r in t.rows)])
-    cols = columns(HTML)
+    # One scale per hyperparameter over the whole page: lr on a log axis for every method and table.
+    log_axes = plots.log_scale_params(campaign.trials)
     return _template().render(
         title=title, csp=CSP, css=Markup(CSS), js=Markup(JS), rules=fmt.RULES, empty_message=fmt.EMPTY_MESSAGE,
         warning_mark=fmt.WARNING_MARK, generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         n_trials=len(campaign.trials), n_rows=len(campaign.rows), n_entries=sum(len(t.rows) for t in tables),
         experiments=sorted({r.experiment_name for r in campaign.rows if r.experiment_name}),
-        columns=[{"header": c.header_in(HTML), "numeric": c.numeric, "sorts_as_number": c.sorts_as_number,
-                  "first": c.first, "tip": c.tip} for c in cols],
-        tables=[_table(t, campaign, cols, color, run_url) for t in tables],
+        tables=[_table(k, t, campaign, color, log_axes, run_url) for k, t in enumerate(tables, 1)],
     ) + "\n"
 
 
-def _table(t: Table, campaign: Campaign, cols: list[Column], color: dict[str, str], run_url: str | None) -> dict:
+def _table(k: int, t: Table, campaign: Campaign, color: dict[str, str], log_axes: set[str],
+           run_url: str | None) -> dict:
+    """Table ``k`` of the page: its columns (those with a value in some row), rows, notes and plots."""
     trials = [p for p in campaign.trials if (p.dataset, p.norm, p.eps) == (t.dataset, t.norm, t.eps)]
     eps_caption = _CAPTIONS["eps-sweep" if any(r.eps_sweep and r.eps_sweep.eps for r in t.rows) else "no-eps-sweep"]
+    cols = columns(HTML, t.rows)
+    # A flag's badge links to its note under the table: the reason is a tap away on a phone, where
+    # the badge's hover title never shows.
+    notes = [{"id": f"table-{k}-note-{j}", "badge": fmt.flag(n.flag), "warn": n.warning,
+              "reason": n.reason or _default_reason(n.flag), "rows": fmt.rank_list(n.ranks), "note": n}
+             for j, n in enumerate(fmt.flag_notes(t.rows), 1)]
     return {
         "title": fmt.table_title(t), "n_trials": len(trials), "n_searches": len({p.parent_id for p in trials}),
+        "columns": [{"header": c.header_in(HTML), "numeric": c.numeric, "sorts_as_number": c.sorts_as_number,
+                     "first": c.first, "tip": c.tip} for c in cols],
         "rows": [{"rank": i, "run_id": row.run_id, "warned": bool(row.warnings),
-                  "cells": [_cell(c, i, row, run_url) for c in cols]} for i, row in enumerate(t.rows, 1)],
+                  "cells": [_cell(c, i, row, run_url, notes) for c in cols]} for i, row in enumerate(t.rows, 1)],
+        "notes": notes, "certified_note": fmt.certified_note(t),
         "plots": [(Markup(plots.pareto_plot(t, trials, color)), _CAPTIONS["pareto"]),
                   (Markup(plots.eps_plot(t, color)), eps_caption),
                   (Markup(plots.progress_plot(t, trials, color)), _CAPTIONS["progress"])],
-        "sensitivity": [(m, [Markup(s) for s in svgs]) for m, svgs in plots.sensitivity_plots(t, trials, color)],
+        "sensitivity": [(m, [Markup(s) for s in svgs])
+                        for m, svgs in plots.sensitivity_plots(t, trials, color, log_axes)],
     }
 
 
-def _cell(c: Column, i: int, r: Row, run_url: str | None) -> dict:
+def _default_reason(flag: str) -> str:
+    return "may make the evaluation unreliable" if is_warning(flag) else "a note on precision"
+
+
+def _cell(c: Column, i: int, r: Row, run_url: str | None, notes: list[dict]) -> dict:
     """What the template's cell needs: its text and sort value, and the data of a richer cell (``kind``)."""
     value = c.value(i, r)
     if value is not None:
@@ -125,10 +140,7 @@ def _cell(c: Column, i: int, r: Row, run_url: str | None) -> dict:
     elif c.name == "hyperparameters":
         cell |= {"kind": "hyperparameters", "pairs": [(n, v, fmt.param(v)) for n, v in r.hparams]}
     elif c.name == "flags":
-        reasons = dict(r.flag_reasons)
-        cell |= {"kind": "flags", "badges": [
-            (fmt.flag(f), reasons.get(f) or ("may make the evaluation unreliable" if is_warning(f)
-                                             else "a note on precision"), is_warning(f)) for f in fmt.flag_order(r)]}
+        cell |= {"kind": "flags", "badges": [n for n in notes if i in n["note"].ranks]}
     elif c.name == "run":
         link = fmt.safe_url(f"{run_url.rstrip('/')}/#/experiments/{quote(r.experiment_id, safe='')}"
                             f"/runs/{quote(r.run_id, safe='')}") if run_url else None

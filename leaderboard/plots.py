@@ -112,8 +112,7 @@ def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> st
     xy = [(100 * p.clean_acc, 100 * p.aa_acc) for p in pts] + [(100 * r.clean_acc, 100 * r.aa_acc) for r in rows]
     front = pareto_front(xy)
     if front:
-        series.append(Series("Pareto front", [x for x, _ in front], [y for _, y in front], "#333333", marker="",
-                             line="steps-pre"))
+        series.append(Series("Pareto front", *pareto_staircase(front), "#333333", marker="", line="-"))
     series += [Series(None, [100 * r.clean_acc], [100 * r.aa_acc], color[r.method], size=9,
                       tips=[f"leaderboard entry: {r.method} · {r.arch}\nclean {100 * r.clean_acc:.2f}, "
                             f"AA {100 * r.aa_acc:.2f}\nrun {r.run_name or r.run_id}"]) for r in rows]
@@ -146,6 +145,24 @@ def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:
         if not front or y > front[-1][1]:
             front.append((x, y))
     return front[::-1]
+
+
+def pareto_staircase(front: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """The front's step line (x, y vertices): from each point across at its height, then down to the next.
+
+    No trial off the front can lie on it: a point on a horizontal run (x, y_i), x_i < x < x_(i+1), or
+    on a drop (x_(i+1), y), y_(i+1) < y < y_i, would be beaten on both axes by no front point, so it
+    would be on the front itself. (Dropping first, then going across, would run through every trial
+    that ties a front point's clean or AutoAttack accuracy, which few test images make common.)
+    """
+    xs, ys = [], []
+    for k, (x, y) in enumerate(front):
+        if k:
+            xs.append(x)
+            ys.append(front[k - 1][1])
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
 
 
 def eps_plot(t: Table, color: dict[str, str]) -> str:
@@ -213,14 +230,31 @@ def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> 
     return to_svg(fig, "progress", "Search progress", tips_out)
 
 
-def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> list[tuple[str, list[str]]]:
+def log_scale_params(trials: Iterable[TrialPoint]) -> set[str]:
+    """The hyperparameters to plot on a log axis: positive values spanning more than a decade, over all ``trials``.
+
+    Decided once per name over the whole page, so that ``lr``, searched on a log scale, gets a log
+    axis for every method and table, also where one method's few trials span less than a decade.
+    """
+    values: dict[str, list[float | None]] = {}
+    for p in trials:
+        for name, value in p.hparams:
+            values.setdefault(name, []).append(_float(value))
+    return {name for name, xs in values.items()
+            if all(x is not None and x > 0 for x in xs) and max(xs) / min(xs) > 10}
+
+
+def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str],
+                      log_axes: set[str] | None = None) -> list[tuple[str, list[str]]]:
     """Per method of the table: (method, one plot per searched hyperparameter) of validation PGD accuracy.
 
     Filled markers are completed trials, rings pruned ones, crosses failed ones; the black ring is
-    the trial on the leaderboard. A numeric range wider than a decade is shown on a log axis.
+    the trial on the leaderboard. The hyperparameters in ``log_axes`` (default:
+    :func:`log_scale_params` of ``trials``) are shown on a log axis.
     """
     import matplotlib
 
+    log_axes = log_scale_params(trials) if log_axes is None else log_axes
     chosen = {r.run_id for r in t.rows}
     out = []
     for method in _unique(r.method for r in t.rows):
@@ -232,7 +266,7 @@ def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str])
             numeric = all(x is not None for x in nums)
             cats = None if numeric else sorted({v for v, _ in vals})
             xs = nums if numeric else [float(cats.index(v)) for v, _ in vals]
-            log = numeric and min(xs) > 0 and max(xs) / min(xs) > 10
+            log = numeric and name in log_axes and min(xs) > 0
             series = []
             for outcome, marker in (("completed", "o"), ("pruned", "ring"), ("failed", "x")):
                 sel = [(x, v, p) for x, (v, p) in zip(xs, vals)
@@ -250,17 +284,15 @@ def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str])
                 fig = new_figure(250, 200)
                 ax = fig.add_subplot()
                 if log:
-                    from matplotlib.ticker import FuncFormatter, NullLocator
-
                     ax.set_xscale("log")
-                    ax.xaxis.set_minor_locator(NullLocator())  # minor log ticks cost more than the whole plot
-                    # 0.001, not 10^-3: the page draws no mathtext (user text must never be read as TeX)
-                    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
                 tips: list = []
                 plot_series(ax, series, tips)
                 if cats is not None:
-                    ax.set_xticks(range(len(cats)), [fmt.short(c, 10) for c in cats])
+                    # As many characters as a category's share of the axis holds (~5.5 px each at 8.5 pt).
+                    ax.set_xticks(range(len(cats)), [fmt.short(c, max(3, 34 // len(cats))) for c in cats])
                     ax.set_xlim(-0.5, len(cats) - 0.5)
+                else:
+                    _value_ticks(ax, xs, log)
                 _percent_axis(ax, "y", [100 * p.val_pgd_acc for _, p in vals])
                 # The note above the plots explains the markers: no legend in each small plot.
                 finish(ax, name, name + (" (log)" if log else ""), "val PGD acc (%)", legend="none")
@@ -271,6 +303,32 @@ def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str])
 
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _value_ticks(ax: Axes, xs: list[float], log: bool) -> None:
+    """At most four x tick labels, short (``0.004``, not ``0.0040``), so that they never overlap on a small plot.
+
+    On a log axis: decades, else half decades (1, 3), else 1-2-5 steps, else every mantissa, thinned
+    to four: a range narrower than a decade still gets two labels or more.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    # 0.001, not 10^-3: the page draws no mathtext (user text must never be read as TeX)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    if not log:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=2))
+        return
+    ax.xaxis.set_minor_locator(NullLocator())  # minor log ticks cost more than the whole plot
+    lo, hi = min(xs), max(xs)
+    ticks: list[float] = []
+    for mantissas in ((1,), (1, 3), (1, 2, 5), range(1, 10)):
+        ticks = [float(f"{m}e{e}") for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas if lo * (1 - 1e-9) <= m * 10.0**e <= hi * (1 + 1e-9)]
+        if len(ticks) >= 2:
+            break
+    if len(ticks) < 2:  # within one mantissa step: the two ends, at two significant digits
+        ticks = sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}")})
+    ax.xaxis.set_major_locator(FixedLocator(ticks[::math.ceil(len(ticks) / 4)]))
 
 
 def _search_labels(keys: list[tuple[str, str]], searches: dict) -> dict[tuple[str, str], str]:

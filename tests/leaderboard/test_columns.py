@@ -20,21 +20,23 @@ from otarena.leaderboard.columns import COLUMNS, HTML, MD, TEX, TEXT, Column, co
 from otarena.leaderboard.schema import Campaign, Row, Table
 
 ROW = Row(run_id="r1", experiment_id="0", dataset="digits", norm="Linf", eps=0.2, method="trades", arch="small_cnn",
-          aa_acc=0.5, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0, n_ex=200.0)
+          aa_acc=0.5, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0, n_ex=200.0, aa_ci=(0.43, 0.57),
+          trials=4.0, trial_epochs=12.0, device_hours=0.1)
+"""A row with a value in every column: each format shows all of its columns."""
 TABLE = Table("digits", "Linf", 0.2, (ROW,))
 
 
-def _headers(fmt: str) -> list[str]:
+def _headers(fmt: str, table: Table = TABLE) -> list[str]:
     """The header cells each writer actually printed."""
     if fmt == MD:
-        line = next(x for x in render.to_markdown([TABLE]).splitlines() if x.startswith("| Rank"))
+        line = next(x for x in render.to_markdown([table]).splitlines() if x.startswith("| Rank"))
     elif fmt == TEXT:
-        line = render.format_text([TABLE]).splitlines()[1]
+        line = render.format_text([table]).splitlines()[1]
     elif fmt == TEX:
-        line = next(x for x in render.to_latex([TABLE]).splitlines() if x.startswith("Rank &"))
+        line = next(x for x in render.to_latex([table]).splitlines() if x.startswith("Rank &"))
         return [h.strip() for h in line.removesuffix("\\\\").split("&")]
     else:
-        page = html.to_html([TABLE], Campaign((ROW,), ()), title="t", run_url=None)
+        page = html.to_html([table], Campaign(table.rows, ()), title="t", run_url=None)
         return [h.replace("\u00a0", " ") for h in re.findall(r'<button type="button">([^<]*)</button>', page)]
     return [h.strip() for h in line.strip("|").split("|")]
 
@@ -47,6 +49,31 @@ def test_each_format_prints_the_spec_columns_in_one_order(fmt):
     assert [c.name for c in shown] == sorted((c.name for c in shown), key=order.index)
     accuracies = [c.name for c in shown if c.name in ("clean", "autoattack", "pgd", "certified")]
     assert accuracies == ["clean", "autoattack", "pgd", "certified"]  # RobustBench's: the ranking metric second
+
+
+def test_a_column_empty_in_a_whole_table_is_left_out_but_kept_in_the_csv():
+    no_certificate = Row(**{**vars(ROW), "certified_acc": None, "device_hours": None})
+    table = Table("digits", "Linf", 0.2, (no_certificate,))
+    for fmt in (MD, TEXT, TEX, HTML):
+        shown = _headers(fmt, table)
+        assert "Certified" not in shown and "Device hours" not in shown and "Clean" in shown, fmt
+    assert "\\begin{tabular}{rlrrrlrc}" in render.to_latex([table])
+    # The CSV's header is one contract for every store: the field stays, empty.
+    header, line = render.to_csv([table]).splitlines()
+    assert header == render.to_csv([TABLE]).splitlines()[0]
+    assert dict(zip(header.split(","), line.split(",")))["certified_acc"] == ""
+    # A table where one row has the value shows the column (a dash in the others).
+    both = Table("digits", "Linf", 0.2, (ROW, no_certificate))
+    assert "Certified" in _headers(MD, both) and "| – |" in render.to_markdown([both])
+
+
+def test_csv_counts_are_integers():
+    fields = dict(zip(*[line.split(",") for line in render.to_csv([TABLE]).splitlines()]))
+    assert (fields["epochs"], fields["n_ex"], fields["trials"], fields["trial_epochs"]) == ("3", "200", "4", "12")
+    assert fields["aa_acc"] == "0.5" and fields["eps"] == "0.2"  # fractions stay floats
+    odd = Row(**{**vars(ROW), "epochs": 2.5})
+    assert dict(zip(*[x.split(",") for x in render.to_csv([Table("d", "Linf", 0.2, (odd,))]).splitlines()]))[
+        "epochs"] == "2.5"
 
 
 def test_every_accuracy_is_right_aligned_everywhere():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -27,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from otarena.leaderboard import build, formatting, html, plots, svg
-from otarena.leaderboard.schema import Campaign
+from otarena.leaderboard.schema import Campaign, Row, Table, TrialPoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -171,7 +172,10 @@ def test_cells_show_headline_numbers_and_sort_values(store, site):
     assert "49.0 ± 1.0" in row and 'data-value="0.49"' in row  # the 3-seed mean, as render shows it
     assert "[46.0, 54.0]" in row and 'data-value="0.46"' in row  # AA 95% CI, sorted by its low end
     assert "0.25" in row  # device-hours from the parent
-    assert '<td class="num"><span>–</span></td>' in row  # no certified accuracy: no data-value, sorted last
+    pgd = re.search(rf'<tr data-rank="2" data-run="{store.pgd}".*?</tr>', site.text).group(0)
+    assert '<td class="num">–</td>' in pgd  # no CI: no data-value, sorted last
+    # No row has a certified accuracy: no table shows a Certified column (a column of dashes).
+    assert ">Certified<" not in site.text and ">AA 95%\u00a0CI<" in site.text
 
 
 def test_links_and_no_external_resources(store, site):
@@ -206,11 +210,11 @@ def test_user_text_is_escaped(store, site):
     assert not [(t, k) for t, a in doc.tags for k in a if k.startswith("on")]  # no event handler anywhere
     assert {t for t, _ in doc.tags} <= {
         "html", "head", "meta", "link", "title", "style", "body", "h1", "h2", "h4", "p", "nav", "a", "section",
-        "div", "table", "thead", "tbody", "tr", "th", "td", "button", "span", "b", "br", "code", "figure",
+        "div", "table", "thead", "tbody", "tr", "th", "td", "button", "span", "b", "code", "ul", "li", "figure",
         "figcaption", "svg", "g", "defs", "clippath", "rect", "use", "text", "path", "details", "summary", "footer",
         "script"}
     # The reason is shown on hover, unescaped by the parser back to the original text.
-    assert HOSTILE_REASON in [a.get("title") for t, a in doc.tags if t == "span"]
+    assert HOSTILE_REASON in [a.get("title") for t, a in doc.tags if t == "a"]
 
 
 def test_empty_campaign():
@@ -223,7 +227,77 @@ def test_empty_campaign():
 def test_without_run_url_run_ids_are_text(store, tmp_path):
     build(store.uri, tmp_path, formats="html")
     text = (tmp_path / "index.html").read_text("utf-8")
-    assert "/#/experiments/" not in text and f"<code>{store.pgd}</code>" in text
+    assert "/#/experiments/" not in text and re.search(rf'<code title="[^"]*">{store.pgd}</code>', text)
+
+
+def test_flag_reasons_are_notes_under_the_table(store, site):
+    """Each distinct flag and reason is written once under its table, and every badge links to it."""
+    doc = _Tags(site.text)
+    badges = [a for a in doc.find("a") if a.get("class", "").startswith("badge")]
+    notes = {a["id"] for a in doc.find("li") if "id" in a}
+    assert badges and {b["href"].removeprefix("#") for b in badges} == notes
+    first = site.text.split('<section id="table-1"')[1].split("</section>")[0]
+    assert first.count('<li id="table-1-note-') == 4  # masking:aa-gap, the hostile flag, small-sample, single-seed
+    assert "&#34;&gt;&lt;script&gt;alert(3)&lt;/script&gt; &amp; more <span class=\"rows\">(row 1)</span>" in first
+
+
+def test_certified_far_below_autoattack_is_explained():
+    hkr = Row(run_id="r1", experiment_id="0", dataset="digits", norm="L2", eps=0.3, method="hkr", arch="lip",
+              aa_acc=0.85, clean_acc=0.95, certified_acc=0.035)
+    pgd = Row(run_id="r2", experiment_id="0", dataset="digits", norm="Linf", eps=0.2, method="pgd_at", arch="cnn",
+              aa_acc=0.5, clean_acc=0.9)
+    tables = [Table("digits", "L2", 0.3, (hkr,)), Table("digits", "Linf", 0.2, (pgd,))]
+    page = html.to_html(tables, Campaign((hkr, pgd), ()), title="t", run_url=None)
+    l2, linf = page.split('<section id="table-')[1:]
+    assert ">Certified<" in l2 and ">Certified<" not in linf
+    assert "Certified accuracy far below AutoAttack (row 1)" in l2 and "sqrt(2) x eps = 0.424" in l2
+    assert "far below" not in linf
+
+
+def _on_segment(p, a, b) -> bool:
+    """Whether p lies on the axis-parallel segment a-b."""
+    (x, y), (x0, y0), (x1, y1) = p, a, b
+    return ((x0 == x1 == x and min(y0, y1) <= y <= max(y0, y1))
+            or (y0 == y1 == y and min(x0, x1) <= x <= max(x0, x1)))
+
+
+def test_pareto_step_line_never_runs_through_a_dominated_point():
+    rng = random.Random(0)
+    for _ in range(300):
+        # Accuracies over a few hundred images: ties in either coordinate are common.
+        pts = [(float(rng.randrange(70, 100, 2)), float(rng.randrange(30, 60, 2))) for _ in range(rng.randint(1, 12))]
+        front = plots.pareto_front(pts)
+        xs, ys = plots.pareto_staircase(front)
+        vertices = list(zip(xs, ys))
+        assert vertices[::2] == front  # it joins the front's points, one corner between each two
+        for p in set(pts) - set(front):
+            assert not any(_on_segment(p, a, b) for a, b in zip(vertices, vertices[1:])), (p, front)
+    # The shape that drew the step line through a dominated trial: a trial with the clean accuracy of a
+    # front point and a lower AutoAttack one, under the drop a "steps-pre" line made there.
+    xs, ys = plots.pareto_staircase(plots.pareto_front([(90, 40), (95, 30), (90, 35)]))
+    assert list(zip(xs, ys)) == [(90, 40), (95, 40), (95, 30)]
+
+
+def _trial_point(method, value, val, run_id="x"):
+    return TrialPoint(run_id=run_id, experiment_id="0", parent_id=method, dataset="d", norm="Linf", eps=0.2,
+                      method=method, arch="a", outcome="completed", val_pgd_acc=val, epochs=1.0, end_time=None,
+                      hparams=(("lr", value), ("beta", str(1 + val))))
+
+
+def test_a_log_scale_parameter_gets_a_log_axis_for_every_method():
+    """pgd_at's learning rates span a decade, trades' less: both plots get the log axis, with two or more
+    short tick labels each."""
+    trials = [_trial_point("pgd_at", v, a, f"p{k}") for k, (v, a) in enumerate([("0.001", 0.3), ("0.05", 0.5)])]
+    trials += [_trial_point("trades", v, a, f"t{k}") for k, (v, a) in enumerate([("0.0041", 0.4), ("0.0079", 0.45)])]
+    rows = tuple(Row(run_id=t.run_id, experiment_id="0", dataset="d", norm="Linf", eps=0.2, method=t.method,
+                     arch="a", aa_acc=0.4) for t in trials[1::2])
+    assert plots.log_scale_params(trials) == {"lr"}  # beta spans 1.3-1.5
+    drawn = dict(plots.sensitivity_plots(Table("d", "Linf", 0.2, rows), trials, plots.colors(["pgd_at", "trades"])))
+    for method in ("pgd_at", "trades"):
+        lr, beta = drawn[method]
+        assert ">lr (log)<" in lr and ">beta<" in beta, method
+        ticks = re.findall(r'<g id="[^"]*xtick_\d+">.*?<text[^>]*>([^<]*)</text>', lr, flags=re.S)
+        assert 2 <= len(ticks) <= 4 and all(len(t) <= 6 for t in ticks), (method, ticks)
 
 
 def test_helpers():
@@ -276,8 +350,8 @@ def _order(table):
     return table.locator("tbody tr").evaluate_all("rs => rs.map(r => r.getAttribute('data-run'))")
 
 
-def test_in_chromium(store, site, browser):
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+def _open(page, site):
+    """Load the site, refusing every other request; returns the lists of requests and of problems seen."""
     url = site.path.as_uri()
     requests, problems = [], []
     page.on("request", lambda r: requests.append(r.url))
@@ -285,6 +359,61 @@ def test_in_chromium(store, site, browser):
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.route("**/*", lambda route: route.continue_() if route.request.url == url else route.abort())
     page.goto(url)
+    return requests, problems
+
+
+# Elements that stick out of the viewport, sideways, other than inside a table's scroll container
+# (or inside a plot, which is checked as a whole), and how far the page itself scrolls sideways.
+_OVERFLOW = """() => {
+  const width = document.documentElement.clientWidth, out = [];
+  for (const el of document.body.querySelectorAll('*')) {
+    if (el.closest('.scroll') || (el.parentElement && el.parentElement.closest('svg'))) continue;
+    const r = el.getBoundingClientRect();
+    if (r.width > 0 && (r.right > width + 1 || r.left < -1)) out.push(el.tagName + ' ' + (el.getAttribute('class') || ''));
+  }
+  return {page: document.documentElement.scrollWidth - width, elements: out};
+}"""
+# Cells whose text runs over more than one line: a run id or a number broken inside it.
+_WRAPPED = """(selector) => Array.from(document.querySelectorAll(selector)).filter(el => {
+  const range = document.createRange();
+  range.selectNodeContents(el);
+  const tops = Array.from(range.getClientRects()).filter(r => r.width > 0).map(r => r.top).sort((a, b) => a - b);
+  return tops.some((t, k) => k > 0 && t - tops[k - 1] > 4);
+}).map(el => el.textContent)"""
+# Tick labels of one axis of a plot that overlap each other.
+_TICKS_OVERLAP = """() => {
+  const bad = [];
+  for (const svg of document.querySelectorAll('svg.plot')) {
+    for (const axis of ['xtick', 'ytick']) {
+      const boxes = Array.from(svg.querySelectorAll(`g[id*="-${axis}_"] text`))
+        .map(t => t.getBoundingClientRect()).filter(b => b.width > 0);
+      boxes.forEach((a, i) => boxes.slice(i + 1).forEach(b => {
+        if (a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)
+          bad.push(`${svg.getAttribute('data-plot')} ${svg.getAttribute('data-param') || ''} ${axis}`);
+      }));
+    }
+  }
+  return bad;
+}"""
+
+
+def _assert_readable(page):
+    """Nothing sticks out sideways outside a scroll container; no number, run id or hyperparameter
+    value is broken over two lines; no plot's tick labels overlap."""
+    assert page.evaluate(_OVERFLOW) == {"page": 0, "elements": []}
+    for cells in ("table.board td.num", "table.board td.run > *", "table.board td.hyperparameters span"):
+        assert page.evaluate(_WRAPPED, cells) == [], cells
+    assert page.evaluate(_TICKS_OVERLAP) == []
+
+
+def test_in_chromium(store, site, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    requests, problems = _open(page, site)
+    url = site.path.as_uri()
+
+    # At 1400 px every table fits: no column cut off behind a scroll bar.
+    _assert_readable(page)
+    assert page.locator(".scroll").evaluate_all("ss => ss.map(s => s.scrollWidth - s.clientWidth)") == [0, 0]
 
     tables = page.locator("table.board")
     assert tables.count() == 2
@@ -320,13 +449,64 @@ def test_in_chromium(store, site, browser):
     assert page.locator('svg[data-plot="eps-sweep"] use title').count() >= 2 * 5  # two curves of five radii
     assert page.evaluate("() => window.__pwned === undefined && !document.querySelector('img, iframe, i')")
 
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shot = artifacts / "leaderboard.png"
-    page.screenshot(path=str(shot), full_page=True)
+    _screenshot(page, "leaderboard.png")
     page.close()
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert requests == [url], requests  # nothing but the page itself, not even a favicon
     assert not problems, problems  # no CSP violation, no script error
+
+
+def _screenshot(page, name):
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / name
+    page.screenshot(path=str(shot), full_page=True)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+@pytest.fixture(scope="module")
+def plain_site(store, tmp_path_factory):
+    """The site without an MLflow UI to link to: run names and ids are text (as ``make demo`` publishes it)."""
+    out = tmp_path_factory.mktemp("plain-site")
+    build(store.uri, out, formats="html")
+    return SimpleNamespace(path=out / "index.html")
+
+
+def test_run_ids_fit_at_1400_px(store, plain_site, browser):
+    """A 32-character run id is shown on one line, cut to its column, and copied whole."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    _, problems = _open(page, plain_site)
+    _assert_readable(page)
+    assert page.locator(".scroll").evaluate_all("ss => ss.map(s => s.scrollWidth - s.clientWidth)") == [0, 0]
+    code = page.locator(f'tr[data-run="{store.pgd}"] td.run code')
+    assert code.text_content() == store.pgd and store.pgd in code.get_attribute("title")
+    assert code.evaluate("c => c.scrollWidth > c.clientWidth")  # cut by CSS, not in the page
+    page.close()
+    assert not problems, problems
+
+
+def test_on_a_phone(store, plain_site, browser):
+    """At 390 px the tables scroll in their own frames, nothing else sticks out, and a tap on a flag
+    shows its reason (a hover title never shows on a touch screen)."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    site = plain_site
+    requests, problems = _open(page, site)
+    _assert_readable(page)
+    assert all(w > 0 for w in page.locator(".scroll").evaluate_all("ss => ss.map(s => s.scrollWidth - s.clientWidth)"))
+
+    page.locator(f'tr[data-run="{store.trades}"] a.badge.warn').first.tap()
+    note = page.locator("li:target")
+    assert note.count() == 1 and HOSTILE_REASON in note.inner_text() and "(row 1)" in note.inner_text()
+    box = note.bounding_box()
+    assert box and 0 <= box["y"] and box["y"] + box["height"] <= 844 and box["x"] + box["width"] <= 390
+    # Every badge's reason is written out under its table, not only in the badge's title.
+    badges = page.locator("table.board a.badge").evaluate_all(
+        "bs => bs.map(b => [b.getAttribute('title'), document.getElementById(b.hash.slice(1)).textContent])")
+    assert badges and all(title in text for title, text in badges), badges
+
+    _screenshot(page, "leaderboard-phone.png")
+    context.close()
+    assert requests == [site.path.as_uri()], requests
+    assert not problems, problems
 

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -183,19 +184,23 @@ def test_latex_layout(store, site):
     tex = site.tex
     assert tex.startswith("% otarena leaderboard: ") and "\\usepackage{booktabs}" in tex.splitlines()[1]
     assert tex.count("\\begin{table}[htbp]") == tex.count("\\end{table}") == len(site.tables) == 2
-    for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{rlrrrrlrc}"):
+    for cmd in ("\\toprule", "\\midrule", "\\bottomrule"):
         assert tex.count(cmd) == 2, cmd
+    # No row of the Linf table is certified: its Certified column is left out, the L2 one keeps it.
+    assert re.findall(r"\\begin\{tabular\}\{(\w+)\}", tex) == ["rlrrrlrc", "rlrrrrlrc"]
     labels = re.findall(r"\\label\{([^}]*)\}", tex)
     assert labels == ["tab:otarena-cifar10-Linf-8-255", "tab:otarena-digits-L2-0.5"]
     assert "\\caption{otarena leaderboard: cifar10, $\\ell_\\infty$, $\\varepsilon = 8/255$. " in tex
+    assert "Rank & Method & Clean & AutoAttack & PGD & Arch & Epochs & Flags \\\\" in tex
     assert "Rank & Method & Clean & AutoAttack & PGD & Certified & Arch & Epochs & Flags \\\\" in tex
     assert [c.header for c in columns(TEX)][-1] == "Flags"
-    assert ("1 & trades & 81.0 $\\pm$ 0.5 & 47.0 $\\pm$ 1.2 & 50.0 $\\pm$ 2.0 & -- & preact\\_resnet18 & 10 "
-            "& $\\dagger$ \\\\") in tex
-    assert "2 & pgd\\_at & 75.00 & 45.00 & 44.00 & -- & preact\\_resnet18 & 10 & $\\ast$ \\\\" in tex
+    # The Flags cell: the row's mark with the letters of its footnotes (warnings first).
+    assert ("1 & trades & 81.0 $\\pm$ 0.5 & 47.0 $\\pm$ 1.2 & 50.0 $\\pm$ 2.0 & preact\\_resnet18 & 10 "
+            "& $\\dagger^{\\mathrm{a,c}}$ \\\\") in tex
+    assert "2 & pgd\\_at & 75.00 & 45.00 & 44.00 & preact\\_resnet18 & 10 & $\\ast^{\\mathrm{d}}$ \\\\" in tex
     assert "1 & hkr & 75.00 & 45.00 & 47.00 & 38.00 & lipschitz\\_small & 3 &  \\\\" in tex
-    assert ("1.~trades (preact\\_resnet18): $\\dagger$~masking:aa-gap (AutoAttack 12.3 points below PGD-50); "
-            "small-sample (only 1000 test images).\\par") in tex
+    assert "$^{\\mathrm{a}}$~$\\dagger$~masking:aa-gap (AutoAttack 12.3 points below PGD-50).\\par" in tex
+    assert "$^{\\mathrm{c}}$~small-sample (only 1000 test images).\\par" in tex
     # The hkr table has no flags, so no note under it.
     assert tex.split("\\label{tab:otarena-digits")[1].count("\\footnotesize") == 0
 
@@ -214,6 +219,33 @@ def test_latex_escapes_every_user_string(store, site):
                        title="\\input{t}\n\\end{document}")
     assert "\\input{" not in hostile and "\n\\end{document}" not in hostile
     assert "\\label{tab:otarena-d-Linf-0.1}" in hostile
+
+
+def test_latex_has_one_footnote_per_distinct_note():
+    """Three rows trained with one seed share one footnote; a flag with two reasons gets two."""
+    one_seed = {"flags": ("single-seed",), "flag_reasons": (("single-seed", "trained with one seed"),)}
+    rows = (_row("1", **one_seed), _row("2", **one_seed),
+            _row("3", flags=("single-seed", "masking:aa-gap"),
+                 flag_reasons=(("single-seed", "trained with one seed"), ("masking:aa-gap", "AA 9 points below PGD"))),
+            _row("4", flags=("masking:aa-gap",), flag_reasons=(("masking:aa-gap", "AA 12 points below PGD"),)),
+            _row("5"))
+    tex = to_latex([Table("cifar10", "Linf", 8 / 255, rows)])
+    assert tex.count("single-seed (trained with one seed)") == 1
+    notes = [line for line in tex.splitlines() if line.startswith("$^{")]
+    assert notes == ["$^{\\mathrm{a}}$~$\\dagger$~masking:aa-gap (AA 9 points below PGD).\\par",
+                     "$^{\\mathrm{b}}$~$\\dagger$~masking:aa-gap (AA 12 points below PGD).\\par",
+                     "$^{\\mathrm{c}}$~single-seed (trained with one seed).\\par"]
+    flags = [line.rsplit("&", 1)[1].strip() for line in tex.splitlines() if re.match(r"\d & ", line)]
+    assert flags == ["$\\ast^{\\mathrm{c}}$ \\\\", "$\\ast^{\\mathrm{c}}$ \\\\",
+                     "$\\dagger^{\\mathrm{a,c}}$ \\\\", "$\\dagger^{\\mathrm{b}}$ \\\\", "\\\\"]
+
+
+def test_latex_explains_a_certified_accuracy_far_below_autoattack():
+    hkr = replace(_row("1", method="hkr", norm="L2"), eps=0.3, aa_acc=0.85, certified_acc=0.035)
+    tex = to_latex([Table("digits", "L2", 0.3, (hkr,))])
+    assert "Certified accuracy far below AutoAttack (row 1)" in tex and "sqrt(2) x eps = 0.424 here" in tex
+    close = replace(hkr, aa_acc=0.45, certified_acc=0.38)
+    assert "far below" not in to_latex([Table("digits", "L2", 0.3, (close,))])
 
 
 def test_latex_empty_and_unique_labels():
@@ -268,6 +300,21 @@ def test_cli_bad_format_is_one_line_exit_2(store, tmp_path, capsys, fmt):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("otarena: error: unknown leaderboard format")
     assert not (tmp_path / "site").exists()
+
+
+def test_cli_filter_that_matches_nothing_keeps_the_site(store, tmp_path, capsys):
+    out = tmp_path / "site"
+    args = ["leaderboard", "--tracking-uri", store.uri, "--out", str(out), "--format", "md,json"]
+    assert main(args) == 0
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    capsys.readouterr()
+    typo = ["--filter", "tags.`otarena.method` = 'trade'"]
+    assert main(args + typo) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matches no trial run" in err and "--allow-empty" in err
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+    assert main(args + typo + ["--allow-empty"]) == 0
+    assert EMPTY_MESSAGE in (out / "leaderboard.md").read_text()
 
 
 def test_cli_empty_leaderboard(store, tmp_path, capsys):

@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 
 from otarena import leaderboard
-from otarena.leaderboard import build, format_text
+from otarena.leaderboard import EmptySelection, build, format_text
 from otarena.leaderboard.columns import COLUMNS, MD, columns
 from otarena.leaderboard.formatting import EMPTY_MESSAGE, md_escape
 
@@ -174,12 +174,13 @@ def test_ranking_and_columns(store, built):
     assert (t.rows[0].trials, t.rows[0].trial_epochs) == (5.0, 5 + 2 + 5 + 1 + 3)
 
     assert "## digits · Linf · eps=0.2" in built.md
-    header = "| " + " | ".join(c.header for c in columns(MD)) + " |"
-    assert built.md.count(header) == 4
-    assert header == ("| Rank | Method | Clean | AutoAttack | AA 95% CI | PGD | Certified | Arch | Epochs | "
+    # No row of this table has a CI or a certified accuracy: those columns are left out of it.
+    header = "| " + " | ".join(c.header for c in columns(MD, t.rows)) + " |"
+    assert header == ("| Rank | Method | Clean | AutoAttack | PGD | Arch | Epochs | "
                       "Hyperparameters | Trials | Trial-epochs | n_ex | Seeds | Flags | Run |")
-    assert f"| 2 | pgd\\_at | 83.12 | 48.12 | – | 50.00 | – | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 | 1 |  | {store.pgd2} |" in built.md
-    assert f"| 1 | trades | 80.00 | 50.00 | – | 52.00 | – | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 | 1 |" in built.md
+    assert f"{header}\n" in built.md.split("## digits · Linf · eps=0.2")[1].split("## ")[0]
+    assert f"| 2 | pgd\\_at | 83.12 | 48.12 | 50.00 | small\\_cnn | 5 | lr=0.05 | 3 | 15 | 500 | 1 |  | {store.pgd2} |" in built.md
+    assert f"| 1 | trades | 80.00 | 50.00 | 52.00 | small\\_cnn | 5 | lr=0.1, trades\\_beta=6 | 5 | 16 | 500 | 1 |" in built.md
 
 
 def test_validation_not_test_decides(store, built):
@@ -204,8 +205,9 @@ def test_markdown_escapes_user_text(store, built):
     assert "sep=a\\|b" in md and "wrn\\`34\\`\\*\\_\\[x\\]" in md
     assert "\x1b" not in md
     # Escaped pipes keep every row at exactly one cell per column.
-    rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows and all(len(re.split(r"(?<!\\)\|", line)) == len(columns(MD)) + 2 for line in rows)
+    for t, section in zip(built.tables, md.split("\n## ")[1:]):
+        rows = [line for line in section.splitlines() if line.startswith("| ")]
+        assert rows and all(len(re.split(r"(?<!\\)\|", line)) == len(columns(MD, t.rows)) + 2 for line in rows)
     assert md_escape("a\\|b") == "a\\\\\\|b"  # a user backslash cannot un-escape the pipe
 
 
@@ -253,6 +255,21 @@ def test_format_text(store, built):
     assert len({len(line) for line in lines[-(2 + 5):]}) == 1  # and in the last (⚠ and ± included)
 
 
+def test_a_filter_that_matches_nothing_writes_nothing(store, tmp_path):
+    """A typo in a filter must not replace a published leaderboard with an empty one."""
+    site = tmp_path / "site"
+    build(store.uri, site, formats="md,csv")
+    before = {p.name: p.read_bytes() for p in site.iterdir()}
+    with pytest.raises(EmptySelection, match="matches no trial run: nothing to rank, nothing written"):
+        build(store.uri, site, filter_string="tags.`otarena.method` = 'tradess'", formats="md,csv")
+    with pytest.raises(EmptySelection, match="matches 1 trial runs, none of them evaluated"):
+        build(store.uri, site, filter_string=f"attributes.run_id = '{store.tr_uneval}'", formats="md,csv")
+    assert {p.name: p.read_bytes() for p in site.iterdir()} == before
+    assert build(store.uri, site, filter_string="tags.`otarena.method` = 'tradess'", formats="md",
+                 allow_empty=True) == []
+    assert EMPTY_MESSAGE in (site / "leaderboard.md").read_text()
+
+
 def test_empty_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()  # creates the (empty) database
@@ -287,7 +304,8 @@ def test_certified_rows_get_an_l2_table_with_a_certified_column(tmp_path):
     assert [(t.norm, t.eps) for t in tables] == [("L2", 0.5), ("Linf", 0.2)]
     md = (tmp_path / "site" / "leaderboard.md").read_text()
     assert "## digits · L2 · eps=0.5" in md
-    assert "| 1 | hkr | 75.00 | 45.00 | – | 47.00 | 38.00 | lipschitz\\_small |" in md
+    assert "| 1 | hkr | 75.00 | 45.00 | 47.00 | 38.00 | lipschitz\\_small |" in md
+    assert "| Certified |" not in md.split("## digits · Linf")[1]  # no certified row in the Linf table
 
 
 def _svhn(built):
@@ -309,14 +327,14 @@ def test_multi_seed_mean_ranks_and_shows(store, built):
     assert row.run_id == store.seeds3 and row.n_seeds == 3
     assert (row.aa_acc, row.aa_acc_mean, row.aa_acc_std, row.headline("aa_acc")) == (0.40, 0.47, 0.012, 0.47)
     assert (row.aa_ci, row.clean_ci, row.pgd_ci, row.certified_ci) == ((0.412, 0.503), (0.77, 0.83), None, None)
-    assert row.certified_acc_mean is None  # not logged: the Certified cell stays "–"
+    assert row.certified_acc_mean is None  # not logged, in no row: no Certified column
     one = t.rows[2]  # n_seeds=1: its stray logged mean of 99% neither ranks nor shows
     assert (one.n_seeds, one.aa_acc_mean, one.headline("aa_acc")) == (1, None, 0.45)
     assert _md_row(built.md, store.seeds3) == (
-        "| 2 | ⚠ trades | 81.0 ± 0.5 | 47.0 ± 1.2 | \\[41.2, 50.3\\] | 50.0 ± 2.0 | – | small\\_cnn | 5 | lr=0.1 "
+        "| 2 | ⚠ trades | 81.0 ± 0.5 | 47.0 ± 1.2 | \\[41.2, 50.3\\] | 50.0 ± 2.0 | small\\_cnn | 5 | lr=0.1 "
         "| 4 | 20 | 1000 | 3 | ⚠ masking:aa-gap (AutoAttack 12.3 points below PGD-50); "
         f"small-sample (only 1000 test images) | {store.seeds3} |")
-    assert _md_row(built.md, store.one_seed).startswith("| 3 | ⚠ pgd\\_at | 75.00 | 45.00 | – | 47.00 | – |")
+    assert _md_row(built.md, store.one_seed).startswith("| 3 | ⚠ pgd\\_at | 75.00 | 45.00 | – | 47.00 | small")
 
     df = pd.read_csv(built.csv, keep_default_na=False).set_index("run_id")
     assert df.loc[store.seeds3, ["rank", "n_seeds", "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
