@@ -34,9 +34,13 @@ FAILURE = "otarena.failure"
 RAY_PATH = "otarena.ray_path"
 """On a search's parent run: the Ray experiment folder that ``--resume`` restores."""
 TRACKING_OUTAGE_S = "otarena.tracking_outage_s"
+INTERRUPTED = "otarena.interrupted"
+"""``true`` on a search's parent run (KILLED) and its running trials' runs that a Ctrl-C stopped;
+``otarena search --resume`` continues them and removes it."""
 
 EVALUATED = "otarena.evaluated"
-"""``true`` once the final evaluation has run."""
+"""``true`` once the final evaluation has run. On a search's parent run: ``false`` from the end of its
+search until its final evaluation is recorded, then ``true``."""
 FLAGS = "otarena.flags"
 FLAG_REASONS = "otarena.flag_reasons"
 """A JSON object ``{flag: one-line reason}``."""

@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="site", help="where the leaderboard is written")
     p.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
     p.add_argument("--resume", action="store_true",
-                   help="continue the unfinished searches of these configs (after a crash or a kill)")
+                   help="continue the unfinished searches of these configs (after Ctrl-C, a crash or a kill)")
     p.set_defaults(func=cmd_search)
 
     p = command("evaluate", "evaluate a logged trial (RUN_ID) or any checkpoint on the test split")

@@ -8,6 +8,9 @@ the results, flags and checkpoint land in the trial's own run. With ``final_eval
 selected configuration is also retrained with further seeds, each a ``seed`` run beside the
 trials, and the trial's run gets the mean and standard deviation over all of them.
 
+A parent run ends with its own search; the final evaluations write into its trials' runs later.
+A Ctrl-C stops the whole campaign, saved for ``--resume`` (``CtrlC``).
+
 Two traps of Ray Tune 2.x are handled here. Its OptunaSearch tells Optuna that an ASHA-stopped trial
 is COMPLETE, with a partial-budget score; here it is PRUNED. Its MLflowLoggerCallback keeps the
 trial-to-run map in memory and opens a second run after ``Tuner.restore``; here a trial maps to
@@ -16,6 +19,8 @@ exactly one MLflow run through the ``otarena.trial_id`` tag.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -42,6 +47,114 @@ METRIC, MODE = "val/pgd_acc", "max"
 
 def log(message: str) -> None:
     print(f"[otarena {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Interrupted(Exception):
+    """A Ctrl-C stopped the campaign; ``resumable`` when ``--resume`` has something left to do."""
+
+    def __init__(self, resumable: bool = True):
+        super().__init__("stopped by Ctrl-C")
+        self.resumable = resumable
+
+
+class CtrlC:
+    """Ctrl-C for a whole campaign: the first stops it cleanly, a second one exits at once.
+
+    Ray Tune would take SIGINT over inside ``Tuner.fit`` and stop only the Tuner, after which the
+    driver went on to the next method. Here the campaign keeps SIGINT (``TUNE_DISABLE_SIGINT_HANDLER``)
+    and, while a Tuner runs, hands the first Ctrl-C to Tune's own stop handler, the one Tune also
+    installs for SIGUSR1: Tune starts no new trial, saves the experiment with the running trials
+    unfinished, so that ``Tuner.restore`` resumes them, and ``fit()`` returns. Outside a Tuner the
+    campaign stops at its next step (``check``), and waits for the final evaluations in short slices.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.tune_stop = None
+        self.previous = None
+
+    def install(self) -> None:
+        self.requested, self.tune_stop = False, None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self.previous = signal.signal(signal.SIGINT, self.on_signal)
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def on_signal(self, signum, frame) -> None:
+        if self.requested:
+            log("second Ctrl-C: exiting now; what the last save missed is trained again on --resume")
+            # The local Ray cluster goes too: its agents would outlive the driver by minutes.
+            for pid in _descendants(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(INTERRUPT_EXIT)
+        self.requested = True
+        log("Ctrl-C: stopping the campaign: no new trial, the running ones saved for --resume "
+            "(Ctrl-C again to exit at once)")
+        self.stop_tune()
+
+    def tune_started(self) -> None:
+        """Called as a Tuner sets up, once Tune has installed its stop handler."""
+        handler = signal.getsignal(signal.SIGUSR1)
+        self.tune_stop = handler if callable(handler) else None
+        self.stop_tune()  # a Ctrl-C that came while the Tuner was being built
+
+    def stop_tune(self) -> None:
+        if self.requested and self.tune_stop is not None:
+            handler, self.tune_stop = self.tune_stop, None
+            handler(signal.SIGUSR1, None)
+
+    def check(self) -> None:
+        if self.requested:
+            raise Interrupted()
+
+    def wait(self, refs: list) -> None:
+        """Wait for Ray tasks, in slices short enough for a Ctrl-C to stop the wait."""
+        pending = list(refs)
+        while pending:
+            self.check()
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        self.check()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started under ``pid``, children first (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if entry.name.isdigit():
+            try:
+                with open(os.path.join(entry.path, "stat")) as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+INTERRUPT_EXIT = 130
+"""The exit code of a command stopped by SIGINT (128 + 2), as shells report it."""
+CTRL_C = CtrlC()
+
+
+class StopOnCtrlC(tune.Callback):
+    """Tells ``CTRL_C`` that a Tuner runs (it holds no state, so Ray can pickle it into the experiment)."""
+
+    def setup(self, **info):
+        CTRL_C.tune_started()
+
+    def on_experiment_end(self, trials, **info):
+        CTRL_C.tune_stop = None
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -120,10 +233,9 @@ class MlflowTrials(tune.Callback):
         epochs = int(result.get("training_iteration", 0))
         outcome = "completed" if epochs >= self.max_epochs else "pruned"
         run_id = self.run_id(trial)
-        self.tracker.log_metrics(run_id, {"val/best_pgd_acc": result.get("val/best_pgd_acc", float("nan")),
-                                          "val/best_clean_acc": result.get("val/best_clean_acc", float("nan")),
-                                          "val/best_epoch": result.get("val/best_epoch", float("nan")),
-                                          "train/epochs": epochs})
+        # val/best_* came with every epoch's result, logged at that epoch: logged again here they
+        # would land at step 0 and start every best-so-far chart with the final value.
+        self.tracker.log_metrics(run_id, {"train/epochs": epochs})
         checkpoint = getattr(trial, "checkpoint", None)
         # Where its weights live, so that `otarena evaluate RUN_ID` works on any finished trial.
         where = {tag.CHECKPOINT: checkpoint.path} if checkpoint else {}
@@ -206,9 +318,16 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     previous = tracker.open_search(tags) if resume else None
     path = previous.data.tags.get(tag.RAY_PATH) if previous else None
+    if path and tune.Tuner.can_restore(path) and previous.data.tags.get(tag.EVALUATED) == "false":
+        parent_id = previous.info.run_id
+        log(f"{method}: the search of MLflow parent run {parent_id} had ended; its final evaluation is left")
+        tracker.reopen(previous, "FINISHED")
+        results = list(tune.Tuner.restore(path, trainable).get_results())
+        return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
     if path and tune.Tuner.can_restore(path):
         parent_id = previous.info.run_id
         log(f"{method}: resuming the search of MLflow parent run {parent_id} from {path}")
+        tracker.reopen(previous, "RUNNING")
         # The searcher (Optuna's history), ASHA's rungs, the trials and their checkpoints all come back.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -219,6 +338,12 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     start = time.time()
     grid = tuner.fit()
     wall = time.time() - start
+    if CTRL_C.requested:
+        # Tune saved the experiment with the running trials unfinished; nothing of it is evaluated.
+        tracker.interrupt_search(parent_id)
+        log(f"{method}: search stopped after {wall:.0f}s; MLflow parent run {parent_id} KILLED "
+            f"({tag.INTERRUPTED}=true)")
+        raise Interrupted()
     results = [r for r in grid]
     lost = tracker.retire_lost_trials(parent_id, _trial_ids(results))
     stale = tracker.close_stale_trials(parent_id)
@@ -230,11 +355,17 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
     tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
+    # The parent run lasts as long as its search; the final evaluation writes into its trials' runs later.
+    tracker.end_search(parent_id)
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
-    # By the otarena.trial_id tag, not the callback's memory: after a restore the callback is a copy.
-    run_ids = {r.data.tags[tag.TRIAL_ID]: r.info.run_id for r in tracker.trial_runs(parent_id)
-               if tag.TRIAL_ID in r.data.tags}
-    return MethodSearch(method, spec, parent_id, results, run_ids)
+    return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
+
+
+def _run_ids(tracker: Tracker, parent_id: str) -> dict:
+    """Trial id to MLflow run id, by the otarena.trial_id tag, not the callback's memory: after a
+    restore the callback is a copy."""
+    return {r.data.tags[tag.TRIAL_ID]: r.info.run_id for r in tracker.trial_runs(parent_id)
+            if tag.TRIAL_ID in r.data.tags}
 
 
 def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, space: dict, searched: list,
@@ -265,7 +396,7 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
-            callbacks=[callback], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[callback, StopOnCtrlC()], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures)))
     return parent_id, tuner
 
@@ -372,7 +503,12 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
 
 def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: PendingEvaluation,
                             tracker: Tracker) -> list[dict]:
-    """Wait for the evaluations and write them into each trial's own MLflow run."""
+    """Wait for the evaluations and write them into each trial's own MLflow run.
+
+    The wait comes first and stops on Ctrl-C; the writes follow without a wait in between, so a
+    method's final evaluation is recorded whole or not at all (``--resume`` then runs it).
+    """
+    CTRL_C.wait([ref for _, ref in pending.seeds] + pending.evaluations)
     params = {f"eval.{k}": v for k, v in flatten(cfg.final_eval.model_dump()).items()} | {"eval.seed": cfg.seed}
     seed_results = []
     for seed, ref in pending.seeds:
@@ -401,6 +537,7 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: P
         _show(outcome.method, f"trial {trial_id}", result, summary, extra_flags)
         summaries.append({"method": outcome.method, "trial_id": trial_id, "run_id": run_id, **result, **summary,
                           "flags": result["flags"] + list(extra_flags)})
+    tracker.set_tags(outcome.parent_id, {tag.EVALUATED: "true"})
     return summaries
 
 
@@ -443,34 +580,63 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
     configs = configs if isinstance(configs, list) else [configs]
     start = time.time()
     evaluations = []
-    for cfg in configs:
-        tracker = Tracker(cfg.tracking_uri, cfg.name)
-        log(f"{cfg.name}: loading {cfg.dataset}")
-        train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
-        val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
-        test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
-        log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
-        init_ray(address)
-        train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
-        for i, method in enumerate(cfg.methods, 1):
-            log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
-            outcome = search_method(cfg, method, tracker, train_ref, val_ref, resume=resume)
-            evaluations.append((cfg, tracker, outcome,
-                                submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref))))
-    log("waiting for the final evaluations")
-    summaries = []
-    for cfg, tracker, outcome, pending in evaluations:
-        summaries += record_final_evaluation(cfg, outcome, pending, tracker)
-        if tracker.client.outage_s:
-            tracker.set_tags(outcome.parent_id, {tag.TRACKING_OUTAGE_S: f"{tracker.client.outage_s:.0f}"})
-        tracker.finish(outcome.parent_id)
-    for tracker in dict.fromkeys(t for _, t, _, _ in evaluations):
-        _report_tracking(tracker)
-    names = list(dict.fromkeys(cfg.name for cfg in configs))
-    log(f"all searches done in {time.time() - start:.0f}s; MLflow experiments {', '.join(names)}")
-    if out_dir:
-        for uri in dict.fromkeys(cfg.tracking_uri for cfg in configs):
-            tables = leaderboard.build(uri, out_dir, experiments=[c.name for c in configs if c.tracking_uri == uri])
-            print(leaderboard.format_text(tables), flush=True)
-        log(f"leaderboard written to {out_dir}/ ({', '.join(f.file for f in leaderboard.FORMATS.values())})")
+    CTRL_C.install()
+    try:
+        summaries = _search_and_evaluate(configs, evaluations, address, resume)
+        for tracker in dict.fromkeys(t for _, t, _, _ in evaluations):
+            _report_tracking(tracker)
+        names = list(dict.fromkeys(cfg.name for cfg in configs))
+        log(f"all searches done in {time.time() - start:.0f}s; MLflow experiments {', '.join(names)}")
+        if CTRL_C.requested:
+            # Every search and evaluation is recorded: nothing to resume, and no site either.
+            raise Interrupted(resumable=False)
+        if out_dir:
+            for uri in dict.fromkeys(cfg.tracking_uri for cfg in configs):
+                tables = leaderboard.build(uri, out_dir, experiments=[c.name for c in configs
+                                                                      if c.tracking_uri == uri])
+                print(leaderboard.format_text(tables), flush=True)
+            log(f"leaderboard written to {out_dir}/ ({', '.join(f.file for f in leaderboard.FORMATS.values())})")
+    finally:
+        CTRL_C.uninstall()
     return summaries
+
+
+def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address: Optional[str],
+                         resume: bool) -> list[dict]:
+    """Every search of the campaign, then the recording of their final evaluations.
+
+    On Ctrl-C: no further search starts, evaluations not yet recorded are cancelled, and every
+    parent run without its final evaluation ends KILLED (``Tracker.interrupt_search``).
+    """
+    try:
+        for cfg in configs:
+            CTRL_C.check()
+            tracker = Tracker(cfg.tracking_uri, cfg.name)
+            log(f"{cfg.name}: loading {cfg.dataset}")
+            train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
+            val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
+            test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
+            log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
+            init_ray(address)
+            train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
+            for i, method in enumerate(cfg.methods, 1):
+                CTRL_C.check()
+                log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
+                outcome = search_method(cfg, method, tracker, train_ref, val_ref, resume=resume)
+                evaluations.append((cfg, tracker, outcome,
+                                    submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref))))
+        log("waiting for the final evaluations")
+        summaries = []
+        for done, (cfg, tracker, outcome, pending) in enumerate(evaluations):
+            summaries += record_final_evaluation(cfg, outcome, pending, tracker)
+            if tracker.client.outage_s:
+                tracker.set_tags(outcome.parent_id, {tag.TRACKING_OUTAGE_S: f"{tracker.client.outage_s:.0f}"})
+            evaluations[done] = (cfg, tracker, outcome, None)
+        return summaries
+    except Interrupted:
+        for _, tracker, outcome, pending in evaluations:
+            if pending is not None:
+                for ref in pending.evaluations + [ref for _, ref in pending.seeds]:
+                    ray.cancel(ref, force=True)
+                tracker.interrupt_search(outcome.parent_id)
+        raise

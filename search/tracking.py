@@ -245,12 +245,41 @@ class Tracker:
         self.client = ResilientClient(self.tracking_uri)
 
     def open_search(self, tags: Mapping[str, str]) -> Optional[Any]:
-        """The latest unfinished search parent run with these tags (what ``--resume`` continues)."""
-        clauses = [f"tags.`{tag.ROLE}` = 'search'", "attributes.status = 'RUNNING'"]
+        """The latest search parent run with these tags that ``--resume`` continues: one still RUNNING
+        (its driver died), one a Ctrl-C stopped (``otarena.interrupted``), or one whose search ended
+        before its final evaluation was recorded (``otarena.evaluated`` = ``false``)."""
+        clauses = [f"tags.`{tag.ROLE}` = 'search'"]
         clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in tag.SEARCH_KEYS]
-        found = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1,
+        found = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000,
                                         order_by=["attributes.start_time DESC"])
-        return found[0] if found else None
+        return next((run for run in found if run.info.status == "RUNNING"
+                     or run.data.tags.get(tag.INTERRUPTED) == "true"
+                     or run.data.tags.get(tag.EVALUATED) == "false"), None)
+
+    def reopen(self, run, status: str) -> None:
+        """Set a run that ``--resume`` continues back to ``status`` (its end time kept) and drop
+        ``otarena.interrupted``."""
+        self.client.update_run(run.info.run_id, status=status)
+        if tag.INTERRUPTED in run.data.tags:
+            self.client.delete_tag(run.info.run_id, tag.INTERRUPTED)
+
+    def end_search(self, parent_id: str) -> None:
+        """A search's parent run ends with its search; its final evaluation is still to come."""
+        self.set_tags(parent_id, {tag.EVALUATED: "false"})
+        self.finish(parent_id)
+
+    def interrupt_search(self, parent_id: str) -> None:
+        """A Ctrl-C stopped the campaign: the parent run and its still running trial runs end KILLED,
+        tagged ``otarena.interrupted``. A parent whose search had ended keeps that end time."""
+        for run in self.trial_runs(parent_id):
+            if run.info.status == "RUNNING":
+                self.set_tags(run.info.run_id, {tag.INTERRUPTED: "true"})
+                self.finish(run.info.run_id, "KILLED")
+        self.set_tags(parent_id, {tag.INTERRUPTED: "true"})
+        if self.client.get_run(parent_id).info.status == "RUNNING":
+            self.finish(parent_id, "KILLED")
+        else:
+            self.client.update_run(parent_id, status="KILLED")
 
     def retire_lost_trials(self, parent_id: str, known: set[str]) -> int:
         """Trial runs of trials that Ray's restored state does not know: a driver killed between a
@@ -288,9 +317,8 @@ class Tracker:
             filter_string=f"tags.`{tag.TRIAL_ID}` = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
             max_results=1)
         if existing:
-            run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
+            self.reopen(existing[0], "RUNNING")
+            return existing[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, tag.ROLE: "trial", tag.TRIAL_ID: trial_id, **tags})
         self.client.log_batch(run.info.run_id, params=_params(params))
