@@ -58,7 +58,7 @@ def to_markdown(tables: list[Table], title: str = "otarena leaderboard", run_url
 
 
 def _latex_flags(notes: list[fmt.FlagNote]) -> Callable[[int, Row], str]:
-    """A row's Flags cell: a mark (a warning's, else a note's) with the letters of its footnotes, ``$\\dagger^{a,b}$``."""
+    """A row's Flags cell: its mark (a warning's, else a note's) with its footnotes' letters, ``$\\dagger^{a,b}$``."""
     def cell(i: int, row: Row) -> str:
         letters = [_letter(k) for k, n in enumerate(notes) if i in n.ranks]
         if not letters:

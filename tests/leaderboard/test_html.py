@@ -31,7 +31,6 @@ from otarena.leaderboard import build, formatting, html, plots, svg
 from otarena.leaderboard.schema import Campaign, Row, Table, TrialPoint
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
 RUN_URL = "http://mlflow.invalid:5000"
 PAPER = "https://arxiv.org/abs/1706.06083"
 EXPERIMENT = "robust <img src=x onerror=alert(2)>"
@@ -331,19 +330,9 @@ def test_plot_survives_odd_numbers_and_hostile_text():
 # ----------------------------------------------------------------------------------------------------
 # In a browser
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
-
 @pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run scripts/ensure-test-tools.sh (make test does)")
-    from playwright import sync_api as playwright  # a dev dependency: never skipped
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
+def browser(chromium):
+    return chromium  # Debian's chromium, shared with the MLflow UI test (tests/conftest.py)
 
 
 def _order(table):
@@ -369,7 +358,7 @@ _OVERFLOW = """() => {
   for (const el of document.body.querySelectorAll('*')) {
     if (el.closest('.scroll') || (el.parentElement && el.parentElement.closest('svg'))) continue;
     const r = el.getBoundingClientRect();
-    if (r.width > 0 && (r.right > width + 1 || r.left < -1)) out.push(el.tagName + ' ' + (el.getAttribute('class') || ''));
+    if (r.width > 0 && (r.right > width + 1 || r.left < -1)) out.push(`${el.tagName} ${el.getAttribute('class')}`);
   }
   return {page: document.documentElement.scrollWidth - width, elements: out};
 }"""
