@@ -496,7 +496,8 @@ def _threads(text: str) -> int:
 def _threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_threads, metavar="N",
                         help="torch's CPU threads (default: the cores this process may use, by its CPU "
-                             "affinity and cgroup quota; fewer run faster on a busy machine)")
+                             "affinity and cgroup quota, at most OMP_NUM_THREADS; fewer run faster on a busy "
+                             "machine)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -15,6 +15,7 @@ through here, so the same weights and seed give the same numbers whichever ran t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,6 +70,46 @@ def evaluate_weights(weights: Mapping[str, torch.Tensor], *, arch: str, test_dat
     model.load_state_dict(weights)
     device = device or methods.pick_device()
     return evaluate_model(model.to(device).eval(), test_data=test_data, device=device, **evaluation)
+
+
+@functools.lru_cache(maxsize=None)
+def _state_shapes(arch: str, in_channels: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of ``arch``'s state dict for such inputs (read only), built on the meta
+    device (no memory, no time) where the architecture allows it."""
+    build = {"in_channels": in_channels, "num_classes": num_classes, "mean": (0.5,) * in_channels,
+             "std": (0.5,) * in_channels}
+    try:
+        with torch.device("meta"):
+            net = methods.nets.build(arch, **build)
+    except RuntimeError:  # deel-torchlip's spectral initialisation reads values: build it for real
+        net = methods.nets.build(arch, **build)
+    return {name: tuple(value.shape) for name, value in net.state_dict().items()}
+
+
+def weights_mismatch(weights: Any, arch: str, dataset: str) -> Optional[str]:
+    """None when ``weights`` load into ``arch`` built for ``dataset``; else why not, in one line, naming
+    the registered architectures and input shapes they do fit, if any (tried by names and shapes)."""
+    if not (isinstance(weights, Mapping) and weights and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())):
+        return "they are not a state dict (a mapping of names to tensors)"
+    shapes = {name: tuple(value.shape) for name, value in weights.items()}
+    info = methods.data.INFO[dataset]
+    if _state_shapes(arch, info.in_channels, info.num_classes) == shapes:
+        return None
+    inputs: dict[tuple[int, int], list[str]] = {}
+    for name, other in methods.data.INFO.items():
+        inputs.setdefault((other.in_channels, other.num_classes), []).append(name)
+    fits = []
+    for candidate in methods.nets.ARCHS:
+        for (channels, classes), datasets in inputs.items():
+            expected = _state_shapes(candidate, channels, classes)
+            if expected.keys() != shapes.keys():
+                break  # the names do not depend on the input shape
+            if expected == shapes:
+                fits.append(f"{candidate} for {channels}-channel {classes}-class inputs ({', '.join(datasets)})")
+    where = f"{arch} for {dataset} ({info.in_channels}-channel {info.num_classes}-class inputs)"
+    return f"they do not fit {where}; " + (f"they fit {' and '.join(fits)}" if fits else
+                                          f"they fit no registered architecture ({', '.join(methods.nets.ARCHS)})")
 
 
 def evaluate_model(model: torch.nn.Module, *, norm: str, eps: float, test_data, eval_cfg: Mapping[str, Any], seed: int,

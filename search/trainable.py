@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from otarena import methods
-from otarena.methods.common.train import Run
+from otarena.methods.common.train import Run, set_threads
 
 STATE_FILE = "state.pt"
 
@@ -42,7 +42,7 @@ def load_state(path: str) -> dict:
 
 
 def train_trial(config: dict[str, Any], *, spec: TrialSpec, train_data, val_data) -> None:
-    torch.set_num_threads(max(1, int(spec.cpus)))
+    set_threads(spec.cpus)
     hparams = {**spec.fixed, **config}
     run = methods.build_run(spec.method, hparams, dataset=spec.dataset, arch=spec.arch,
                             threat=methods.ThreatModel(spec.norm, spec.eps), train=train_data, val=val_data)

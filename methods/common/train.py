@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -138,6 +139,44 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a readable cgroup CPU quota.
+
+    ``os.cpu_count()`` counts the host's cores; a container or ``taskset`` may grant far fewer, and
+    torch's default of one thread per host core then makes the threads wait on each other.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def _cgroup_quota(root: str = "/sys/fs/cgroup") -> Optional[float]:
+    """CPUs of the cgroup quota (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us``); None without one."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            with open(os.path.join(root, quota_file)) as f:
+                numbers = f.read().split()
+            if period_file:
+                with open(os.path.join(root, period_file)) as f:
+                    numbers += f.read().split()
+            quota, period = numbers[0], float(numbers[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        return float(quota) / period
+    return None
+
+
+def set_threads(threads: Optional[float] = None) -> int:
+    """Give torch ``threads`` intra-op threads (at least one) and return the number set: a trial its
+    CPU reservation, ``otarena train`` and ``evaluate`` their ``--threads``. By default, the cores this
+    process may use (:func:`usable_cpus`), or torch's own count if lower (``OMP_NUM_THREADS``)."""
+    count = max(1, int(threads)) if threads is not None else min(usable_cpus(), torch.get_num_threads())
+    torch.set_num_threads(count)
+    return count
 
 
 @dataclass
