@@ -394,11 +394,18 @@ def _autoattack(run: StageInput) -> dict:
     from otarena.methods.common.autoattack import autoattack_cascade
 
     cfg = run.settings
+    last_line = [-math.inf]
 
-    def progress(done, total, so_far):
-        finished = so_far.stages[:min(done * cfg.batch_size, len(run.y))]
-        run.say(f"AutoAttack batch {done}/{total}: robust {share(finished > len(so_far.attacks)):.1%} "
-                f"so far ({run.stopwatch.elapsed():.0f}s)")
+    def progress(step):
+        # One line per attack of a batch, but at most one every PROGRESS_EVERY_S: the last always.
+        final = step.batch == step.batches and step.attack is None
+        if not final and time.time() - last_line[0] < PROGRESS_EVERY_S:
+            return
+        last_line[0] = time.time()
+        where = f"{step.attack} done" if step.attack else "done"
+        left = f", about {_duration(step.left)} left" if step.left is not None and not final else ""
+        run.say(f"AutoAttack batch {step.batch}/{step.batches} {where}: {step.robust}/{step.seen} robust so far "
+                f"({_duration(step.elapsed)}{left})")
 
     cascade = autoattack_cascade(run.model, run.x, run.y, run.threat, version=cfg.aa_version,
                                  batch_size=cfg.batch_size, seed=run.seed, state_path=run.state_path,
@@ -406,6 +413,20 @@ def _autoattack(run: StageInput) -> dict:
     return {"aa_acc": cascade.robust_acc, "aa_per_attack": cascade.per_attack(),
             "aa_blackbox_only": cascade.blackbox_only(), "aa_checks": cascade.checks,
             "aa_resumed_batches": cascade.resumed_batches}
+
+
+PROGRESS_EVERY_S = 10.0
+"""The shortest time between two AutoAttack progress lines."""
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _autoattack_metrics(result: Mapping) -> dict[str, float]:

@@ -45,16 +45,19 @@ def test_preempted_cascade_resumes_from_its_state_file(model, points, tmp_path):
     state = str(tmp_path / "aa_state.pt")
     whole = autoattack_cascade(model, x, y, THREAT, batch_size=8, seed=0)
 
-    def preempt(done, total, result):
-        if done == 1:
+    def preempt(step):
+        if step.batch == 1 and step.attack is None:
             raise KeyboardInterrupt  # what a preemption looks like to the evaluation
 
     with pytest.raises(KeyboardInterrupt):
         autoattack_cascade(model, x, y, THREAT, batch_size=8, seed=0, state_path=state, progress=preempt)
     seen = []
     resumed = autoattack_cascade(model, x, y, THREAT, batch_size=8, seed=0, state_path=state,
-                                 progress=lambda done, total, result: seen.append((done, total)))
-    assert resumed.resumed_batches == 1 and seen == [(1, 3), (2, 3), (3, 3)]
+                                 progress=lambda step: seen.append((step.batch, step.batches, step.attack)))
+    batches_done = [(batch, total) for batch, total, attack in seen if attack is None]
+    assert resumed.resumed_batches == 1 and batches_done == [(1, 3), (2, 3), (3, 3)]
+    assert ("apgd-ce" not in {attack for batch, _, attack in seen if batch == 1}  # read back, not attacked
+            and ("apgd-ce" in {attack for batch, _, attack in seen if batch == 2}))
     assert torch.equal(resumed.stages, whole.stages)
     # A finished state replays without attacking anything.
     assert autoattack_cascade(model, x, y, THREAT, batch_size=8, seed=0, state_path=state).resumed_batches == 3
