@@ -33,5 +33,7 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/otarena ui
 
+# What `make demo` writes (mlruns/: artifacts of stores made before they moved to mlartifacts/), and
+# `otarena train`'s runs/.
 clean:
-	rm -rf site ray_results mlflow.db mlartifacts runs
+	rm -rf site ray_results mlflow.db mlartifacts mlruns runs

@@ -25,6 +25,16 @@ from otarena.leaderboard import tags as tag
 
 EPOCH_METRICS = ("train/", "val/", "time/epoch_s")
 """Result keys logged per epoch (step = epoch); Ray's bookkeeping keys are left out."""
+SERIES_PREFIX = "epoch/"
+"""MLflow name prefix of the per-epoch curves (``epoch/val/pgd_acc``). MLflow's run page groups a run's
+charts into sections named by the key up to its last ``/`` and sorts the sections by name: ``epoch/...``
+sections come before the one-number ``test/...`` bar charts, so the training curves are seen first."""
+SELECTION_METRICS = ("val/best_",)
+"""Result keys that keep their own MLflow name: the selection score the leaderboard ranks trials by."""
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's experiment kind tag and its value for model training (not GenAI development)."""
+ARTIFACTS_FOLDER = "mlartifacts"
+"""Beside a sqlite store, the folder that holds its experiments' artifacts."""
 MAX_PARAM_LENGTH = 6000
 _TRIAL_ONLY_TAGS = {tag.TRIAL_ID, tag.OUTCOME, tag.EVALUATED, tag.FLAGS, tag.FLAG_REASONS,
                     tag.CHECKPOINT, tag.FAILURE}
@@ -52,6 +62,51 @@ def check_reachable(tracking_uri: str) -> None:
     if parsed.scheme in ("", "file"):
         raise TrackingError(f"tracking URI {tracking_uri!r}: MLflow 3 needs a database (sqlite:///mlflow.db) "
                             f"or a server (http://host:port), not a file store")
+
+
+def series_key(key: str) -> str:
+    """The MLflow name of per-epoch result key ``key``: ``train/loss`` is logged as ``epoch/train/loss``."""
+    return key if key.startswith(SELECTION_METRICS) else f"{SERIES_PREFIX}{key}"
+
+
+def _sqlite_path(tracking_uri: str) -> Optional[str]:
+    """The database file of a ``sqlite:///`` URI (absolute), or ``None`` for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = urllib.parse.unquote(tracking_uri[len("sqlite:///"):].split("?")[0])
+    return None if path in ("", ":memory:") else os.path.abspath(path)
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlartifacts/<name>`` beside the
+    database, so a copied store never writes into the original's folder and not into ``./mlruns`` of the
+    working directory (MLflow's default). ``None`` for a server, which keeps artifacts itself."""
+    database = _sqlite_path(tracking_uri)
+    if database is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-.") or "experiment"
+    return os.path.join(os.path.dirname(database), ARTIFACTS_FOLDER, folder)
+
+
+def _outside_store(location: str, tracking_uri: str) -> bool:
+    """A local artifact location outside the folder of the sqlite store it belongs to (a copied store)."""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return False
+    path = os.path.abspath(urllib.parse.unquote(parsed.path) if parsed.scheme else location)
+    store_folder = os.path.dirname(_sqlite_path(tracking_uri))
+    return os.path.commonpath([path, store_folder]) != store_folder
+
+
+def _move_artifact_location(tracking_uri: str, experiment_id: str, location: str) -> None:
+    """Point an experiment's new runs at ``location``. MLflow's API cannot change an experiment's
+    artifact location, so the one column is updated in the sqlite file; earlier runs keep theirs."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(_sqlite_path(tracking_uri), timeout=30)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                   (location, int(experiment_id)))
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -234,7 +289,18 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is not None and found.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {experiment!r} is deleted; restore it or pick another name")
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        location = artifact_location(tracking_uri, experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                               tags={EXPERIMENT_KIND: TRAINING_KIND})
+            return
+        self.experiment_id = found.experiment_id
+        if EXPERIMENT_KIND not in found.tags:  # an experiment made before otarena set it, or by hand
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+        if location and _outside_store(found.artifact_location, tracking_uri):
+            _move_artifact_location(tracking_uri, self.experiment_id, location)
+            self.client.say(f"MLflow experiment {experiment!r}: artifacts of new runs go to {location}, "
+                            f"not {found.artifact_location} (outside this store's folder)")
 
     def __getstate__(self):
         # Ray pickles the Tuner's callbacks into its experiment state; a client is reopened, not pickled.
@@ -345,12 +411,14 @@ class Tracker:
         return run.info.run_id
 
     def last_step(self, run_id: str, key: str) -> int:
-        """The last step logged for ``key`` (0 for none): what a restored trial has already reported."""
-        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+        """The last step logged for result key ``key`` (0 for none): what a restored trial has already
+        reported. A run logged before the curves moved under ``epoch/`` has them under ``key`` itself."""
+        return max((m.step for name in {series_key(key), key} for m in self.client.get_metric_history(run_id, name)),
+                   default=0)
 
     def log_epoch(self, run_id: str, result: Mapping[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+        metrics = [Metric(series_key(k), float(v), now, step) for k, v in result.items()
                    if k.startswith(EPOCH_METRICS) and _finite_number(v)]
         self.client.log_batch(run_id, metrics=metrics)
 

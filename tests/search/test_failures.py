@@ -55,7 +55,7 @@ def _search_with_a_killed_trial(tmp: Path, max_failures: int):
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while (count_rows(tmp / "mlflow.db", "metrics", "val/pgd_acc") < 1 and time.time() < deadline
+        while (count_rows(tmp / "mlflow.db", "metrics", "epoch/val/pgd_acc") < 1 and time.time() < deadline
                and driver.poll() is None):
             time.sleep(0.3)
         victims = _trial_processes(driver.pid)
@@ -88,7 +88,7 @@ def test_with_max_failures_the_trial_resumes_from_its_checkpoint(tmp_path):
     assert len(trials) == TRIALS
     assert all(t.data.tags["otarena.outcome"] == "completed" for t in trials)
     for trial in trials:
-        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/pgd_acc")]
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "epoch/val/pgd_acc")]
         # The retried trial went on from its last checkpoint: every epoch once, none lost.
         assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
         assert len(steps) <= EPOCHS + 1

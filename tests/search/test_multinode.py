@@ -81,7 +81,7 @@ def test_search_spreads_over_both_nodes_and_logs_to_the_server(cluster):
     nodes = {t.data.tags["otarena.node_id"] for t in trials}
     assert len(nodes) == 2, f"all trials ran on {nodes}"
     for trial in trials:
-        history = client.get_metric_history(trial.info.run_id, "val/pgd_acc")
+        history = client.get_metric_history(trial.info.run_id, "epoch/val/pgd_acc")
         assert [m.step for m in history] == list(range(1, int(trial.data.metrics["train/epochs"]) + 1))
         assert trial.info.status == "FINISHED"
         # The checkpoint the trial ended with lives on the shared storage path.

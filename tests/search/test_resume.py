@@ -73,7 +73,7 @@ def test_sigkill_then_resume_reaches_the_budget_once(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     assert all(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in trials)
     for run in trials:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/pgd_acc")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val/pgd_acc")]
         # Each epoch once: a finished trial was not rerun, a killed one went on from its checkpoint.
         assert steps == list(range(1, len(steps) + 1)), (run.data.tags["otarena.trial_id"], steps)
         trial_id = run.data.tags["otarena.trial_id"]

@@ -67,7 +67,7 @@ def test_child_runs_carry_params_curves_and_outcome(searched):
         assert params["optimizer"] == "adam" and params["epochs"] == "2" and params["attack_steps"] == "3"
         epochs = int(metrics["train/epochs"])
         assert (tags["otarena.outcome"] == "completed") == (epochs == 2)
-        for key in ("train/loss", "val/clean_acc", "val/pgd_acc", "time/epoch_s"):
+        for key in ("epoch/train/loss", "epoch/val/clean_acc", "epoch/val/pgd_acc", "epoch/time/epoch_s"):
             history = client.get_metric_history(child.info.run_id, key)
             assert [m.step for m in history] == list(range(1, epochs + 1)), key
         assert 0 <= metrics["val/best_pgd_acc"] <= 1

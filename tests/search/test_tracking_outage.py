@@ -36,7 +36,7 @@ def test_server_restart_mid_search_loses_no_metric(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while (count_rows(tmp_path / "mlflow.db", "metrics", "val/pgd_acc") < 1 and time.time() < deadline
+        while (count_rows(tmp_path / "mlflow.db", "metrics", "epoch/val/pgd_acc") < 1 and time.time() < deadline
                and driver.poll() is None):
             time.sleep(0.3)
         assert driver.poll() is None
@@ -59,7 +59,7 @@ def test_server_restart_mid_search_loses_no_metric(tmp_path):
     assert len(trials) == 2
     for trial in trials:
         assert trial.info.status == "FINISHED" and trial.data.tags["otarena.outcome"] == "completed"
-        for key in ("train/loss", "val/clean_acc", "val/pgd_acc", "time/epoch_s"):
+        for key in ("epoch/train/loss", "epoch/val/clean_acc", "epoch/val/pgd_acc", "epoch/time/epoch_s"):
             steps = [m.step for m in client.get_metric_history(trial.info.run_id, key)]
             assert steps == list(range(1, EPOCHS + 1)), (key, steps)
     parent, = client.search_runs([experiment.experiment_id], "tags.`otarena.role` = 'search'")
