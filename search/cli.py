@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
         test = methods.data.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
         attacks = ("clean", "pgd") + (("autoattack",) if args.autoattack else ()) \
             + (("certified",) if methods.get(method).certified else ())
-        result = methods.evaluate(run.model, test, threat, attacks, seed=cfg.seed)
+        result = methods.evaluate(run.model, test, threat, attacks, seed=cfg.seed, log=_progress)
         print("test: " + "  ".join(f"{k} {v:.1%}" for k, v in result.items() if k.endswith("_acc"))
               + f" on {result['n_ex']} images" + (f"  flags: {', '.join(result['flags'])}" if result["flags"] else ""))
     return 0
@@ -361,7 +361,7 @@ def _evaluate_target(args, client, target: dict) -> int:
     result = evaluation.evaluate_weights(
         target["weights"], method=target["method"], certified=certified, arch=target["arch"], norm=target["norm"],
         eps=target["eps"], test_data=test, eval_cfg=settings, seed=target["seed"],
-        state_path=args.state, log=None if args.quiet else lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        state_path=args.state, log=None if args.quiet else _progress)
     source = {"run_id": args.run_id} if args.run_id else {"checkpoint": os.path.abspath(args.checkpoint)}
     context = {"title": f"{target['method'] or target['arch']} on {target['dataset']}, {target['norm']} "
                         f"eps={target['eps']:g}", "method": target["method"], "dataset": target["dataset"],
@@ -408,6 +408,11 @@ def _log_evaluation(args, client, target: dict, result: dict, context: dict) -> 
                               weights=None if args.run_id else target["weights"])
     tracker.finish(run_id)
     return run_id
+
+
+def _progress(line: str) -> None:
+    """An evaluation's progress line (each stage, each AutoAttack update), on stderr beside the results."""
+    print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def _stem(path: str) -> str:
