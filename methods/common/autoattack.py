@@ -108,8 +108,8 @@ def _cost_per_point(adversary, attack: str) -> float:
     if attack in ("apgd-ce", "apgd-dlr"):
         return adversary.apgd.n_iter * adversary.apgd.n_restarts
     if attack == "apgd-t":
-        attack_ = adversary.apgd_targeted
-        return attack_.n_iter * attack_.n_target_classes * attack_.n_restarts
+        targeted = adversary.apgd_targeted
+        return targeted.n_iter * targeted.n_target_classes * targeted.n_restarts
     if attack in ("fab", "fab-t"):
         runs = adversary.fab.n_target_classes if attack == "fab-t" else adversary.fab.n_restarts
         return 3.0 * adversary.fab.n_iter * runs
@@ -146,7 +146,7 @@ class _TimeLeft:
         ``batches_after`` batches of ``batch_size`` points follow. ``stages[:seen]`` are the points
         seen so far, this batch's survivors counted as robust."""
         rates = [self._rate(i) for i in range(len(self.attacks))]
-        if rates[0] is None:
+        if None in rates:  # nothing timed yet
             return None
         standing = int((stages[batch] > len(self.attacks)).sum())
         reach = [share(stages[:seen] > i) for i in range(len(self.attacks))]  # attack i meets stage > i
