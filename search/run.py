@@ -597,7 +597,10 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
                 print(leaderboard.format_text(tables), flush=True)
             log(f"leaderboard written to {out_dir}/ ({', '.join(f.file for f in leaderboard.FORMATS.values())})")
     finally:
-        CTRL_C.uninstall()
+        if not CTRL_C.requested:
+            CTRL_C.uninstall()
+        # After a Ctrl-C the handler stays for the rest of the process: a second one while Ray shuts
+        # down still exits at once, without a traceback.
     return summaries
 
 

@@ -138,12 +138,12 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     try:
         _wait_for_line(driver, log, " epoch 1/")
         os.killpg(driver.pid, signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(0.1)   # while the first stop saves the search, or while Ray shuts down after it
         os.killpg(driver.pid, signal.SIGINT)
         start = time.time()
         assert driver.wait(timeout=20) == 130, log.read_text()[-3000:]
         assert time.time() - start < 5
-        assert "second Ctrl-C: exiting now" in log.read_text()
+        assert "second Ctrl-C: exiting now" in log.read_text() and "Traceback" not in log.read_text()
         deadline = time.time() + 20
         while _session_alive(driver.pid) and time.time() < deadline:
             time.sleep(0.5)
