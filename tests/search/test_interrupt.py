@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 OTARENA = str(Path(sys.executable).parent / "otarena")
-METHODS, TRIALS, EPOCHS = ["pgd_at", "trades", "mart"], 2, 2
+METHODS, TRIALS, EPOCHS = ["pgd_at", "trades", "mart"], 2, 3   # epochs: time for the Ctrl-C mid-trial
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -42,11 +42,15 @@ def _start(tmp: Path, config: Path) -> tuple[subprocess.Popen, Path]:
     return driver, log
 
 
-def _wait_for_line(driver: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
+def _wait_for_line(driver: subprocess.Popen, log: Path, *parts: str, timeout: float = 300) -> None:
+    """Until the driver prints a line holding every one of ``parts``."""
+    def printed() -> bool:
+        return any(all(part in line for part in parts) for line in log.read_text().splitlines())
+
     deadline = time.time() + timeout
-    while text not in log.read_text() and time.time() < deadline and driver.poll() is None:
+    while not printed() and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
-    assert text in log.read_text(), log.read_text()[-3000:]
+    assert printed(), log.read_text()[-3000:]
 
 
 def _session_alive(session: int) -> list[str]:
@@ -70,8 +74,7 @@ def _runs(client: MlflowClient, role: str) -> list:
 def test_ctrl_c_stops_the_campaign_and_resume_continues_it_without_duplicates(tmp_path):
     driver, log = _start(tmp_path, _config(tmp_path, METHODS))
     try:
-        _wait_for_line(driver, log, "trades: trial ")   # the second method's search is under way
-        _wait_for_line(driver, log, " epoch 1/")
+        _wait_for_line(driver, log, "trades: trial ", " epoch 1/")   # the second method's trials are training
         os.killpg(driver.pid, signal.SIGINT)
         assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
