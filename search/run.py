@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import optuna
 import ray
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -36,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
+from otarena.methods.common.train import set_threads
 from otarena.search import evaluation, spaces
 from otarena.search.config import SearchConfig
 from otarena.search.tracking import Tracker, flatten, last_line
@@ -435,7 +435,7 @@ def _aa_state_path(cfg: SearchConfig, name: str) -> Optional[str]:
 def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int,
                         state_path: Optional[str] = None) -> tuple[dict, dict]:
     """Score a trial's best-epoch weights on the test split (runs as a Ray task)."""
-    torch.set_num_threads(max(1, int(spec.cpus)))
+    set_threads(spec.cpus)
     with checkpoint.as_directory() as folder:
         weights = load_state(folder)["best_model"]
     result = evaluation.evaluate_weights(weights, method=spec.method, arch=spec.arch, norm=spec.norm, eps=spec.eps,
@@ -449,7 +449,7 @@ def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, 
 
     The best epoch is chosen on validation, as in the search; only then is the test split read.
     """
-    torch.set_num_threads(max(1, int(spec.cpus)))
+    set_threads(spec.cpus)
     run = methods.build_run(spec.method, {**hparams, "seed": seed}, dataset=spec.dataset, arch=spec.arch,
                             threat=methods.ThreatModel(spec.norm, spec.eps), train=train_data, val=val_data)
     methods.fit(run)
