@@ -113,8 +113,17 @@ def _train_config(args):
     return cfg, {name: domain.default for name, domain in space.items()}
 
 
+def _cifar_recipe_note(dataset: str, hparams: dict) -> str:
+    """Says that a dataset without its own ``DATASET_TRAIN`` entry trains with the CIFAR-10 defaults."""
+    recipe = ", ".join(f"{k}={hparams[k]}" for k in ("optimizer", "lr", "batch_size", "weight_decay"))
+    return (f"note: {dataset} has no training recipe of its own here, so the CIFAR-10 defaults apply ({recipe}); "
+            "--set KEY=VALUE or a config file changes them")
+
+
 def cmd_train(args) -> int:
     cfg, hparams = _train_config(args)
+    if not args.config and cfg.dataset not in DATASET_TRAIN:
+        print(_cifar_recipe_note(cfg.dataset, hparams), file=sys.stderr)
     import torch
 
     from otarena import methods

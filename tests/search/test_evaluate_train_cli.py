@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from otarena import methods
-from otarena.search.cli import DATASET_TRAIN, main
+from otarena.search.cli import DATASET_TRAIN, _cifar_recipe_note, _train_config, build_parser, main
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 
@@ -102,6 +102,17 @@ def test_train_defaults_for_digits_are_the_demos():
     demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
     assert DATASET_TRAIN["digits"] == {**{k: demo["train"][k] for k in DATASET_TRAIN["digits"] if k != "lr"},
                                        "lr": demo["space"]["common"]["lr"]["default"]}
+
+
+def test_train_says_when_a_dataset_gets_the_cifar_defaults(tmp_path):
+    for name in methods.data.INFO["mnist"].files:   # present, as the config check asks; never read here
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    args = build_parser().parse_args(["train", "--method", "pgd_at", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    cfg, hparams = _train_config(args)
+    assert "mnist" not in DATASET_TRAIN
+    note = _cifar_recipe_note(cfg.dataset, hparams)
+    assert note.startswith("note: mnist") and "CIFAR-10 defaults apply (optimizer=sgd, lr=0.05, batch_size=128" in note
 
 
 def test_plain_train_learns_on_digits_in_one_epoch(tmp_path, capsys, restore_threads):
