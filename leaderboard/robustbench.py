@@ -16,7 +16,10 @@ what RobustBench's readers parse, where they differ from the dataclass annotatio
 * ``eps`` is a **string** as well: ``"8/255"`` for a multiple of 1/255 (CIFAR Linf), else the
   decimal (``"0.5"``, CIFAR L2), the same text as the leaderboard's table titles. The stored files
   all do this (the dataclass annotates a float, and ``benchmark`` writes one: we follow the files).
-* ``reported`` (the number the paper claimed) is ``null``: an otarena entry has no paper of its own.
+* ``reported`` (RobustBench: the number the paper claimed) is the published number of one of our
+  source papers for the same dataset, norm, eps, method and architecture, when ``claims/`` has one
+  (:func:`leaderboard.claims.reported`: AutoAttack, else the closest robust metric); else ``null``.
+  The footnote names its source, metric and protocol, and ``otarena.reported`` has the whole claim.
 * ``venue`` is ``""``, which RobustBench renders as "Unpublished"; ``authors`` is ``""``;
   ``additional_data`` is false and ``number_forward_passes`` 1 (one deterministic forward pass).
 * ``name`` is the method's paper title (tag ``otarena.paper``), else its registry key; ``link`` the
@@ -68,6 +71,7 @@ import math
 import re
 from pathlib import Path
 
+from otarena.leaderboard import claims
 from otarena.leaderboard.formatting import count, eps, pct, printable
 from otarena.leaderboard.schema import ACCURACIES, Row, Table, is_warning
 
@@ -92,12 +96,13 @@ OTARENA_KEYS = (
     "run_id", "run_name", "experiment_id", "experiment", "rank", "method", "arch", "dataset", "norm", "eps",
     "paper", "paper_link", *ACCURACIES, *(f"{m}_{s}" for m in ACCURACIES for s in ("mean", "std")),
     *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "epochs", "val_pgd_acc", "val_clean_acc",
-    "hyperparameters", "flags", "flag_reasons", "search_cost",
+    "hyperparameters", "flags", "flag_reasons", "search_cost", "reported",
 )
 """Keys of the ``otarena`` object. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
 ``[low, high]`` 95% Wilson interval or null; ``<m>_mean``/``_std`` are null unless ``n_seeds >= 2``;
 ``hyperparameters`` and ``flag_reasons`` map names to text as logged; ``search_cost`` has
-``trials``, ``trial_epochs`` and ``device_hours``."""
+``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
+(:meth:`leaderboard.claims.Claim.as_dict`) or null."""
 
 _STR, _BOOL, _INT, _PCT, _PCT_OR_NULL, _STR_OR_NULL, _RATIO = (
     "a string", "a boolean", "an integer >= 1", "a percent string", "a percent string or null",
@@ -144,6 +149,7 @@ def write_model_info(tables: list[Table], folder: str | Path) -> list[Path]:
 
 def model_info(row: Row, rank: int = 1) -> dict:
     """The ``model_info`` dict of one leaderboard row (``rank`` within its table)."""
+    claim = claims.reported(row.dataset, row.norm, row.eps, row.method, row.arch)
     info = {
         "link": _http_link(row.paper_link),
         "name": html.escape(printable(row.paper or row.method)),
@@ -155,14 +161,14 @@ def model_info(row: Row, rank: int = 1) -> dict:
         "architecture": html.escape(printable(row.arch)),
         "eps": eps(row.eps),
         "clean_acc": pct(row.clean_acc),
-        "reported": None,
+        "reported": None if claim is None else f"{claim.value:.2f}",
         "autoattack_acc": pct(row.aa_acc),
     }
     if _external(row):
         info["external"] = pct(row.pgd_acc)
-    info["footnote"] = _footnote(row)
+    info["footnote"] = _footnote(row, claim)
     info["unreliable"] = bool(row.warnings)
-    info[OTARENA_KEY] = _otarena(row, rank)
+    info[OTARENA_KEY] = _otarena(row, rank, claim)
     return info
 
 
@@ -240,7 +246,7 @@ def _http_link(link: str | None) -> str:
     return html.escape(link) if re.match(r"https?://[^\s\"'<>]+$", link, re.IGNORECASE) else ""
 
 
-def _footnote(row: Row) -> str:
+def _footnote(row: Row, claim: claims.Claim | None = None) -> str:
     """How the entry was made, as RobustBench footnotes do; HTML, with the user text escaped."""
     search = "best trial" if row.trials is None else (
         "the only trial" if row.trials == 1 else f"best of {count(row.trials)} trials")
@@ -260,10 +266,14 @@ def _footnote(row: Row) -> str:
         parts.append("flags: " + "; ".join(
             html.escape(printable(f)) + (f" ({html.escape(printable(reasons[f]))})" if reasons.get(f) else "")
             for f in [*row.warnings, *row.notes]))
+    if claim is not None:
+        where = ", ".join(filter(None, (claim.table, claim.row, claim.column)))
+        parts.append(f"reported: {claim.value:g}% ({html.escape(claim.metric.describe(how=True))}) in "
+                     f"{html.escape(claim.citation)}, {html.escape(where)}")
     return "; ".join(parts) + "."
 
 
-def _otarena(row: Row, rank: int) -> dict:
+def _otarena(row: Row, rank: int, claim: claims.Claim | None = None) -> dict:
     """The ``otarena`` object (:data:`OTARENA_KEYS`)."""
     multi = row.n_seeds >= 2
     extra = {
@@ -283,6 +293,7 @@ def _otarena(row: Row, rank: int) -> dict:
         "flag_reasons": {printable(f): printable(t) for f, t in row.flag_reasons},
         "search_cost": {"trials": _int(row.trials), "trial_epochs": _int(row.trial_epochs),
                         "device_hours": _finite(row.device_hours)},
+        "reported": None if claim is None else claim.as_dict(),
     }
     assert tuple(extra) == OTARENA_KEYS  # one list of keys, documented once
     return extra

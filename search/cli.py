@@ -449,6 +449,34 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- claims
+def cmd_claims(args) -> int:
+    from otarena.leaderboard import claims
+    from otarena.leaderboard.formatting import eps
+
+    try:
+        papers = [claims.read(p) for p in claims.select(args.dir, args.paper)]
+    except claims.ClaimsError as err:  # a malformed row: file, row and problem on one line (exit 2)
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(json.dumps([c.as_dict() for p in papers for c in p.claims], indent=2, ensure_ascii=False))
+        return 0
+    rows = [("paper", "table", "row / column", "setting", "metric", "value")]
+    for p in papers:
+        for c in p.claims:
+            value = f"{c.value:+g} points over {c.relative_to}" if c.relative_to else f"{c.value:g}"
+            setting = f"{c.dataset} {c.norm} {eps(c.eps)} {c.arch or c.architecture} {c.method}"
+            rows.append((c.paper[:3], c.table, " / ".join(filter(None, (c.row, c.column))), setting,
+                         c.metric.describe(how=True), value))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
+    for p in papers:
+        if not p.claims:
+            print(f"{p.paper.seed[:3]}: no published number ({p.path.name}): {' '.join((p.note or '').split())}")
+    return 0
+
+
 TRAINING_VIEW = "#/experiments?workflowType=machine_learning"
 """The MLflow UI page that lists the experiments in its "Model training" view (MLflow 3 opens its GenAI
 view unless the address or the browser's last choice of the switch at its top left says otherwise)."""
@@ -632,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
                                         "(default: the tracking URI when it is a server, else no links)")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = command("claims", "list the source papers' published numbers (claims/*.yaml)")
+    p.add_argument("paper", nargs="?", help="one paper: its seed number (003), seed file or claims file name")
+    p.add_argument("--json", action="store_true", help="print the claims as JSON, for scripts")
+    p.add_argument("--dir", help="a folder of claims files to check and list (default: the ones shipped with otarena)")
+    p.set_defaults(func=cmd_claims)
 
     p = command("ui", "open the MLflow UI for a store, on 127.0.0.1")
     p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store to show")
