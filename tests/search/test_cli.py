@@ -54,7 +54,7 @@ BAD_CONFIGS = {
     "eps in integer pixels": (_with(threat_model={"norm": "Linf", "eps": 8}), "eps must be in (0, 1]"),
     "unknown norm": (_with(threat_model={"norm": "L3", "eps": 0.1}), "threat_model.norm"),
     "missing data dir": (_with(dataset="cifar10", data_dir="/nonexistent/data"), "does not exist"),
-    "data dir without the dataset": (_with(dataset="mnist", data_dir="."), "not found in"),
+    "data dir without the dataset": (_with(dataset="fashion_mnist", data_dir="."), "not found in"),
     "zero cpus": (_with(resources={"cpu": 0}), "cpu per trial must be > 0"),
     "more cpus than the machine": (_with(resources={"cpu": 4096}), "this machine has"),
     "negative gpus": (_with(resources={"gpu": -1}), "gpu per trial must be >= 0"),
