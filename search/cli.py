@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs to train; default: the config's budget.max_epochs, else 10")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="fix a hyperparameter, e.g. lr=0.01 or trades_beta=6 (repeatable)")
-    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits)")
+    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits or mnist)")
     p.add_argument("--download", action="store_true", help="download a missing torchvision dataset")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
     p.add_argument("--out", default="runs", help="folder for the trained weights")
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="evaluations", help="with --checkpoint: the MLflow experiment")
     p.add_argument("--into-run", action="store_true", help="write into the trial's own run, not a new child run")
     p.add_argument("--no-mlflow", action="store_true", help="with --checkpoint: only write the JSON report")
-    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits)")
+    p.add_argument("--data-dir", help="folder holding the dataset's files (not needed for digits or mnist)")
     p.add_argument("--download", action="store_true", help="download a missing torchvision dataset")
     _threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (stages, AutoAttack) on stderr")
