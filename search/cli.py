@@ -69,6 +69,10 @@ def cmd_methods(args) -> int:
             print(f"    {key:<20} {value!r} (a setting, not searched)")
     print("\nShared knobs (fixed unless a config gives them a range): "
           + ", ".join(f"{k}" for k in methods.TRAIN_SPACE))
+    from otarena.methods.common.nets import ARCHS, INPUT_SIZE
+
+    print("Architectures (a config's arch, --arch): " + ", ".join(
+        f"{a} ({INPUT_SIZE[a]}x{INPUT_SIZE[a]} only)" if a in INPUT_SIZE else a for a in ARCHS))
     return 0
 
 
@@ -315,7 +319,7 @@ def cmd_evaluate(args) -> int:
     from otarena import methods
     from otarena.methods.common import data as data_lib
     from otarena.methods.common.attacks import check_eps
-    from otarena.methods.common.nets import ARCHS
+    from otarena.methods.common.nets import ARCHS, input_size_error
 
     if bool(args.run_id) == bool(args.checkpoint):
         raise UsageError("give a RUN_ID or --checkpoint PATH (not both)")
@@ -340,6 +344,9 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"unknown arch {target['arch']!r}; choose from {sorted(ARCHS)}")
     if target["dataset"] not in data_lib.INFO:
         raise UsageError(f"unknown dataset {target['dataset']!r}; choose from {sorted(data_lib.INFO)}")
+    unfit = input_size_error(target["arch"], data_lib.INFO[target["dataset"]].image_size)
+    if unfit:
+        raise UsageError(f"{unfit} (dataset {target['dataset']!r})")
     try:
         check_eps(target["norm"], target["eps"])
     except ValueError as err:
@@ -591,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "default: the config's first")
     p.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100 or svhn; default: the config's, else digits")
     p.add_argument("--arch", help="the network (small_cnn, preact_resnet18, wrn34_10, lipschitz_small, "
-                                  "lipschitz_cifar); default: the config's, else small_cnn")
+                                  "lipschitz_cifar, and for MNIST cw_mnist, madry_mnist, langevin_mnist_a, "
+                                  "langevin_mnist_b); default: the config's, else small_cnn")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model norm, without a config")
     p.add_argument("--eps", type=_number, default=0.2,
                    help="radius in [0, 1] pixel units, a decimal or a fraction such as 8/255 (without a config)")

@@ -21,7 +21,7 @@ from otarena import methods
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.attacks import check_eps
 from otarena.methods.common.evaluate import EvalSettings, Thresholds
-from otarena.methods.common.nets import ARCHS
+from otarena.methods.common.nets import ARCHS, input_size_error
 from otarena.methods.space import RANGE_KEYS, Choice, Fixed, Float, Int, as_number, narrow
 
 COMMON = "common"
@@ -266,6 +266,10 @@ def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
         raise ConfigError(_unknown("dataset", cfg.dataset, data_lib.DATASETS))
     if cfg.arch not in ARCHS:
         raise ConfigError(_unknown("arch", cfg.arch, ARCHS))
+    # The papers' MNIST nets flatten a fixed grid: on other sizes a trial would fail at its first batch.
+    unfit = input_size_error(cfg.arch, data_lib.INFO[cfg.dataset].image_size)
+    if unfit:
+        raise ConfigError(f"{unfit} (dataset {cfg.dataset!r})")
     for method in cfg.methods:
         if method not in methods.REGISTRY:
             raise ConfigError(_unknown("method", method, methods.REGISTRY))
