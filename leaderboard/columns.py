@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from otarena.leaderboard import claims
 from otarena.leaderboard import formatting as fmt
 from otarena.leaderboard.schema import Row
 
@@ -117,6 +118,22 @@ def _flags(r: Row) -> str:
     return "; ".join(fmt.flag(f, reasons.get(f)) for f in fmt.flag_order(r))
 
 
+def _reported(r: Row) -> claims.Claim | None:
+    """The source paper's own number for this row's setting (:func:`leaderboard.claims.reported`)."""
+    return claims.reported(r.dataset, r.norm, r.eps, r.method, r.arch)
+
+
+def _reported_text(r: Row) -> str:
+    c = _reported(r)
+    return fmt.MISSING if c is None else f"{c.value:.2f} ({c.metric.describe()}, seed {c.paper[:3]} {c.table})"
+
+
+def _reported_source(r: Row) -> str | None:
+    c = _reported(r)
+    where = None if c is None else ", ".join(filter(None, (c.paper, c.table, c.row, c.column)))
+    return None if c is None else f"{where}: {c.metric.describe(how=True)}"
+
+
 def _table_key(name: str) -> Column:
     """dataset, norm, eps: each table's title in the other formats, a field of every CSV row."""
     return Column(name, name, text=lambda i, r: str(getattr(r, name)), value=lambda i, r: getattr(r, name),
@@ -141,6 +158,14 @@ COLUMNS: tuple[Column, ...] = (
            tip="Wilson interval of this trial's AutoAttack accuracy over its n_ex images"),
     _accuracy("pgd", "PGD", "pgd_acc"),
     _accuracy("certified", "Certified", "certified_acc"),
+    # The paper's claim beside the measured numbers: shown only in tables where a row has one.
+    Column("reported", "Reported", text=lambda i, r: _reported_text(r),
+           value=lambda i, r: None if (c := _reported(r)) is None else c.value / 100, align="right",
+           formats=frozenset({MD, HTML}), first="descending",
+           tip="the source paper's own number for this dataset, norm, eps, method and architecture (claims/): "
+               "AutoAttack, else its closest robust metric, measured by the paper's protocol",
+           csv=(("reported", lambda i, r: None if (c := _reported(r)) is None else c.value / 100),
+                ("reported_source", lambda i, r: _reported_source(r)))),
     Column("arch", "Arch", text=lambda i, r: r.arch, value=lambda i, r: r.arch, csv=(("arch", lambda i, r: r.arch),)),
     _count("epochs", "Epochs", "epochs", formats=TABLES),
     Column("hyperparameters", "Hyperparameters", text=lambda i, r: _hparams(r),

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -122,15 +124,16 @@ def test_reported_prefers_autoattack_then_the_longest_pgd():
     assert claims.reported("cifar10", "Linf", 8 / 255, "pgd_at", "preact_resnet18") is None  # ResNet-18 is not ours
 
 
-def test_reported_appears_in_the_model_info_of_a_matching_row(tmp_path):
+def test_reported_appears_in_the_model_info_and_tables_of_a_matching_row(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri)
     exp = c.create_experiment("mnist")
     matching = _trial(c, _parent(c, exp, "pgd_at", dataset="mnist", eps="0.3", arch="cw_mnist"), val=0.9, aa=0.88)
     other = _trial(c, _parent(c, exp, "trades", dataset="mnist", eps="0.3", arch="small_cnn"), val=0.9, aa=0.87)
-    build(uri, tmp_path / "site", formats="json")
+    site = tmp_path / "site"
+    build(uri, site, formats="json,md,csv,html")
     infos = {i["otarena"]["run_id"]: i for i in
-             (json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "site").rglob("*.json"))}
+             (json.loads(p.read_text(encoding="utf-8")) for p in site.rglob("*.json"))}
     info = infos[matching]
     assert info["reported"] == "91.07"
     assert "reported: 91.07% (AutoAttack standard, predicted labels) in Anonymous authors" in info["footnote"]
@@ -138,3 +141,12 @@ def test_reported_appears_in_the_model_info_of_a_matching_row(tmp_path):
     source = info["otarena"]["reported"]
     assert source["paper"] == "003_45881f63c0658796.txt" and source["key"] == "003:Table 1:PGD-AT:AA"
     assert infos[other]["reported"] is None and infos[other]["otarena"]["reported"] is None
+    # the leaderboard's own tables carry it too: a Reported column in Markdown and HTML, two CSV fields
+    md = (site / "leaderboard.md").read_text(encoding="utf-8")
+    assert "| Reported |" in md and "| 91.07 (AutoAttack standard, seed 003 Table 1) |" in md
+    assert "91.07 (AutoAttack standard, seed 003 Table 1)" in (site / "index.html").read_text(encoding="utf-8")
+    rows = {r["run_id"]: r for r in csv.DictReader(io.StringIO((site / "leaderboard.csv").read_text(encoding="utf-8")))}
+    assert float(rows[matching]["reported"]) == pytest.approx(0.9107)
+    assert rows[matching]["reported_source"] == ("003_45881f63c0658796.txt, Table 1, PGD-AT, AA: "
+                                                 "AutoAttack standard, predicted labels")
+    assert rows[other]["reported"] == rows[other]["reported_source"] == ""
