@@ -484,6 +484,49 @@ def cmd_claims(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- reproduce
+def cmd_reproduce(args) -> int:
+    import dataclasses
+
+    from otarena.search import reproduce
+
+    try:
+        claim_set, chosen = reproduce.resolve(args.claim_set, args.dir, args.table)
+    except reproduce.ReproduceError as err:
+        raise UsageError(str(err)) from None
+    budget = reproduce.BUDGETS[args.budget]
+    changes = {k: v for k, v in (("epochs", args.epochs), ("train_n", args.train_n), ("test_n", args.test_n))
+               if v is not None}
+    for key, value in changes.items():
+        if value < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if args.no_autoattack:
+        changes["autoattack"] = False
+    if changes:  # a budget changed by hand is no longer the named one
+        budget = dataclasses.replace(budget, name="custom", **changes)
+    uri = None if args.no_mlflow else args.tracking_uri
+    if uri:
+        from otarena.search.tracking import check_reachable
+
+        check_reachable(uri)
+    from otarena.methods.common.train import set_threads
+
+    threads = set_threads(args.threads)
+    print(f"reproducing {claim_set} ({len(chosen)} claims), {budget.name} budget"
+          + (": " + "; ".join(budget.reductions()) if budget.reductions() else "") + f"; {threads} CPU threads",
+          flush=True)
+    table = reproduce.reproduce(claim_set, chosen, budget=budget, out=args.out, tracking_uri=uri,
+                                device=args.device, seed=args.seed,
+                                say=lambda line: print(line, flush=True), progress=None if args.quiet else _progress)
+    counts: dict[str, int] = {}
+    for row in table["rows"]:
+        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+    print("verdicts: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
+    print("table: " + ", ".join(reproduce.paths(args.out, claim_set, budget.name))
+          + (f"; MLflow experiment reproduce-{chosen[0].paper[:3]}" if uri else ""))
+    return 0
+
+
 TRAINING_VIEW = "#/experiments?workflowType=machine_learning"
 """The MLflow UI page that lists the experiments in its "Model training" view (MLflow 3 opens its GenAI
 view unless the address or the browser's last choice of the switch at its top left says otherwise)."""
@@ -674,6 +717,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the claims as JSON, for scripts")
     p.add_argument("--dir", help="a folder of claims files to check and list (default: the ones shipped with otarena)")
     p.set_defaults(func=cmd_claims)
+
+    p = command("reproduce", "train and measure one paper's table: its claims against otarena's measurements")
+    p.add_argument("claim_set", help="PAPER:TABLE, e.g. '003:Table 6' or 003:6 ('otarena claims' lists them)")
+    p.add_argument("--table", help="the table, when CLAIM_SET names only the paper")
+    p.add_argument("--budget", default="reduced", choices=["paper", "reduced"],
+                   help="paper: the paper's epochs, data and test split (for a GPU); reduced: 1 epoch on 1,000 "
+                        "training images, 200 test images (a 2-core CPU)")
+    for option, what in (("--epochs", "at most N training epochs"), ("--train-n", "the first N training images"),
+                         ("--test-n", "the first N test images, for every metric")):
+        p.add_argument(option, type=int, metavar="N", help=f"{what} (changes the budget: stated in the table)")
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (its claims: not comparable)")
+    p.add_argument("--out", default="reproductions", help="folder for the table (Markdown and JSON)")
+    p.add_argument("--dir", help="a folder of claims files (default: the ones shipped with otarena)")
+    p.add_argument("--seed", type=int, default=0, help="training and attack seed")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store for the runs (reproduce-<paper>)")
+    p.add_argument("--no-mlflow", action="store_true", help="only write the table")
+    _threads_option(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no evaluation progress lines on stderr")
+    p.set_defaults(func=cmd_reproduce)
 
     p = command("ui", "open the MLflow UI for a store, on 127.0.0.1")
     p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store to show")

@@ -20,7 +20,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_command_is_listed():
-    assert set(_commands()) == {"methods", "train", "search", "evaluate", "leaderboard", "claims", "ui"}
+    assert set(_commands()) == {"methods", "train", "search", "evaluate", "leaderboard", "claims", "reproduce", "ui"}
 
 
 @pytest.mark.parametrize("command", sorted(_commands()))
