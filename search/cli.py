@@ -723,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="the table, when CLAIM_SET names only the paper")
     p.add_argument("--budget", default="reduced", choices=["paper", "reduced"],
                    help="paper: the paper's epochs, data and test split (for a GPU); reduced: 1 epoch on 1,000 "
-                        "training images, 200 test images (a 2-core CPU)")
+                        "training images, 100 test images (a 2-core CPU)")
     for option, what in (("--epochs", "at most N training epochs"), ("--train-n", "the first N training images"),
                          ("--test-n", "the first N test images, for every metric")):
         p.add_argument(option, type=int, metavar="N", help=f"{what} (changes the budget: stated in the table)")
