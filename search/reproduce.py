@@ -385,9 +385,18 @@ def verdict(claim, measured: Optional[Count], *, impossible: Optional[str] = Non
 def machine() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_model() or platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _cpu_model() -> Optional[str]:
+    """The CPU's name as Linux reports it (``AMD EPYC``), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, tracking_uri: Optional[str],
@@ -551,7 +560,7 @@ def markdown(table: dict) -> str:
              f"{table['citation']}. Source of the claims: {table['source']}.", "",
              f"Budget: **{table['budget']}**" + (": " + "; ".join(table["reductions"]) + "." if table["reductions"]
                                                 else " (the paper's setting)."),
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+             f"Machine: {m['platform']}, {m.get('processor') or 'CPU'} x {m['cpu_count']}, torch {m['torch']} ({m['torch_threads']} threads)"
              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f"; {table['seconds']:.0f} s in all.", "",
              "Measured: the paper's metric as the paper ran it, in percent, with its 95% Wilson interval over the "
              "test points used. otarena: the same radius under otarena's protocol (true labels; AutoAttack "
