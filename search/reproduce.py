@@ -46,6 +46,13 @@ VERDICTS = {
 """Each verdict and what it means (the README's table of them)."""
 
 
+DEVIATIONS_TAG = "otarena.deviations"
+"""A reproduction run's departures from the paper's setting, as a JSON list of sentences."""
+REPRODUCES_TAG = "otarena.reproduces"
+"""The claim set (``003:Table 6``) a reproduction run measured."""
+BUDGET_TAG = "otarena.budget"
+
+
 class ReproduceError(ValueError):
     """A claim set or budget that cannot be reproduced; the message is one line."""
 
@@ -510,8 +517,8 @@ def _log(tracker, model: Model, net, result: dict, cfg, paper_metrics: dict, cla
     from otarena.search.tracking import flatten
 
     tags = {tag.METHOD: model.method, tag.DATASET: model.dataset, tag.ARCH: model.arch, tag.NORM: model.norm,
-            tag.EPS: repr(model.train_eps), "otarena.reproduces": claim_set, "otarena.budget": budget.name,
-            "otarena.deviations": json.dumps(model.deviations)}
+            tag.EPS: repr(model.train_eps), REPRODUCES_TAG: claim_set, BUDGET_TAG: budget.name,
+            DEVIATIONS_TAG: json.dumps(model.deviations)}
     run_id = tracker.evaluation_run(f"reproduce-{model.method}", tags)
     params = dict(model.hparams) | {f"eval.{k}": v for k, v in flatten(cfg.model_dump()).items()} | {"eval.seed": seed}
     context = {"title": f"{model.name}, {claim_set} ({budget.name} budget)", "method": model.method,
