@@ -159,6 +159,8 @@ class Model:
     """How its training departs from the paper's (:func:`paper_hyperparameters`)."""
     run_id: Optional[str] = None
     seconds: dict[str, float] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
+    """otarena's flags on it (``masking:aa-gap`` -> why), from its protocol's evaluation."""
 
     @property
     def name(self) -> str:
@@ -443,10 +445,12 @@ def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, trackin
         result, cfg = otarena_protocol(net, test, model.claims, model.train_eps, model.norm, budget=budget,
                                        seed=seed, log=progress)
         grey = grey_class(net, test.x)
+        model.flags = dict(result["flag_reasons"])
         paper_metrics = {}
         for claim in model.claims:
             say(f"  {claim.row} / {claim.column}: {claim.metric.describe(how=True)} at eps {claim.eps:g}")
-            measured, how = paper_metric(net, test.x, test.y, claim, batch_size=500, seed=seed,
+            n = claim.metric.n_examples  # the paper measured its first n points (AutoAttack on 1,000)
+            measured, how = paper_metric(net, test.x[:n], test.y[:n], claim, batch_size=500, seed=seed,
                                          autoattack=budget.autoattack)
             ours, ours_how = otarena_value(result, claim)
             impossible = None
@@ -476,7 +480,7 @@ def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, trackin
         "source": claims[0].source, "budget": budget.name, "reductions": budget.reductions(), "machine": machine(),
         "seconds": round(time.time() - started, 1), "verdicts": VERDICTS,
         "models": [{"name": m.name, "method": m.method, "arch": m.arch, "train_eps": m.train_eps,
-                    "hparams": m.hparams, "deviations": m.deviations, "mlflow_run_id": m.run_id,
+                    "hparams": m.hparams, "deviations": m.deviations, "flags": m.flags, "mlflow_run_id": m.run_id,
                     "seconds": {k: round(v, 1) for k, v in m.seconds.items()}} for m in models],
         "rows": [rows[c.key] for c in claims],
     }
@@ -588,5 +592,6 @@ def markdown(table: dict) -> str:
         lines.append(f"- **{model['name']}** ({seconds}{run}): "
                      + ", ".join(f"{k}={v}" for k, v in sorted(model["hparams"].items())))
         lines += [f"  - {d}" for d in model["deviations"]]
+        lines += [f"  - otarena flags it `{flag}`: {why}" for flag, why in model.get("flags", {}).items()]
     lines += ["", "## Verdicts", ""] + [f"- `{k}`: {v}." for k, v in table["verdicts"].items()]
     return "\n".join(lines) + "\n"

@@ -71,6 +71,7 @@ def test_a_tiny_reproduction_runs_end_to_end_and_writes_the_table(tiny, tmp_path
     assert run.info.run_id == table["models"][0]["mlflow_run_id"]
     deviations = json.loads(run.data.tags[reproduce.DEVIATIONS_TAG])
     assert "training images: the first 64 (reduced budget)" in deviations
+    assert table["models"][0]["flags"] and "otarena flags it `small-sample`" in text
     assert "test/clean_acc" in run.data.metrics and any(k.startswith("paper/") for k in run.data.metrics)
 
 
