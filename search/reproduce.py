@@ -297,11 +297,16 @@ def paper_metric(model, x, y, claim, *, batch_size: int, seed: int, autoattack: 
 
             if m.version != "standard":
                 how.append(f"standard (the paper's version: {m.version})")
-            cascade = autoattack_cascade(model, x, labels, ThreatModel(norm, claim.eps), version="standard",
+            # AutoAttack only reports whether it changed the label it was given, so a point counts when
+            # that label is the true one and survives: on the points classified correctly, where the
+            # predicted label is the true one. A misclassified point, whose predicted label could be
+            # attacked toward the true one, counts as wrong (the paper's count can only be higher there).
+            rows = clean.nonzero()[:, 0]
+            if not len(rows):
+                return Count(0, len(y)), ", ".join(how)
+            cascade = autoattack_cascade(model, x[rows], y[rows], ThreatModel(norm, claim.eps), version="standard",
                                          batch_size=batch_size, seed=seed)
-            # A point counts when the cascade left its label and that label is the true one.
-            robust = (cascade.stages > len(cascade.attacks)).to(clean.device) & clean
-            return Count(int(robust.sum()), len(y)), ", ".join(how)
+            return Count(int((cascade.stages > len(cascade.attacks)).sum()), len(y)), ", ".join(how)
         generator = torch.Generator(device=x.device).manual_seed(seed)
         correct = []
         for i in range(0, len(y), batch_size):
