@@ -502,6 +502,12 @@ def cmd_reproduce(args) -> int:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     if args.no_autoattack:
         changes["autoattack"] = False
+    if args.tuned < 0:
+        raise UsageError(f"--tuned takes a number of trials of at least 1, got {args.tuned}")
+    if args.tuned and args.no_mlflow:
+        raise UsageError("--tuned runs an otarena search, which logs to MLflow: drop --no-mlflow")
+    if args.tuned:
+        _check_writable(args.storage)
     if changes:  # a budget changed by hand is no longer the named one
         budget = dataclasses.replace(budget, name="custom", **changes)
     uri = None if args.no_mlflow else args.tracking_uri
@@ -516,7 +522,8 @@ def cmd_reproduce(args) -> int:
           + (": " + "; ".join(budget.reductions()) if budget.reductions() else "") + f"; {threads} CPU threads",
           flush=True)
     table = reproduce.reproduce(claim_set, chosen, budget=budget, out=args.out, tracking_uri=uri,
-                                device=args.device, seed=args.seed,
+                                device=args.device, seed=args.seed, tuned_trials=args.tuned,
+                                storage_path=args.storage,
                                 say=lambda line: print(line, flush=True), progress=None if args.quiet else _progress)
     counts: dict[str, int] = {}
     for row in table["rows"]:
@@ -728,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
                          ("--test-n", "the first N test images, for every metric")):
         p.add_argument(option, type=int, metavar="N", help=f"{what} (changes the budget: stated in the table)")
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (its claims: not comparable)")
+    p.add_argument("--tuned", type=int, nargs="?", const=8, default=0, metavar="TRIALS",
+                   help="also search each method with otarena (TRIALS trials, default 8, the same budget) and "
+                        "measure its best trial as a second row")
+    p.add_argument("--storage", default="ray_results", help="Ray storage_path of the --tuned searches")
     p.add_argument("--out", default="reproductions", help="folder for the table (Markdown and JSON)")
     p.add_argument("--dir", help="a folder of claims files (default: the ones shipped with otarena)")
     p.add_argument("--seed", type=int, default=0, help="training and attack seed")

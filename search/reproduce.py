@@ -51,6 +51,8 @@ DEVIATIONS_TAG = "otarena.deviations"
 REPRODUCES_TAG = "otarena.reproduces"
 """The claim set (``003:Table 6``) a reproduction run measured."""
 BUDGET_TAG = "otarena.budget"
+SETTING_TAG = "otarena.reproduction_setting"
+"""``paper`` (the paper's hyperparameters) or ``tuned`` (the best trial of an otarena search)."""
 
 
 class ReproduceError(ValueError):
@@ -161,10 +163,13 @@ class Model:
     seconds: dict[str, float] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
     """otarena's flags on it (``masking:aa-gap`` -> why), from its protocol's evaluation."""
+    setting: str = "paper"
+    """``paper``: trained with the paper's hyperparameters; ``tuned``: the best trial of an otarena search."""
 
     @property
     def name(self) -> str:
-        return f"{self.method} ({self.arch}, {self.norm} eps={self.train_eps:g})"
+        return f"{self.method} ({self.arch}, {self.norm} eps={self.train_eps:g})" + (
+            ", tuned" if self.setting == "tuned" else "")
 
 
 def not_comparable(claim, data_missing: Callable[[str], Optional[str]]) -> Optional[str]:
@@ -415,8 +420,13 @@ def _cpu_model() -> Optional[str]:
 
 def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, tracking_uri: Optional[str],
               device: str = "auto", seed: int = 0, say: Callable[[str], None] = print,
-              progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Train and measure what ``claims`` (one table) need; write the table to ``out``; return it."""
+              progress: Optional[Callable[[str], None]] = None, tuned_trials: int = 0,
+              storage_path: str = "ray_results") -> dict:
+    """Train and measure what ``claims`` (one table) need; write the table to ``out``; return it.
+
+    ``tuned_trials`` > 0 also searches each model's method with otarena (that many trials, the same
+    budget: :func:`tune`) and measures its best trial the same way, as a second row per claim.
+    """
     import torch
 
     from otarena import methods
@@ -428,7 +438,11 @@ def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, trackin
         from otarena.search.tracking import Tracker
 
         tracker = Tracker(tracking_uri, f"reproduce-{claims[0].paper[:3]}")
+    if tuned_trials and tracker is None and models:
+        raise ReproduceError("a tuned row is an otarena search, which logs to MLflow: give a tracking URI")
     rows: dict[str, dict] = {}
+    tuned_rows: dict[str, dict] = {}
+    tuned_models: list[Model] = []
     for i, model in enumerate(models, 1):
         model.hparams, model.deviations = paper_hyperparameters(model, budget)
         say(f"[{i}/{len(models)}] training {model.name}: "
@@ -443,38 +457,21 @@ def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, trackin
         model.seconds["train"] = time.time() - begin
         run.model.load_state_dict(run.best_model)
         net = run.model.eval()
-        begin = time.time()
-        test_full = methods.data.load(model.dataset, "test")
-        bound, _ = grey_bound(test_full.y)
-        test = test_full.subset(budget.test_n).to(next(net.parameters()).device)
-        result, cfg = otarena_protocol(net, test, model.claims, model.train_eps, model.norm, budget=budget,
-                                       seed=seed, log=progress)
-        grey = grey_class(net, test.x)
-        model.flags = dict(result["flag_reasons"])
-        paper_metrics = {}
-        for claim in model.claims:
-            say(f"  {claim.row} / {claim.column}: {claim.metric.describe(how=True)} at eps {claim.eps:g}")
-            n = claim.metric.n_examples  # the paper measured its first n points (AutoAttack on 1,000)
-            measured, how = paper_metric(net, test.x[:n], test.y[:n], claim, batch_size=500, seed=seed,
-                                         autoattack=budget.autoattack)
-            ours, ours_how = otarena_value(result, claim)
-            impossible = None
-            robust = claim.metric.name != "clean"
-            if robust and claim.norm == "linf" and claim.eps >= 0.5 and claim.value > 100 * bound:
-                here, _ = grey_bound(test.y)
-                impossible = (f"at eps {claim.eps:g} >= 0.5 the grey image is in every ball, so at most "
-                              f"{100 * bound:.2f}% of the {len(test_full):,} test images (their largest class) "
-                              f"and {100 * here:.2f}% of the {len(test):,} measured; this model calls the grey "
-                              f"image {grey}, and with it otarena measures {100 * ours.value:.2f}%")
-            row_verdict, why = verdict(claim, measured, impossible=impossible,
-                                       skipped=how if measured is None else None)
-            rows[claim.key] = _row(claim, measured, how, ours, ours_how, row_verdict, why, model)
-            if measured is not None:
-                paper_metrics[f"paper/{_metric_name(claim)}"] = measured.value
-        model.seconds["evaluate"] = time.time() - begin
+        result, cfg, paper_metrics = _measure(model, net, rows, budget=budget, seed=seed, say=say, progress=progress)
         if tracker is not None:
             model.run_id = _log(tracker, model, net, result, cfg, paper_metrics, claim_set, budget, seed)
         del run, net
+        if tuned_trials:
+            say(f"[{i}/{len(models)}] tuning {model.method} with otarena: {tuned_trials} trials, the same budget")
+            searched, net, trial_run = tune(model, budget, trials=tuned_trials, tracker=tracker,
+                                            experiment=f"reproduce-{claims[0].paper[:3]}", storage=storage_path,
+                                            device=device, seed=seed)
+            tuned_models.append(searched)
+            result, cfg, paper_metrics = _measure(searched, net, tuned_rows, budget=budget, seed=seed, say=say,
+                                                  progress=progress)
+            searched.run_id = _log_tuned(tracker, searched, trial_run, net, result, cfg, paper_metrics, claim_set,
+                                         budget, seed)
+            del net
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     for claim in claims:
         if claim.key in skipped:
@@ -484,17 +481,121 @@ def reproduce(claim_set: str, claims: list, *, budget: Budget, out: str, trackin
         "otarena_reproduction": 1, "claim_set": claim_set, "paper": claims[0].paper, "citation": claims[0].citation,
         "source": claims[0].source, "budget": budget.name, "reductions": budget.reductions(), "machine": machine(),
         "seconds": round(time.time() - started, 1), "verdicts": VERDICTS,
-        "models": [{"name": m.name, "method": m.method, "arch": m.arch, "train_eps": m.train_eps,
-                    "hparams": m.hparams, "deviations": m.deviations, "flags": m.flags, "mlflow_run_id": m.run_id,
-                    "seconds": {k: round(v, 1) for k, v in m.seconds.items()}} for m in models],
-        "rows": [rows[c.key] for c in claims],
+        "models": [_model_record(m) for m in models + tuned_models],
+        "rows": [row for c in claims for row in (rows[c.key], tuned_rows.get(c.key)) if row is not None],
     }
     write(table, out)
     if tracker is not None:
-        for model in models:
+        for model in models + tuned_models:
             for path in paths(out, claim_set, budget.name):
                 tracker.log_artifact(model.run_id, path, "reproduction")
     return table
+
+
+def _model_record(m: Model) -> dict:
+    return {"name": m.name, "setting": m.setting, "method": m.method, "arch": m.arch, "train_eps": m.train_eps,
+            "hparams": m.hparams, "deviations": m.deviations, "flags": m.flags, "mlflow_run_id": m.run_id,
+            "seconds": {k: round(v, 1) for k, v in m.seconds.items()}}
+
+
+def _measure(model: Model, net, rows: dict, *, budget: Budget, seed: int, say: Callable[[str], None],
+             progress: Optional[Callable[[str], None]]) -> tuple[dict, Any, dict]:
+    """Evaluate ``net`` both ways for every claim of ``model``; one row per claim into ``rows``.
+
+    Returns otarena's evaluation, the FinalEval it ran with, and the paper's metrics (``paper/*``)."""
+    from otarena import methods
+
+    begin = time.time()
+    test_full = methods.data.load(model.dataset, "test")
+    bound, _ = grey_bound(test_full.y)
+    test = test_full.subset(budget.test_n).to(next(net.parameters()).device)
+    result, cfg = otarena_protocol(net, test, model.claims, model.train_eps, model.norm, budget=budget,
+                                   seed=seed, log=progress)
+    grey = grey_class(net, test.x)
+    model.flags = dict(result["flag_reasons"])
+    paper_metrics = {}
+    for claim in model.claims:
+        say(f"  {claim.row} / {claim.column}: {claim.metric.describe(how=True)} at eps {claim.eps:g}")
+        n = claim.metric.n_examples  # the paper measured its first n points (AutoAttack on 1,000)
+        measured, how = paper_metric(net, test.x[:n], test.y[:n], claim, batch_size=500, seed=seed,
+                                     autoattack=budget.autoattack)
+        ours, ours_how = otarena_value(result, claim)
+        impossible = None
+        robust = claim.metric.name != "clean"
+        if robust and claim.norm == "linf" and claim.eps >= 0.5 and claim.value > 100 * bound:
+            here, _ = grey_bound(test.y)
+            impossible = (f"at eps {claim.eps:g} >= 0.5 the grey image is in every ball, so at most "
+                          f"{100 * bound:.2f}% of the {len(test_full):,} test images (their largest class) "
+                          f"and {100 * here:.2f}% of the {len(test):,} measured; this model calls the grey "
+                          f"image {grey}, and with it otarena measures {100 * ours.value:.2f}%")
+        row_verdict, why = verdict(claim, measured, impossible=impossible,
+                                   skipped=how if measured is None else None)
+        rows[claim.key] = _row(claim, measured, how, ours, ours_how, row_verdict, why, model)
+        if measured is not None:
+            paper_metrics[f"paper/{_metric_name(claim)}"] = measured.value
+    model.seconds["evaluate"] = time.time() - begin
+    return result, cfg, paper_metrics
+
+
+TUNED_KEEPS = ("batch_size", "attack_steps", "attack_step_size", "val_n_ex")
+"""What a tuned row keeps of the paper's setting besides its epochs and data: the budget, not the
+choices a search makes (learning rate, optimizer, the method's own knobs, the schedule)."""
+
+
+def tune(model: Model, budget: Budget, *, trials: int, tracker, experiment: str, storage: str,
+         device: str = "auto", seed: int = 0) -> tuple[Model, Any, str]:
+    """An otarena search of ``model``'s method with the reproduction's budget: the same epochs (ASHA's
+    ``max_epochs``), training images, radius, network and training attack, its own search space for
+    the rest. Returns the tuned model (its hyperparameters, deviations and seconds), the best trial's
+    best-epoch network, chosen on validation as every search chooses, and that trial's MLflow run."""
+    import ray
+
+    from otarena import methods
+    from otarena.search import run as search_run
+    from otarena.search.config import Budget as SearchBudget
+    from otarena.search.config import SearchConfig
+    from otarena.search.trainable import load_state
+
+    epochs = model.hparams["epochs"]
+    kept = {k: model.hparams[k] for k in TUNED_KEEPS if k in model.hparams}
+    cfg = SearchConfig(
+        name=experiment, dataset=model.dataset, arch=model.arch, methods=[model.method],
+        threat_model={"norm": model.norm, "eps": model.train_eps}, train=kept,
+        budget={"trials": trials, "max_epochs": epochs, "grace_epochs": min(SearchBudget().grace_epochs, epochs)},
+        resources={"gpu": 1 if device.startswith("cuda") or (device == "auto" and _cuda()) else 0},
+        tracking_uri=tracker.tracking_uri, storage_path=storage, seed=seed)
+    begin = time.time()
+    search_run.init_ray()
+    train = methods.data.load(model.dataset, "train").subset(budget.train_n)
+    val = methods.data.load(model.dataset, "val")
+    outcome = search_run.search_method(cfg, model.method, tracker, ray.put(train), ray.put(val))
+    best = search_run.top_k(outcome.results, 1)
+    if not best:
+        raise ReproduceError(f"the tuned search of {model.method} finished no trial (MLflow parent run "
+                             f"{outcome.parent_id})")
+    best = best[0]
+    hparams = {**outcome.spec.fixed, **best.config}
+    with best.checkpoint.as_directory() as folder:
+        weights = load_state(folder)["best_model"]
+    info = train.info
+    net = methods.nets.build(model.arch, in_channels=info.in_channels, num_classes=info.num_classes,
+                             mean=info.mean, std=info.std)
+    net.load_state_dict(weights)
+    net = net.to(methods.pick_device(device)).eval()
+    searched = dataclasses.replace(
+        model, setting="tuned", hparams=hparams, run_id=None, flags={}, seconds={"search": time.time() - begin},
+        deviations=[d for d in model.deviations if "reduced budget" in d] + [
+            f"tuned: an otarena search of {trials} trial{'s' * (trials != 1)} (TPE + ASHA) over "
+            f"{', '.join(sorted(best.config)) or 'nothing'}, keeping the paper's "
+            f"{', '.join(sorted(kept))}, epochs and data; trial {best.metrics['trial_id']} chosen on validation PGD "
+            f"accuracy (MLflow parent run {outcome.parent_id})"])
+    return searched, net, outcome.run_ids[best.metrics["trial_id"]]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _metric_name(claim) -> str:
@@ -514,7 +615,7 @@ def _row(claim, measured: Optional[Count], how: str, ours: Optional[Count], ours
             "difference": None if measured is None else round(100 * measured.value - claim.value, 2),
             "measured_how": how, "verdict": row_verdict, "why": why,
             "otarena": {"value": pct(ours), "ci95": ci(ours), "how": ours_how} if ours else None,
-            "model": model.name if model else None}
+            "model": model.name if model else None, "setting": model.setting if model else "paper"}
 
 
 def _log(tracker, model: Model, net, result: dict, cfg, paper_metrics: dict, claim_set: str, budget: Budget,
@@ -522,21 +623,47 @@ def _log(tracker, model: Model, net, result: dict, cfg, paper_metrics: dict, cla
     """One MLflow run per model, as ``otarena evaluate`` logs one: the otarena evaluation, the paper's
     metrics as ``paper/*`` and the deviations from the paper as ``otarena.deviations``."""
     from otarena.leaderboard import tags as tag
+
+    tags = {tag.METHOD: model.method, tag.DATASET: model.dataset, tag.ARCH: model.arch, tag.NORM: model.norm,
+            tag.EPS: repr(model.train_eps)} | _reproduction_tags(model, claim_set, budget)
+    run_id = tracker.evaluation_run(f"reproduce-{model.method}", tags)
+    tracker.log_params(run_id, model.hparams)
+    _log_measurements(tracker, run_id, model, net, result, cfg, paper_metrics, claim_set, budget, seed)
+    tracker.finish(run_id)
+    return run_id
+
+
+def _log_tuned(tracker, model: Model, run_id: str, net, result: dict, cfg, paper_metrics: dict, claim_set: str,
+               budget: Budget, seed: int) -> str:
+    """The tuned row's measurements go into its best trial's own run, as a search's final evaluation
+    does, so the search's leaderboard shows it too."""
+    from otarena.leaderboard import tags as tag
+
+    tracker.set_tags(run_id, _reproduction_tags(model, claim_set, budget))
+    _log_measurements(tracker, run_id, model, net, result, cfg, paper_metrics, claim_set, budget, seed)
+    parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent:
+        tracker.set_tags(parent, {tag.EVALUATED: "true"})
+    return run_id
+
+
+def _reproduction_tags(model: Model, claim_set: str, budget: Budget) -> dict:
+    return {REPRODUCES_TAG: claim_set, BUDGET_TAG: budget.name, SETTING_TAG: model.setting,
+            DEVIATIONS_TAG: json.dumps(model.deviations)}
+
+
+def _log_measurements(tracker, run_id: str, model: Model, net, result: dict, cfg, paper_metrics: dict,
+                      claim_set: str, budget: Budget, seed: int) -> None:
     from otarena.search import evaluation
     from otarena.search.tracking import flatten
 
-    tags = {tag.METHOD: model.method, tag.DATASET: model.dataset, tag.ARCH: model.arch, tag.NORM: model.norm,
-            tag.EPS: repr(model.train_eps), REPRODUCES_TAG: claim_set, BUDGET_TAG: budget.name,
-            DEVIATIONS_TAG: json.dumps(model.deviations)}
-    run_id = tracker.evaluation_run(f"reproduce-{model.method}", tags)
-    params = dict(model.hparams) | {f"eval.{k}": v for k, v in flatten(cfg.model_dump()).items()} | {"eval.seed": seed}
+    # The hyperparameters are the run's own (a tuned trial logged them as it started).
+    params = {f"eval.{k}": v for k, v in flatten(cfg.model_dump()).items()} | {"eval.seed": seed}
     context = {"title": f"{model.name}, {claim_set} ({budget.name} budget)", "method": model.method,
                "dataset": model.dataset, "arch": model.arch, "seed": seed, "split": "test",
-               "reproduces": claim_set, "deviations": model.deviations}
+               "reproduces": claim_set, "setting": model.setting, "deviations": model.deviations}
     evaluation.log_evaluation(tracker, run_id, result, params=params, weights=net.state_dict(), context=context)
     tracker.log_metrics(run_id, paper_metrics)
-    tracker.finish(run_id)
-    return run_id
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -580,7 +707,10 @@ def markdown(table: dict) -> str:
              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f"; {table['seconds']:.0f} s in all.", "",
              "Measured: the paper's metric as the paper ran it, in percent, with its 95% Wilson interval over the "
              "test points used. otarena: the same radius under otarena's protocol (true labels; AutoAttack "
-             "standard at the training radius, elsewhere PGD or the constant grey image, whichever fools).", "",
+             "standard at the training radius, elsewhere PGD or the constant grey image, whichever fools)."
+             + (" Rows marked otarena-tuned measure the best trial of an otarena search of the same method with the "
+                "same budget, chosen on validation." if any(r.get("setting") == "tuned" for r in table["rows"]) else ""),
+             "",
              "| Row | Column | Metric (the paper's) | eps | Claimed | Measured [95% CI] | Difference | Verdict | otarena | Why |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
@@ -588,7 +718,8 @@ def markdown(table: dict) -> str:
         ours_text = "-" if not ours or ours["value"] is None else f"{ours['value']:.2f} ({ours['how']})"
         claimed = f"{r['claimed']:+g} vs {r['relative_to']}" if r["relative_to"] else f"{r['claimed']:g}"
         diff = "-" if r["difference"] is None else f"{r['difference']:+.2f}"
-        lines.append(f"| {r['row']} | {r['column'] or ''} | {r['metric']} | {r['eps']:g} | {claimed} | {_interval(r)} "
+        row_name = r["row"] + (", otarena-tuned" if r.get("setting") == "tuned" else "")
+        lines.append(f"| {row_name} | {r['column'] or ''} | {r['metric']} | {r['eps']:g} | {claimed} | {_interval(r)} "
                      f"| {diff} | {r['verdict']} | {ours_text} | {r['why'].replace('|', '/')} |")
     lines += ["", "## The models and their deviations from the paper", ""]
     for model in table["models"]:

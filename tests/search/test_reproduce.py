@@ -75,6 +75,49 @@ def test_a_tiny_reproduction_runs_end_to_end_and_writes_the_table(tiny, tmp_path
     assert "test/clean_acc" in run.data.metrics and any(k.startswith("paper/") for k in run.data.metrics)
 
 
+TUNED = textwrap.dedent("""\
+    paper: {seed: 901_abc.txt, title: A tuned table, citation: "Tests, a tuned table", source: tests/search/test_reproduce.py}
+    claims:
+      - {table: Table 1, row: PGD-AT, column: Nat, dataset: mnist, norm: linf, eps: 0.3, architecture: Standard CNN,
+         arch: cw_mnist, method: pgd_at, metric: {name: clean}, value: 99,
+         training: {epochs: 1, optimizer: adam, lr: 0.001, batch_size: 32, attack_steps: 1, attack_eps: 0.3}}
+    """)
+
+
+def test_tuned_adds_an_otarena_search_as_a_second_row(ray_local, tmp_path, capsys):
+    import mlflow
+
+    from otarena.leaderboard import tags as tag
+
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "901_tuned.yaml").write_text(TUNED)
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = cli.main(["reproduce", "901:1", "--dir", str(tmp_path / "claims"), "--train-n", "32", "--test-n", "16",
+                     "--no-autoattack", "--tuned", "2", "--storage", str(tmp_path / "ray"), "--out", str(out),
+                     "--tracking-uri", uri, "--threads", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "901-table1-custom.json").read_text())
+    paper, tuned = table["rows"]
+    assert (paper["setting"], tuned["setting"]) == ("paper", "tuned") and tuned["key"] == paper["key"]
+    assert tuned["n"] == 16 and tuned["verdict"] in reproduce.VERDICTS
+    assert "PGD-AT, otarena-tuned" in (out / "901-table1-custom.md").read_text()
+    searched = table["models"][1]
+    assert searched["setting"] == "tuned" and searched["hparams"]["attack_steps"] == 1
+    assert any("otarena search of 2 trials" in d for d in searched["deviations"])
+    # The tuned row's numbers are its best trial's final evaluation, under its search's parent run.
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(searched["mlflow_run_id"])
+    assert run.data.tags[tag.ROLE] == "trial" and run.data.tags[reproduce.SETTING_TAG] == "tuned"
+    assert run.data.metrics["test/clean_acc"] == pytest.approx(tuned["otarena"]["value"] / 100)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[tag.EVALUATED] == "true" and parent.data.metrics["search/n_trials"] == 2
+
+
+def test_tuned_needs_mlflow(capsys):
+    assert cli.main(["reproduce", "003:Table 1", "--tuned", "--no-mlflow"]) == 2
+    assert "drop --no-mlflow" in capsys.readouterr().err
+
+
 def test_the_claim_above_the_grey_bound_is_impossible_only_at_half_and_more():
     from otarena.leaderboard.claims import Claim
 
