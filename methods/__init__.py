@@ -10,6 +10,7 @@ This package never imports ray, mlflow or optuna (``tests/test_layering.py`` che
 """
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any, Mapping, Optional
 
@@ -98,4 +99,5 @@ def build_run(method: str, hparams: Mapping[str, Any], *, dataset: str, arch: st
     threat = ThreatModel(threat.norm, threat.eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size)
     cls = get(method)
     instance = cls(model, optimizer, threat, cls.config_from(hparams), n_train=len(train), device=device)
-    return Run(instance, build_schedule(optimizer, cfg), train.to(device), val.to(device), cfg)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)   # batches() keeps the last partial batch
+    return Run(instance, build_schedule(optimizer, cfg, steps_per_epoch), train.to(device), val.to(device), cfg)

@@ -117,6 +117,8 @@ class FinalEval(_Strict):
     eps_sweep: bool = Field(True, description="PGD accuracy at 0, eps/2, eps, 2 eps, 4 eps and the chance radius")
     sweep_steps: int = Field(_EVAL.sweep_steps, ge=1)
     seeds: int = Field(1, ge=1, description="retrain the selected configuration with this many seeds (mean +- std)")
+    rank_certified: bool = Field(False, description="rank a certified method's rows (HKR) by certified accuracy, "
+                                 "in an L2 table of their own on the leaderboard")
     batch_size: int = Field(_EVAL.batch_size, ge=1)
     thresholds: FlagThresholds = FlagThresholds()
 
@@ -168,6 +170,11 @@ def _unknown(kind: str, value: str, options, where: str = "") -> str:
     return f"{where + ': ' if where else ''}unknown {kind} {value!r}{suggestion}"
 
 
+BUDGET_SET = {"epochs": "budget.max_epochs", "seed": "seed", "rung_grace_epochs": "budget.grace_epochs",
+              "rung_reduction_factor": "budget.reduction_factor"}
+"""Train knobs a search sets from its budget and seed, never from ``train:`` or ``space:``."""
+
+
 def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
     """The method's domains, with ``train`` values pinned and ``space`` overrides applied.
 
@@ -186,6 +193,9 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
             else Fixed(config_defaults[name])
     resolved["epochs"] = Fixed(cfg.budget.max_epochs)
     resolved["seed"] = Fixed(cfg.seed)
+    # rung_cosine ends its cycles at this search's ASHA rungs (and FIFO's, for a like-for-like baseline).
+    resolved["rung_grace_epochs"] = Fixed(cfg.budget.grace_epochs)
+    resolved["rung_reduction_factor"] = Fixed(cfg.budget.reduction_factor)
     overrides = [("train", cfg.train), (f"space.{COMMON}", cfg.space.get(COMMON, {})),
                  (f"space.{method}", cfg.space.get(method, {}))]
     train_values: dict[str, Any] = {}
@@ -196,8 +206,8 @@ def resolve_space(cfg: SearchConfig, method: str) -> dict[str, Any]:
                 if where.startswith("space.") and where != f"space.{method}":
                     continue  # a common override of a knob this method does not have
                 raise ConfigError(_unknown("hyperparameter", name, declared, where))
-            if name in ("epochs", "seed"):
-                raise ConfigError(f"{where}.{name}: set it with budget.max_epochs / seed")
+            if name in BUDGET_SET:
+                raise ConfigError(f"{where}.{name}: set it with {BUDGET_SET[name]}")
             domain = declared[name]
             if override is None and config_defaults.get(name) is None:   # null keeps a derived default
                 resolved[name] = Fixed(None)

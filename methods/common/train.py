@@ -14,6 +14,7 @@ usual names (``prepare``, ``train_step``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -46,7 +47,17 @@ class TrainConfig:
     optimizer: str = "sgd"
     """``sgd`` (Nesterov-free momentum SGD, the AT standard) or ``adam``."""
     schedule: str = "cosine"
-    """``cosine`` decay to zero over ``epochs``, ``multistep`` (x0.1 at 50% and 75%) or ``constant``."""
+    """``cosine`` decay to zero over ``epochs``, ``rung_cosine`` (cosine cycles that end at the ASHA
+    rungs: :class:`RungCosine`), ``multistep`` (x0.1 at 50% and 75%) or ``constant``."""
+    rung_grace_epochs: int = 2
+    """First rung of ``rung_cosine``: a search pins it to ``budget.grace_epochs``; ``otarena train``
+    keeps this default, which is the budget's."""
+    rung_reduction_factor: int = 3
+    """Rung spacing of ``rung_cosine``: a search pins it to ``budget.reduction_factor`` (default as
+    the budget's)."""
+    ema_decay: float = 0.0
+    """Decay of the exponential moving average of the weights (:class:`WeightAverage`); 0 is off.
+    When on, validation, ``best_model`` and so the final evaluation use the averaged weights."""
     attack_steps: int = 10
     """K: PGD steps of the training attack."""
     attack_step_size: Optional[float] = None
@@ -81,6 +92,12 @@ class TrainConfig:
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, least in (("rung_grace_epochs", 1), ("rung_reduction_factor", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "TrainConfig":
@@ -95,7 +112,7 @@ TRAIN_SPACE = {
     "momentum": Float(0.0, 0.99, 0.9, valid=(0.0, 0.999)),
     "weight_decay": Float(1e-5, 1e-3, 5e-4, log=True, valid=(0.0, 0.1)),
     "optimizer": Choice(("sgd", "adam")),
-    "schedule": Choice(("cosine", "multistep", "constant")),
+    "schedule": Choice(("cosine", "rung_cosine", "multistep", "constant")),
     "attack_steps": Int(1, 20, 10, valid=(1, 1000)),
     # Fixed at None (2.5 eps / K) unless a config gives a range; the range's default is the CIFAR
     # literature's a = 2/255 (1.5, 2 and 2.5/255 are common there; eps/4 style steps on MNIST).
@@ -103,6 +120,8 @@ TRAIN_SPACE = {
     "val_n_ex": Int(16, 10_000, 512, valid=(1, 1_000_000)),
     "val_pgd_steps": Int(1, 100, 10, valid=(1, 1000)),
     "seed": Int(0, 2**31 - 1, 0, valid=(0, 2**31 - 1)),
+    # Off unless a config gives a range, e.g. {low: 0.99, high: 0.999}.
+    "ema_decay": Float(0.0, 0.999, 0.0, valid=(0.0, 0.9999)),
 }
 """Domains of the shared knobs: fixed at their defaults unless a config searches them.
 
@@ -124,7 +143,52 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def rung_milestones(epochs: int, grace: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA judges a trial, then ``epochs``: grace, grace * eta, grace * eta^2, ...
+    below ``epochs`` (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning",
+    Algorithm 2; Ray's ASHAScheduler puts its rungs there, with ``max_t = epochs``)."""
+    milestones, rung = [], grace
+    while rung < epochs:
+        milestones.append(rung)
+        rung *= reduction_factor
+    return milestones + [epochs]
+
+
+class RungCosine:
+    """Learning-rate factor of optimizer step ``s`` under ``schedule: rung_cosine``: cosine cycles
+    with warm restarts (Loshchilov & Hutter 2017, SGDR, Eq. 5, with eta_min = 0) whose ends are the
+    ASHA rungs (:func:`rung_milestones`).
+
+    Each step trains at the cosine's value where the step ends, so the last step before a
+    milestone trains at exactly 0 (the minimum) and ASHA judges every rung at the end of a decay; the
+    next step restarts near the peak, so a promoted trial simply continues into the next cycle.
+    The schedule advances once per optimizer step; ``LambdaLR`` saves this object's fields and the
+    step count in its ``state_dict``, so a trial resumed mid-cycle continues its cycle exactly.
+    """
+
+    def __init__(self, milestones: list[int], steps_per_epoch: int):
+        self.milestones = list(milestones)
+        self.steps_per_epoch = steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        done = step + 1   # steps completed when this one ends (integers: a milestone is exact)
+        start = 0
+        for end in self.milestones:
+            if done <= end * self.steps_per_epoch:
+                fraction = (done - start * self.steps_per_epoch) / ((end - start) * self.steps_per_epoch)
+                return 0.5 * (1 + math.cos(math.pi * fraction))
+            start = end
+        return 0.0
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: Optional[int] = None):
+    """The learning-rate schedule of ``cfg``; ``rung_cosine`` steps once per batch, so it needs
+    ``steps_per_epoch`` (batches per epoch), the others once per epoch."""
+    if cfg.schedule == "rung_cosine":
+        if not steps_per_epoch:
+            raise ValueError("schedule rung_cosine needs steps_per_epoch (batches per epoch)")
+        milestones = rung_milestones(cfg.epochs, cfg.rung_grace_epochs, cfg.rung_reduction_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, RungCosine(milestones, steps_per_epoch))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
@@ -179,6 +243,46 @@ def set_threads(threads: Optional[float] = None) -> int:
     return count
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (``ema_decay``), held in a copy of the model.
+
+    After every optimizer step each floating-point entry of the state_dict moves toward the training
+    model's: ``avg = d * avg + (1 - d) * live`` with ``d = min(decay, (1 + t) / (10 + t))`` after t
+    updates (the ``num_updates`` warm-up of TensorFlow's ``ExponentialMovingAverage``), so that in a
+    short run the average is not dominated by the initial weights.
+
+    BatchNorm: the running mean and variance are averaged the same way as the weights (timm's
+    ``ModelEmaV2`` does so too); ``num_batches_tracked`` is copied. Those statistics are of the
+    training batches, which for adversarial training are the attacked ones: a clean ``update_bn``
+    pass over the training set would measure a different distribution unless it ran the attack again
+    (an epoch's cost). Averaging them costs nothing, and with a decay close to 1 the weights they
+    were measured under drift slowly, so they track the averaged weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = model.state_dict()
+        for name, average in self.model.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(live[name], 1 - decay)
+            else:
+                average.copy_(live[name])
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 @dataclass
 class Run:
     """Everything one training run needs, and everything its checkpoint holds."""
@@ -194,7 +298,14 @@ class Run:
     best: Optional[dict] = None
     """Validation metrics of the best epoch so far (by PGD accuracy, then clean accuracy)."""
     best_model: Optional[dict] = None
-    """A CPU copy of the weights of the best epoch: what the final evaluation scores."""
+    """A CPU copy of the weights of the best epoch (the averaged ones when ``cfg.ema_decay`` > 0):
+    what the final evaluation scores."""
+    ema: Optional[WeightAverage] = None
+    """The average of the weights, created when ``cfg.ema_decay`` > 0."""
+
+    def __post_init__(self):
+        if self.ema is None and self.cfg.ema_decay > 0:
+            self.ema = WeightAverage(self.model, self.cfg.ema_decay)
 
     @property
     def model(self):
@@ -204,6 +315,7 @@ class Run:
         return {"model": self.model.state_dict(), "optimizer": self.method.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "method": self.method.state_dict(),
                 "epoch": self.epoch, "best": self.best, "best_model": self.best_model,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "train_config": asdict(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,6 +324,8 @@ class Run:
         self.schedule.load_state_dict(state["schedule"])
         self.method.load_state_dict(state["method"])
         self.epoch, self.best, self.best_model = state["epoch"], state["best"], state["best_model"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
 def validate(model: torch.nn.Module, val: TensorData, threat: ThreatModel, cfg: TrainConfig) -> dict:
@@ -292,9 +406,12 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
     """Train ``run`` from ``run.epoch`` to ``run.cfg.epochs``, validating after each epoch.
 
     ``on_epoch_end(metrics, run)`` gets the epoch's metrics (``train/*``, ``val/*``,
-    ``time/epoch_s``, ``epoch``) and the run, whose ``state_dict()`` is the checkpoint.
+    ``time/epoch_s``, ``epoch``) and the run, whose ``state_dict()`` is the checkpoint. With
+    ``ema_decay`` > 0, ``val/*`` and ``best_model`` are the averaged weights', and ``val/raw_*`` the
+    training weights' (the same trial scored both ways).
     """
     cfg, model = run.cfg, run.model
+    per_step = cfg.schedule == "rung_cosine"
     prepare(run)
     while run.epoch < cfg.epochs:
         start = time.perf_counter()
@@ -312,11 +429,20 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
             for key, value in train_step(run, x, y, idx, generator=crops).items():
                 sums[key] = sums[key] + value if key in sums else value
             n_batches += 1
-        run.schedule.step()
+            if run.ema is not None:
+                run.ema.update(model)
+            if per_step:
+                run.schedule.step()
+        if not per_step:
+            run.schedule.step()
         metrics = {f"train/{k}": epoch_value(v, n_batches) for k, v in sums.items()}
         if not math.isfinite(metrics["train/loss"]):
             raise DivergedError(f"training loss is {metrics['train/loss']} at epoch {run.epoch + 1}")
-        metrics.update(validate(model, run.val, run.method.threat, cfg))
+        scored = model if run.ema is None else run.ema.model
+        metrics.update(validate(scored, run.val, run.method.threat, cfg))
+        if run.ema is not None:
+            metrics.update({k.replace("val/", "val/raw_"): v
+                            for k, v in validate(model, run.val, run.method.threat, cfg).items()})
         run.epoch += 1
         metrics["time/epoch_s"] = time.perf_counter() - start
         metrics["epoch"] = run.epoch
@@ -326,7 +452,7 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
                         "epoch": run.epoch}
             # Contiguous, so that the copy is the same whatever the run's memory format.
             run.best_model = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                              for k, v in model.state_dict().items()}
+                              for k, v in scored.state_dict().items()}
         if on_epoch_end is not None:
             on_epoch_end(metrics, run)
     return run
