@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from otarena.leaderboard import reproductions
 from otarena.leaderboard import tags as tag
 from otarena.leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Row, TrialPoint
 
@@ -188,7 +189,7 @@ def collect_campaign(tracking_uri: str, experiments: Iterable[str] | None = None
         _log.warning("skipped %d evaluated trial runs without otarena.dataset/.norm/.eps/.method tags",
                      len(candidates) - len(rows))
     points = tuple(p for p in (_to_point(r) for r in chosen) if p is not None)
-    return Campaign(tuple(rows), points)
+    return Campaign(tuple(rows), points, reproductions.collect(client, search(client, ids, reproductions.FILTER)))
 
 
 def _place(tags: dict) -> tuple[str, str, float, str] | None:

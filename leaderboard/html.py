@@ -28,7 +28,7 @@ import jinja2
 from markupsafe import Markup
 
 from otarena.leaderboard import formatting as fmt
-from otarena.leaderboard import plots
+from otarena.leaderboard import plots, reproductions
 from otarena.leaderboard.columns import HTML, Column, columns
 from otarena.leaderboard.schema import Campaign, Row, Table, is_warning
 
@@ -92,6 +92,7 @@ def to_html(tables: list[Table], campaign: Campaign, *, title: str, run_url: str
         n_trials=len(campaign.trials), n_rows=len(campaign.rows), n_entries=sum(len(t.rows) for t in tables),
         experiments=sorted({r.experiment_name for r in campaign.rows if r.experiment_name}),
         tables=[_table(k, t, campaign, color, log_axes, run_url) for k, t in enumerate(tables, 1)],
+        reproductions=reproductions.view(campaign.reproductions),
     ) + "\n"
 
 

@@ -160,6 +160,8 @@ class Campaign:
 
     rows: tuple[Row, ...]
     trials: tuple[TrialPoint, ...]
+    reproductions: tuple[dict, ...] = ()
+    """The claimed-against-measured tables of ``otarena reproduce`` (:mod:`leaderboard.reproductions`)."""
 
 
 def is_warning(flag: str) -> bool:

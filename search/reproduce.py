@@ -34,6 +34,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+# The run tags, declared once where the leaderboard reads them.
+from otarena.leaderboard.tags import DEVIATIONS as DEVIATIONS_TAG
+from otarena.leaderboard.tags import REPRODUCES as REPRODUCES_TAG
+from otarena.leaderboard.tags import REPRODUCTION_BUDGET as BUDGET_TAG
+from otarena.leaderboard.tags import REPRODUCTION_SETTING as SETTING_TAG
+
 VERDICTS = {
     "reproduced": "the claim lies within the measured value's 95% interval",
     "below claim": "the whole 95% interval lies below the claim",
@@ -44,15 +50,6 @@ VERDICTS = {
     "not comparable": "the claim cannot be set against a measurement; the row names the protocol difference",
 }
 """Each verdict and what it means (the README's table of them)."""
-
-
-DEVIATIONS_TAG = "otarena.deviations"
-"""A reproduction run's departures from the paper's setting, as a JSON list of sentences."""
-REPRODUCES_TAG = "otarena.reproduces"
-"""The claim set (``003:Table 6``) a reproduction run measured."""
-BUDGET_TAG = "otarena.budget"
-SETTING_TAG = "otarena.reproduction_setting"
-"""``paper`` (the paper's hyperparameters) or ``tuned`` (the best trial of an otarena search)."""
 
 
 class ReproduceError(ValueError):
