@@ -19,11 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from otarena.leaderboard import reproductions
 from otarena.leaderboard.collect import collect, collect_campaign
 from otarena.leaderboard.render import format_text
 from otarena.leaderboard.schema import Campaign, Row, Table, tabulate
@@ -46,6 +48,7 @@ def build(
     title: str = "otarena leaderboard",
     mlflow_url: str | None = None,
     allow_empty: bool = False,
+    reproductions_dir: str | Path | None = None,
 ) -> list[Table]:
     """Read a tracking store, apply the leaderboard rules and write the outputs.
 
@@ -64,6 +67,9 @@ def build(
         allow_empty: Write an empty leaderboard even when ``filter_string`` matches no evaluated
             trial. Without a filter an empty result is always written: it is what the store holds
             (a search publishes its first, empty board so).
+        reproductions_dir: A folder of ``otarena reproduce`` tables (``reproductions/``) for the site's
+            section "Do the papers' numbers hold?", beside those the store's reproduction runs carry
+            (the store's win where both measured a claim set at one budget).
 
     Returns:
         The tables, one per (dataset, norm, eps); empty for a store with no evaluated trials
@@ -72,7 +78,7 @@ def build(
     Raises:
         EmptySelection: ``filter_string`` matched no evaluated trial and ``allow_empty`` is false;
             nothing was written, so an earlier leaderboard in ``out_dir`` stays as it was.
-        ValueError: An unknown format, a missing store, an unknown experiment or a bad filter.
+        ValueError: An unknown format, a reproductions folder without tables, a missing store, an unknown experiment or a bad filter.
         RuntimeError: The store exists but cannot be read.
     """
     formats = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
@@ -80,7 +86,10 @@ def build(
     if unknown or not formats:
         raise ValueError(f"unknown leaderboard format(s) {', '.join(unknown) or '(none given)'}; "
                          f"supported: {', '.join(FORMATS)}")
+    from_files = reproductions.read_folder(reproductions_dir) if reproductions_dir is not None else ()
     campaign = collect_campaign(tracking_uri, experiments, filter_string)
+    if from_files:
+        campaign = dataclasses.replace(campaign, reproductions=reproductions.merge(campaign.reproductions, from_files))
     tables = tabulate(list(campaign.rows))
     if not tables and filter_string and not allow_empty:
         # A typo in a filter would otherwise replace a published site with an empty page.

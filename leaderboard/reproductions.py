@@ -46,6 +46,31 @@ def collect(client: MlflowClient, runs: Sequence) -> tuple[dict, ...]:
     return tuple(tables)
 
 
+def read_folder(folder: str | Path) -> tuple[dict, ...]:
+    """The reproduction tables of an ``otarena reproduce --out`` folder (``reproductions/`` of the
+    repository), in file-name order; ValueError (one line) for a folder that is missing or holds none."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"reproductions folder {str(folder)!r} does not exist")
+    tables = []
+    for file in sorted(path.glob("*.json")):
+        try:
+            table = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{file}: not readable as JSON ({err})") from None
+        if isinstance(table, dict) and table.get("otarena_reproduction") == FORMAT_VERSION:
+            tables.append(table)
+    if not tables:
+        raise ValueError(f"reproductions folder {str(folder)!r} holds no otarena reproduction table (*.json)")
+    return tuple(tables)
+
+
+def merge(from_store: Sequence[dict], from_files: Sequence[dict]) -> tuple[dict, ...]:
+    """Both, the store's table first where both measured one (claim set, budget)."""
+    seen = {(t["claim_set"], t["budget"]) for t in from_store}
+    return tuple(from_store) + tuple(t for t in from_files if (t["claim_set"], t["budget"]) not in seen)
+
+
 def _table(client: MlflowClient, run) -> dict | None:
     run_id = run.info.run_id
     try:

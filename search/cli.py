@@ -447,7 +447,8 @@ def cmd_leaderboard(args) -> int:
     try:
         tables = leaderboard.build(args.tracking_uri, args.out, experiments=args.experiment or None,
                                    filter_string=args.filter or "", formats=formats, title=args.title,
-                                   mlflow_url=args.mlflow_url, allow_empty=args.allow_empty)
+                                   mlflow_url=args.mlflow_url, allow_empty=args.allow_empty,
+                                   reproductions_dir=args.reproductions)
     except leaderboard.EmptySelection as err:  # the site already there stays as it was
         raise UsageError(f"{err}; --allow-empty writes an empty leaderboard anyway") from err
     print(leaderboard.format_text(tables))
@@ -715,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write an empty leaderboard even when --filter matches no evaluated trial")
     p.add_argument("--format", help=_FormatsHelp("comma-separated subset of the formats (default: all): "))
     p.add_argument("--title", default="otarena leaderboard", help="heading of the page and the LaTeX captions")
+    p.add_argument("--reproductions", metavar="DIR", help="also show the otarena reproduce tables of DIR "
+                   "(e.g. reproductions/) in the site's section \"Do the papers' numbers hold?\"")
     p.add_argument("--mlflow-url", help="base URL of the MLflow UI that run ids link to "
                                         "(default: the tracking URI when it is a server, else no links)")
     p.set_defaults(func=cmd_leaderboard)

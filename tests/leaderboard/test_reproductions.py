@@ -58,3 +58,25 @@ def test_a_store_without_reproductions_has_no_section(tmp_path):
     leaderboard.build(uri, tmp_path / "site", formats="html")
     assert 'id="reproductions"' not in (tmp_path / "site" / "index.html").read_text()
     shutil.rmtree(tmp_path / "site")
+
+
+def test_committed_tables_join_the_site_and_a_folder_without_any_is_refused(tmp_path, capsys):
+    from otarena.search import cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("empty", artifact_location=str(tmp_path / "artifacts"))
+    site = tmp_path / "site"
+    assert cli.main(["leaderboard", "--tracking-uri", uri, "--out", str(site), "--format", "html",
+                     "--reproductions", str(COMMITTED.parent)]) == 0
+    page = (site / "index.html").read_text()
+    committed = sorted(COMMITTED.parent.glob("*.json"))
+    assert page.count('<h3 id="reproduction-') == len(committed) >= 3
+    assert "004:Table 1 (reduced budget)" in page
+    capsys.readouterr()
+    (tmp_path / "none").mkdir()
+    for folder in (tmp_path / "none", tmp_path / "missing"):
+        assert cli.main(["leaderboard", "--tracking-uri", uri, "--out", str(tmp_path / "other"),
+                         "--reproductions", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "reproductions folder" in err
+    assert not (tmp_path / "other").exists()  # refused before anything was written
