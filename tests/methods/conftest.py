@@ -12,3 +12,24 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def honest_digits_model():
+    """``honest_digits_model(eps=0.2)``: a SmallCNN trained with PGD-AT on digits at L-inf ``eps`` (6 epochs,
+    the demo's settings, seed 0), trained once per eps for the whole session: an honest robust model."""
+    import functools
+
+    from otarena import methods
+
+    @functools.lru_cache(maxsize=None)
+    def train(eps: float = 0.2):
+        hparams = {"epochs": 6, "optimizer": "adam", "lr": 2e-3, "batch_size": 32, "weight_decay": 0.0,
+                   "schedule": "cosine", "attack_steps": 5, "val_pgd_steps": 5, "seed": 0}
+        run = methods.build_run("pgd_at", hparams, dataset="digits", arch="small_cnn",
+                                threat=methods.ThreatModel("Linf", eps), device="cpu")
+        methods.fit(run)
+        run.model.load_state_dict(run.best_model)
+        return run.model.eval()   # shared by the whole session: a test wraps it, never trains or changes it
+
+    return train

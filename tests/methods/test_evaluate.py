@@ -27,14 +27,9 @@ def digits_test():
 
 
 @pytest.fixture(scope="module")
-def pgd_at_model():
+def pgd_at_model(honest_digits_model):
     """PGD-AT on digits with the demo's settings: a normally trained robust model."""
-    hparams = {"epochs": 6, "optimizer": "adam", "lr": 2e-3, "batch_size": 32, "weight_decay": 0.0,
-               "schedule": "cosine", "attack_steps": 5, "val_pgd_steps": 5, "seed": 0}
-    run = methods.build_run("pgd_at", hparams, dataset="digits", arch="small_cnn", threat=LINF, device="cpu")
-    methods.fit(run)
-    run.model.load_state_dict(run.best_model)
-    return run.model.eval()
+    return honest_digits_model(LINF.eps)
 
 
 class Quantized(nn.Module):
