@@ -34,6 +34,9 @@ FAILURE = "otarena.failure"
 RAY_PATH = "otarena.ray_path"
 """On a search's parent run: the Ray experiment folder that ``--resume`` restores."""
 TRACKING_OUTAGE_S = "otarena.tracking_outage_s"
+FIDELITY_REASON = "otarena.fidelity.rung_"
+"""On a search's parent run, ``otarena.fidelity.rung_<epoch>``: why that rung has no rank fidelity
+(``fidelity/rung_<epoch>`` metric), e.g. too few trials reached max_epochs (search/fidelity.py)."""
 REPRODUCES = "otarena.reproduces"
 """On an ``otarena reproduce`` run: the claim set it measured (``003:Table 6``); its table is the artifact
 ``reproduction/<paper>-<table>-<budget>.json``."""

@@ -36,7 +36,7 @@ from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
-from otarena.search import evaluation, spaces
+from otarena.search import evaluation, fidelity, spaces
 from otarena.search.config import SearchConfig
 from otarena.search.tracking import Tracker, flatten, last_line
 from otarena.search.trainable import TrialSpec, load_state, train_trial
@@ -353,12 +353,38 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     trial_epochs = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in results)
     devices = cfg.resources.gpu or cfg.resources.cpu
     trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
+    fidelities = rung_fidelity(cfg, results)
     tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
-                                    "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall})
+                                    "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall}
+                        | {f.metric: f.rho for f in fidelities if f.rho is not None})
+    tracker.set_tags(parent_id, {f"{tag.FIDELITY_REASON}{f.epoch}": f.reason for f in fidelities if f.rho is None})
     # The parent run lasts as long as its search; the final evaluation writes into its trials' runs later.
     tracker.end_search(parent_id)
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
+    for f in fidelities:
+        log(f"{method}: {f.line()}")
     return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
+
+
+def rung_fidelity(cfg: SearchConfig, results: list) -> list[fidelity.RungFidelity]:
+    """Rank fidelity at each ASHA rung (search/fidelity.py; FIFO: the rungs ASHA would have had).
+
+    Each trial's per-epoch validation PGD accuracy comes from its metrics dataframe in Ray's results,
+    which Ray reads back from the trial's folder, so a resumed search has every epoch, those of the
+    earlier driver included. An epoch trained again after a restore appears twice, with the same value.
+    """
+    curves, finals = {}, {}
+    for r in results:
+        frame = r.metrics_dataframe
+        if r.error is not None or frame is None or METRIC not in frame or not r.metrics:
+            continue
+        trial = r.metrics.get("trial_id", r.path)
+        epochs = frame["epoch"] if "epoch" in frame else frame["training_iteration"]
+        curves[trial] = dict(zip(epochs.astype(int), frame[METRIC].astype(float)))
+        if int(r.metrics.get("training_iteration", 0)) >= cfg.budget.max_epochs:
+            finals[trial] = float(r.metrics["val/best_pgd_acc"])
+    return fidelity.rank_fidelity(curves, finals, fidelity.rungs(
+        cfg.budget.grace_epochs, cfg.budget.reduction_factor, cfg.budget.max_epochs))
 
 
 def _run_ids(tracker: Tracker, parent_id: str) -> dict:

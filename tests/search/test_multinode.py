@@ -63,8 +63,10 @@ def test_search_spreads_over_both_nodes_and_logs_to_the_server(cluster):
     config.write_text(yaml.safe_dump({
         "name": "multinode", "dataset": "digits", "arch": "small_cnn", "threat_model": {"norm": "Linf", "eps": 0.2},
         "methods": ["pgd_at"],
-        "train": {"optimizer": "adam", "lr": 2e-3, "batch_size": 64, "val_n_ex": 48, "attack_steps": 2},
-        "budget": {"trials": 4, "max_epochs": 2, "grace_epochs": 2, "max_concurrent": 2},
+        "train": {"optimizer": "adam", "batch_size": 64, "val_n_ex": 48, "attack_steps": 2},
+        # FIFO: every trial trains max_epochs, so that the rank fidelity of ASHA's rung (epoch 1) is measured.
+        "space": {"common": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}},
+        "budget": {"trials": 4, "max_epochs": 2, "grace_epochs": 1, "max_concurrent": 2, "scheduler": "fifo"},
         "final_eval": {"n_ex": 20, "pgd_steps": 2, "pgd_targets": 0, "autoattack": None, "eps_sweep": False},
     }))
     storage = tmp / "shared" / "ray_results"
@@ -89,6 +91,11 @@ def test_search_spreads_over_both_nodes_and_logs_to_the_server(cluster):
         assert (Path(trial.data.tags["otarena.checkpoint"]) / "state.pt").is_file()
     evaluated = [t for t in trials if t.data.tags.get("otarena.evaluated") == "true"]
     assert len(evaluated) == 1
+    # Rank fidelity over the 4 trials, all of which reached max_epochs: a number, printed and on the parent run.
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`otarena.role` = 'search'")
+    rho = parent.data.metrics["fidelity/rung_1"]
+    assert -1 <= rho <= 1 and not any(k.startswith("otarena.fidelity.") for k in parent.data.tags)
+    assert f"rank fidelity at rung epoch 1: Spearman rho {rho:+.2f} over 4 trials" in search.stdout
     # Artifacts went through the server into its artifact folder.
     assert [a.path for a in client.list_artifacts(evaluated[0].info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
     assert any((tmp / "artifacts").rglob("model.pt"))

@@ -81,4 +81,13 @@ def test_sigkill_then_resume_reaches_the_budget_once(tmp_path):
             assert run.info.run_id == done_before[trial_id].info.run_id
             assert len(steps) == int(done_before[trial_id].data.metrics["train/epochs"])
     assert parents[0].data.metrics["search/n_trials"] == TRIALS
+    # Rank fidelity at ASHA's rungs (epochs 1 and 2), from Ray's results of the resumed search: each rung a
+    # number or the reason it has none, over every completed trial, those the killed driver saw finish included.
+    completed = sum(1 for r in trials if r.data.tags.get("otarena.outcome") == "completed")
+    for epoch in (1, 2):
+        number = f"fidelity/rung_{epoch}" in parents[0].data.metrics
+        reason = parents[0].data.tags.get(f"otarena.fidelity.rung_{epoch}")
+        assert number != bool(reason), (epoch, parents[0].data.metrics, reason)
+        line = next(line for line in resumed.stdout.splitlines() if f"rank fidelity at rung epoch {epoch}: " in line)
+        assert f"over {completed} trials" in line or f"too few trials: {completed} reached" in line, line
     assert sum(1 for r in trials if r.data.tags.get("otarena.evaluated") == "true") == 1

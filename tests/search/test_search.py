@@ -54,6 +54,17 @@ def test_one_parent_and_one_child_per_trial(searched):
     assert parent.info.status == "FINISHED"
 
 
+def test_parent_run_says_why_it_has_no_rank_fidelity(searched):
+    """ASHA over 3 trials: fewer reach max_epochs than rank fidelity needs, so its one rung (epoch 1) has a
+    reason instead of a number (the numbers: tests/search/test_multinode.py, a FIFO search)."""
+    _, _, _, _, runs = searched
+    parent = next(r for r in runs if r.data.tags.get("otarena.role") == "search")
+    assert not any(key.startswith("fidelity/") for key in parent.data.metrics)
+    reasons = {k: v for k, v in parent.data.tags.items() if k.startswith("otarena.fidelity.")}
+    assert list(reasons) == ["otarena.fidelity.rung_1"]
+    assert reasons["otarena.fidelity.rung_1"].startswith("too few trials: ")
+
+
 def test_child_runs_carry_params_curves_and_outcome(searched):
     _, _, _, client, runs = searched
     children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
