@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from otarena.leaderboard import reproductions
 from otarena.leaderboard import tags as tag
-from otarena.leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Row, TrialPoint
+from otarena.leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Fidelity, Row, TrialPoint
 
 TRIAL_FILTER = f"tags.`{tag.ROLE}` = 'trial'"
 SEARCH_FILTER = f"tags.`{tag.ROLE}` = 'search'"
@@ -189,7 +189,8 @@ def collect_campaign(tracking_uri: str, experiments: Iterable[str] | None = None
         _log.warning("skipped %d evaluated trial runs without otarena.dataset/.norm/.eps/.method tags",
                      len(candidates) - len(rows))
     points = tuple(p for p in (_to_point(r) for r in chosen) if p is not None)
-    return Campaign(tuple(rows), points, reproductions.collect(client, search(client, ids, reproductions.FILTER)))
+    return Campaign(tuple(rows), points, reproductions.collect(client, search(client, ids, reproductions.FILTER)),
+                    fidelity=_fidelity(parents.values()))
 
 
 def _place(tags: dict) -> tuple[str, str, float, str] | None:
@@ -219,6 +220,23 @@ def _to_point(run: Run) -> TrialPoint | None:
         epochs=_metric(run, "train/epochs"), end_time=run.info.end_time, hparams=_searched(run),
         clean_acc=_metric(run, "test/clean_acc") if evaluated else None,
         aa_acc=_metric(run, "test/aa_acc") if evaluated else None)
+
+
+FIDELITY_METRIC = "fidelity/rung_"
+"""A search parent's ``fidelity/rung_<epoch>`` metric; ``otarena.fidelity.rung_<epoch>`` says why one is missing."""
+
+
+def _fidelity(parents: Iterable[Run]) -> tuple[Fidelity, ...]:
+    """Each search's rank fidelity per rung: its numbers, and the reasons tagged where a rung has none."""
+    found = []
+    for run in parents:
+        for prefix, values in ((FIDELITY_METRIC, run.data.metrics), (tag.FIDELITY_REASON, run.data.tags)):
+            for key, value in values.items():
+                epoch = key.removeprefix(prefix)
+                if key.startswith(prefix) and epoch.isdigit():
+                    rho = value if prefix == FIDELITY_METRIC else None
+                    found.append(Fidelity(run.info.run_id, int(epoch), rho, "" if rho is not None else str(value)))
+    return tuple(sorted(found, key=lambda f: (f.parent_id, f.epoch)))
 
 
 def _eps_sweep(run: Run) -> EpsSweep | None:

@@ -116,7 +116,8 @@ def _table(k: int, t: Table, campaign: Campaign, color: dict[str, str], log_axes
         "notes": notes, "certified_note": fmt.certified_note(t),
         "plots": [(Markup(plots.pareto_plot(t, trials, color)), _CAPTIONS["pareto"]),
                   (Markup(plots.eps_plot(t, color)), eps_caption),
-                  (Markup(plots.progress_plot(t, trials, color)), _CAPTIONS["progress"])],
+                  (Markup(plots.progress_plot(t, trials, color, campaign.fidelity)),
+                   " ".join(filter(None, [_CAPTIONS["progress"], plots.fidelity_text(t, trials, campaign.fidelity)])))],
         "sensitivity": [(m, [Markup(s) for s in svgs])
                         for m, svgs in plots.sensitivity_plots(t, trials, color, log_axes)],
     }

@@ -6,7 +6,8 @@ Per leaderboard table the site shows:
 1. the Pareto front of clean against AutoAttack accuracy over every evaluated trial;
 2. robust (PGD) accuracy against eps for the rows that logged an eps sweep (:func:`draw_eps_sweep`,
    which also draws the PNG that ``search/evaluation.py`` writes beside a report);
-3. the search progress: best validation robust accuracy against trial-epochs spent;
+3. the search progress: best validation robust accuracy against trial-epochs spent, with each search's
+   rank fidelity per ASHA rung (:func:`fidelity_text`);
 4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method.
 
 The figures become inline SVG the page's Content-Security-Policy allows in :mod:`leaderboard.svg`.
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from otarena.leaderboard import formatting as fmt
-from otarena.leaderboard.schema import Row, Table, TrialPoint
+from otarena.leaderboard.schema import Fidelity, Row, Table, TrialPoint
 from otarena.leaderboard.svg import RC, Series, finish, new_figure, plot_series, to_svg
 
 if TYPE_CHECKING:
@@ -188,20 +189,19 @@ def eps_plot(t: Table, color: dict[str, str]) -> str:
     return to_svg(fig, "eps-sweep", "Robust accuracy vs eps", tips)
 
 
-def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> str:
-    """Best validation PGD accuracy so far against the trial-epochs spent, one step line per search."""
+def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str], fidelity: Sequence[Fidelity] = ()) -> str:
+    """Best validation PGD accuracy so far against the trial-epochs spent, one step line per search.
+
+    A search's legend entry ends with its rank fidelity at each rung (ρ, "–" where it has none);
+    :func:`fidelity_text` says what the numbers are.
+    """
     import matplotlib
 
-    searches: dict[tuple[str, str], list[TrialPoint]] = {}
-    methods = _unique(r.method for r in t.rows)
-    for p in trials:
-        if p.method in methods:
-            searches.setdefault((p.method, p.parent_id), []).append(p)
-    keys = sorted(searches, key=lambda k: (methods.index(k[0]), k[1]))
-    labels = _search_labels(keys, searches)
+    searches, keys, labels = _searches(t, trials)
     series = []
     for key in keys:
-        method, label = key[0], labels[key]
+        rhos = [_rho_text(f.rho) for f in fidelity if f.parent_id == key[1]]
+        method, label = key[0], labels[key] + (f" (ρ {' / '.join(rhos)})" if rhos else "")
         spent, best, xs, ys, marks, tips = 0.0, None, [], [], [], []
         for p in sorted(searches[key], key=lambda p: (p.end_time is None, p.end_time or 0, p.run_id)):
             spent += p.epochs or 0.0
@@ -228,6 +228,45 @@ def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> 
             _empty(ax, "no trials logged")
         finish(ax, "Search progress", "cumulative trial-epochs", "best val PGD accuracy (%)")
     return to_svg(fig, "progress", "Search progress", tips_out)
+
+
+FIDELITY_WARN_BELOW = 0.5
+"""Below it, a rung ranks the trials too unlike their final result to prune on (the search warns too)."""
+
+
+def _rho_text(rho: float | None) -> str:
+    return "–" if rho is None else f"{rho:+.2f}"
+
+
+def fidelity_text(t: Table, trials: list[TrialPoint], fidelity: Sequence[Fidelity]) -> str:
+    """The rank fidelity of the table's searches, in words, for the progress plot's caption ("" without any)."""
+    _, keys, labels = _searches(t, trials)
+    parts = []
+    for key in keys:
+        rungs = []
+        for f in (f for f in fidelity if f.parent_id == key[1]):
+            text = f"epoch {f.epoch} {_rho_text(f.rho)}" if f.rho is not None else f"epoch {f.epoch} none ({f.reason})"
+            if f.rho is not None and f.rho < FIDELITY_WARN_BELOW:
+                text += f" (below {FIDELITY_WARN_BELOW}: pruning there may drop the best trials)"
+            rungs.append(text)
+        if rungs:
+            parts.append(f"{labels[key]}: {', '.join(rungs)}")
+    if not parts:
+        return ""
+    return ("Rank fidelity (ρ in the legend): per ASHA rung, Spearman's rho between the trials' validation PGD "
+            "accuracy at that epoch and their best over the whole run, among the trials that reached max_epochs; "
+            "near 1, pruning there keeps the trials that end best. " + "; ".join(parts) + ".")
+
+
+def _searches(t: Table, trials: list[TrialPoint]) -> tuple[dict, list[tuple[str, str]], dict]:
+    """The table's searches: their trials by (method, parent run), those keys in table order, and their labels."""
+    searches: dict[tuple[str, str], list[TrialPoint]] = {}
+    methods = _unique(r.method for r in t.rows)
+    for p in trials:
+        if p.method in methods:
+            searches.setdefault((p.method, p.parent_id), []).append(p)
+    keys = sorted(searches, key=lambda k: (methods.index(k[0]), k[1]))
+    return searches, keys, _search_labels(keys, searches)
 
 
 def log_scale_params(trials: Iterable[TrialPoint]) -> set[str]:

@@ -155,6 +155,18 @@ class TrialPoint:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """A search's rank fidelity at one ASHA rung, from its parent run (docs/mlflow-schema.md)."""
+
+    parent_id: str
+    epoch: int
+    rho: float | None
+    """Spearman's rho between the trials' validation PGD accuracy at this epoch and their final one."""
+    reason: str = ""
+    """Why there is no ``rho`` (too few trials reached max_epochs, no spread)."""
+
+
+@dataclass(frozen=True)
 class Campaign:
     """Everything a leaderboard build read: the candidate rows and every trial of their searches."""
 
@@ -162,6 +174,8 @@ class Campaign:
     trials: tuple[TrialPoint, ...]
     reproductions: tuple[dict, ...] = ()
     """The claimed-against-measured tables of ``otarena reproduce`` (:mod:`leaderboard.reproductions`)."""
+    fidelity: tuple[Fidelity, ...] = ()
+    """Every search's rank fidelity per rung, shown with its search-progress line."""
 
 
 def is_warning(flag: str) -> bool:

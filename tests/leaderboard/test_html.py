@@ -42,13 +42,18 @@ HOSTILE_METHOD = "mart<svg onload=alert(6)>"
 _ids = itertools.count()
 
 
-def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", paper=None, link=None):
+def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", paper=None, link=None, fidelity=None):
+    """A search's parent run; ``fidelity`` maps a rung epoch to its rho, or to the reason it has none."""
     tags = {"otarena.role": "search", "otarena.method": method, "otarena.dataset": dataset,
             "otarena.arch": "small_cnn", "otarena.norm": norm, "otarena.eps": eps}
     if paper:
         tags |= {"otarena.paper": paper, "otarena.paper_link": link or ""}
-    run_id = c.create_run(exp, tags=tags, run_name=f"{method}-search").info.run_id
+    reasons = {f"otarena.fidelity.rung_{e}": v for e, v in (fidelity or {}).items() if isinstance(v, str)}
+    run_id = c.create_run(exp, tags=tags | reasons, run_name=f"{method}-search").info.run_id
     c.log_metric(run_id, "search/device_hours", 0.25)
+    for epoch, rho in (fidelity or {}).items():
+        if not isinstance(rho, str):
+            c.log_metric(run_id, f"fidelity/rung_{epoch}", rho)
     c.set_terminated(run_id, "FINISHED")
     return SimpleNamespace(exp=exp, id=run_id, tags=tags)
 
@@ -84,13 +89,15 @@ def store(tmp_path_factory):
     exp = c.create_experiment(EXPERIMENT)
     r = SimpleNamespace(uri=uri, tmp=tmp, exp=exp)
 
-    p = _parent(c, exp, "pgd_at", paper="Towards Deep Learning Models Resistant to Adversarial Attacks", link=PAPER)
+    p = _parent(c, exp, "pgd_at", paper="Towards Deep Learning Models Resistant to Adversarial Attacks", link=PAPER,
+                fidelity={2: 0.9, 6: 0.25})
     r.pgd = _trial(c, p, val=0.55, params={"lr": "0.1", "attack_steps": "10"}, aa=0.45, clean=0.95,
                    tags={"otarena.eps_sweep": _sweep([0.95, 0.7, 0.45, 0.2, 0.05])}, flags="small-sample")
     _trial(c, p, val=0.35, params={"lr": "0.001", "attack_steps": "5"}, outcome="pruned", epochs=1)
     _trial(c, p, val=0.50, params={"lr": "0.01", "attack_steps": "7"}, aa=0.40, clean=0.90)
 
-    p = _parent(c, exp, "trades", paper="TRADES <b>", link="javascript:alert(5)")
+    p = _parent(c, exp, "trades", paper="TRADES <b>", link="javascript:alert(5)",
+                fidelity={2: "too few trials: 2 reached max_epochs, at least 4 needed"})
     r.trades = _trial(
         c, p, val=0.60, params={"trades_beta": "6.0", "note": HOSTILE_VALUE}, aa=0.50, clean=0.85,
         run_name=RUN_NAME, flags=f"masking:aa-gap,single-seed,{HOSTILE_FLAG}",
@@ -161,6 +168,17 @@ def test_tables_rows_and_plots(store, site):
         ("trades", "trades_beta"), ("trades", "note"), ("pgd_at", "lr"), ("pgd_at", "attack_steps"),
         (HOSTILE_METHOD, "mart_beta"), ("pgd_at", "optimizer")])
     assert formatting.table_title(site.tables[0]) in site.text and formatting.RULES in site.text.replace("&#39;", "'")
+
+
+def test_rank_fidelity_is_shown_with_the_search_progress(store, site):
+    """Each search's rho per rung in its progress-plot legend, and in words, with the reason where none and the
+    warning below 0.5, in the plot's caption; a search without any (the mart one) is not mentioned."""
+    progress = site.text.split('data-plot="progress"')[1].split("</figure>")[0]
+    assert "pgd_at (ρ +0.90 / +0.25)" in progress and "trades (ρ –)" in progress
+    caption = progress.split("<figcaption>")[1]
+    assert "pgd_at: epoch 2 +0.90, epoch 6 +0.25 (below 0.5: pruning there may drop the best trials)" in caption
+    assert "trades: epoch 2 none (too few trials: 2 reached max_epochs, at least 4 needed)" in caption
+    assert "mart" not in caption
 
 
 def test_cells_show_headline_numbers_and_sort_values(store, site):
