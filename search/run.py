@@ -379,8 +379,8 @@ def rung_fidelity(cfg: SearchConfig, results: list) -> list[fidelity.RungFidelit
         if r.error is not None or frame is None or METRIC not in frame or not r.metrics:
             continue
         trial = r.metrics.get("trial_id", r.path)
-        epochs = frame["epoch"] if "epoch" in frame else frame["training_iteration"]
-        curves[trial] = dict(zip(epochs.astype(int), frame[METRIC].astype(float)))
+        # ASHA's rungs count training_iteration (one per epoch, continued across a restore).
+        curves[trial] = dict(zip(frame["training_iteration"].astype(int), frame[METRIC].astype(float)))
         if int(r.metrics.get("training_iteration", 0)) >= cfg.budget.max_epochs:
             finals[trial] = float(r.metrics["val/best_pgd_acc"])
     return fidelity.rank_fidelity(curves, finals, fidelity.rungs(
