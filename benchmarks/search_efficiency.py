@@ -27,10 +27,12 @@ regret meaningful.
 
     python benchmarks/search_efficiency.py            # the committed run (reductions in its JSON)
     python benchmarks/search_efficiency.py --quick    # CI smoke test: 1 seed, 3 trials x 2 epochs
+    python benchmarks/search_efficiency.py --reanalyze benchmarks/results/search_efficiency-mnist.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -167,7 +169,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 trials x 2 epochs on 128 images")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "search_efficiency-mnist.json"))
+    parser.add_argument("--reanalyze", metavar="JSON", help="recompute the analysis of a saved report, run nothing")
     args = parser.parse_args(argv)
+    if args.reanalyze:
+        return reanalyze(args.reanalyze)
     if args.quick:
         args.seeds, args.trials, args.max_epochs, args.reduction_factor, args.attack_steps = 1, 3, 2, 2, 1
         args.val_n_ex, args.val_pgd_steps, args.train_n, args.options = 32, 2, 128, "cosine,rung_cosine+ema"
@@ -198,51 +203,7 @@ def main(argv=None) -> int:
         finally:
             ray.shutdown()
 
-    def arm(seed, scheduler, schedule, ema=None):
-        return next(r for r in rows if r["seed"] == seed and r["scheduler"] == scheduler and r["schedule"] == schedule
-                    and (ema is None or (r["ema_decay"] > 0) == ema))
-
-    per_option = {}
-    for option in options:
-        schedule, ema = OPTIONS[option]
-        weights = weights_of(option)
-        seeds = []
-        for seed in range(args.seeds):
-            fifo, asha = arm(seed, "fifo", schedule), arm(seed, "asha", schedule, ema)
-            seeds.append({"seed": seed, "epoch_ratio": fifo["trial_epochs"] / asha["trial_epochs"],
-                          "fifo_best": best(fifo, weights), "asha_best": best(asha, weights),
-                          "regret_points": 100 * (best(fifo, weights) - best(asha, weights)),
-                          "fidelity": fidelity(fifo, weights, rung_epochs)})
-        first = [s["fidelity"][0]["rho"] for s in seeds if s["fidelity"] and s["fidelity"][0]["rho"] is not None]
-        fifo_epochs_total = sum(arm(s, "fifo", schedule)["trial_epochs"] for s in range(args.seeds))
-        asha_epochs_total = sum(arm(s, "asha", schedule, ema)["trial_epochs"] for s in range(args.seeds))
-        summary = {"epoch_ratio": fifo_epochs_total / asha_epochs_total,
-                   "mean_regret_points": statistics.mean(s["regret_points"] for s in seeds),
-                   "worst_regret_points": max(s["regret_points"] for s in seeds),
-                   "mean_fidelity": {str(e): _mean([s["fidelity"][i]["rho"] for s in seeds])
-                                     for i, e in enumerate(rung_epochs)},
-                   "first_rung_fidelity": statistics.mean(first) if first else None}
-        summary["targets_met"] = {
-            "epoch_ratio": summary["epoch_ratio"] >= TARGET["epoch_ratio"],
-            "mean_regret_points": summary["mean_regret_points"] <= TARGET["mean_regret_points"],
-            "first_rung_fidelity": first != [] and summary["first_rung_fidelity"] >= TARGET["first_rung_fidelity"]}
-        summary["all_targets_met"] = all(summary["targets_met"].values())
-        per_option[option] = {"schedule": schedule, "ema": ema, "per_seed": seeds, "summary": summary}
-
-    print(f"\n{METHOD} on MNIST (first {len(train)} training images, eps {args.eps:g}): {args.trials} trials x <= "
-          f"{args.max_epochs} epochs, rungs {rung_epochs}, rf {args.reduction_factor}; TPE seed = seed")
-    print(f"{'seed':>4} {'sched':<5} {'schedule':<12} {'ema':>5} {'trial-ep':>8} {'done':>5} {'wall s':>7}")
-    for r in rows:
-        print(f"{r['seed']:>4} {r['scheduler']:<5} {r['schedule']:<12} {r['ema_decay']:>5g} {r['trial_epochs']:>8} "
-              f"{r['completed']:>5} {r['wall_s']:>7.1f}")
-    print(f"{'option':<16} {'FIFO/ASHA trial-ep':>18} {'regret (pts)':>12} {'worst':>6} "
-          + " ".join(f"{'rho@' + str(e):>7}" for e in rung_epochs) + "  targets")
-    for option, result in per_option.items():
-        s = result["summary"]
-        print(f"{option:<16} {s['epoch_ratio']:>18.2f} {s['mean_regret_points']:>+12.1f} {s['worst_regret_points']:>+6.1f} "
-              + " ".join(f"{_fmt(s['mean_fidelity'][str(e)]):>7}" for e in rung_epochs)
-              + f"  {'all met' if s['all_targets_met'] else 'not all met'}")
-
+    analysis = summarize(rows, options, args.seeds, rung_epochs)
     for r in rows:
         assert r["trial_epochs"] >= r["trials"]
         if r["scheduler"] == "fifo":
@@ -258,10 +219,84 @@ def main(argv=None) -> int:
                              "training images (otarena's train split)", "val_n_ex": args.val_n_ex,
                              "eps": args.eps, "attack_steps": args.attack_steps, "val_pgd_steps": args.val_pgd_steps,
                              "max_epochs": args.max_epochs, "trials": args.trials},
-              "searched": ["lr", "weight_decay"], "targets": TARGET, "machine": host,
-              "options": per_option, "runs": rows}
+              "searched": ["lr", "weight_decay"], "targets": TARGET, "machine": host, **analysis, "runs": rows}
+    show(report)
     if not args.quick:
         save(report, args.out)
+    return 0
+
+
+def summarize(rows: list[dict], options: list[str], seeds: int, rung_epochs: list[int]) -> dict:
+    """Rank fidelity of every option (from the FIFO arms), and each ASHA arm against its FIFO."""
+    def arm(seed, scheduler, schedule, ema=None):
+        return next(r for r in rows if r["seed"] == seed and r["scheduler"] == scheduler and r["schedule"] == schedule
+                    and (ema is None or (r["ema_decay"] > 0) == ema))
+
+    fidelities = {}
+    for option, (schedule, ema) in OPTIONS.items():
+        per_seed = [fidelity(arm(seed, "fifo", schedule), weights_of(option), rung_epochs) for seed in range(seeds)]
+        fidelities[option] = {"per_seed": per_seed,
+                              "mean": {str(e): _mean([f[i]["rho"] for f in per_seed]) for i, e in enumerate(rung_epochs)}}
+    per_option = {}
+    for option in options:
+        schedule, ema = OPTIONS[option]
+        weights = weights_of(option)
+        per_seed = []
+        for seed in range(seeds):
+            fifo, asha = arm(seed, "fifo", schedule), arm(seed, "asha", schedule, ema)
+            per_seed.append({"seed": seed, "epoch_ratio": fifo["trial_epochs"] / asha["trial_epochs"],
+                             "fifo_best": best(fifo, weights), "asha_best": best(asha, weights),
+                             "regret_points": 100 * (best(fifo, weights) - best(asha, weights))})
+        fifo_epochs_total = sum(arm(s, "fifo", schedule)["trial_epochs"] for s in range(seeds))
+        asha_epochs_total = sum(arm(s, "asha", schedule, ema)["trial_epochs"] for s in range(seeds))
+        first = fidelities[option]["mean"][str(rung_epochs[0])] if rung_epochs else None
+        summary = {"epoch_ratio": fifo_epochs_total / asha_epochs_total,
+                   "mean_regret_points": statistics.mean(s["regret_points"] for s in per_seed),
+                   "worst_regret_points": max(s["regret_points"] for s in per_seed),
+                   "first_rung_fidelity": first}
+        summary["targets_met"] = {
+            "epoch_ratio": summary["epoch_ratio"] >= TARGET["epoch_ratio"],
+            "mean_regret_points": summary["mean_regret_points"] <= TARGET["mean_regret_points"],
+            "first_rung_fidelity": first is not None and first >= TARGET["first_rung_fidelity"]}
+        summary["all_targets_met"] = all(summary["targets_met"].values())
+        per_option[option] = {"schedule": schedule, "ema": ema, "per_seed": per_seed, "summary": summary}
+    return {"fidelity": fidelities, "options": per_option}
+
+
+def show(report: dict) -> None:
+    rung_epochs, budget, rows = report["budget"]["rungs"], report["budget"], report["runs"]
+    print(f"\n{METHOD} on MNIST ({report['reductions']['train_subset']}, eps {report['threat_model']['eps']:g}): "
+          f"{budget['trials']} trials x <= {budget['max_epochs']} epochs, rungs {rung_epochs}; TPE seed = seed")
+    print(f"{'seed':>4} {'sched':<5} {'schedule':<12} {'ema':>5} {'trial-ep':>8} {'done':>5} {'wall s':>7}")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['scheduler']:<5} {r['schedule']:<12} {r['ema_decay']:>5g} {r['trial_epochs']:>8} "
+              f"{r['completed']:>5} {r['wall_s']:>7.1f}")
+    print("rank fidelity (Spearman rho over the FIFO trials, mean over seeds): "
+          + "; ".join(f"{option} " + ", ".join(f"epoch {e} {_fmt(f['mean'][str(e)])}" for e in rung_epochs)
+                      for option, f in report["fidelity"].items()))
+    print(f"{'ASHA option':<16} {'FIFO/ASHA trial-ep':>18} {'regret (pts)':>12} {'worst':>6} {'rho@first':>9}  targets")
+    for option, result in report["options"].items():
+        s = result["summary"]
+        print(f"{option:<16} {s['epoch_ratio']:>18.2f} {s['mean_regret_points']:>+12.1f} {s['worst_regret_points']:>+6.1f} "
+              f"{_fmt(s['first_rung_fidelity']):>9}  {'all met' if s['all_targets_met'] else 'not all met'}")
+
+
+def reanalyze(path: str) -> int:
+    """Recompute the analysis of a saved report from its runs (curves back to integer epochs) and save it."""
+    with open(path) as f:
+        report = json.load(f)
+    for row in report["runs"]:
+        for trial in row["per_trial"].values():
+            for weights in ("ema", "raw"):
+                if weights in trial:
+                    trial[weights]["curve"] = {int(e): v for e, v in trial[weights]["curve"].items()}
+    options = [o for o, (schedule, ema) in OPTIONS.items()
+               if any(r["scheduler"] == "asha" and r["schedule"] == schedule and (r["ema_decay"] > 0) == ema
+                      for r in report["runs"])]
+    seeds = 1 + max(r["seed"] for r in report["runs"])
+    report.update(summarize(report["runs"], options, seeds, report["budget"]["rungs"]))
+    show(report)
+    save(report, path)
     return 0
 
 
