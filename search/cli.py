@@ -110,8 +110,11 @@ def _train_config(args):
     raw.setdefault("train", {})
     raw["train"] = {**(raw["train"] or {}), **_parse_sets(args.set)}
     if args.epochs is not None:
-        raw.setdefault("budget", {})["max_epochs"] = args.epochs
-        raw["budget"]["grace_epochs"] = 1
+        budget = raw.setdefault("budget", {})
+        budget["max_epochs"] = args.epochs
+        # At most the epochs; it also places rung_cosine's first cycle end (the budget's 2 where it fits).
+        budget["grace_epochs"] = min(budget.get("grace_epochs", config_lib.Budget.model_fields["grace_epochs"].default),
+                                     args.epochs)
     cfg = config_lib.parse(raw)
     space = cfg.spaces()[cfg.methods[0]]
     return cfg, {name: domain.default for name, domain in space.items()}
