@@ -32,3 +32,14 @@ def test_ema_decay_is_off_by_default_and_searchable():
     space = _space(space={"pgd_at": {"ema_decay": {"low": 0.9, "high": 0.999, "default": 0.99}}})
     assert isinstance(space["ema_decay"], Float) and (space["ema_decay"].low, space["ema_decay"].high) == (0.9, 0.999)
     assert _space(train={"ema_decay": 0.99})["ema_decay"] == Fixed(0.99)
+
+
+@pytest.mark.parametrize("epochs, grace", [(10, 2), (1, 1)])
+def test_otarena_train_takes_the_budgets_rungs(epochs, grace):
+    """Without a config, ``otarena train --epochs N`` has the budget's default rungs (grace 2, capped at N)."""
+    from otarena.search.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--method", "pgd_at", "--epochs", str(epochs),
+                                      "--set", "schedule=rung_cosine"])
+    _, hparams = _train_config(args)
+    assert (hparams["epochs"], hparams["rung_grace_epochs"], hparams["rung_reduction_factor"]) == (epochs, grace, 3)
