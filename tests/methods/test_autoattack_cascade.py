@@ -2,6 +2,9 @@
 """Our AutoAttack cascade: the same answer as pyautoattack's, per attack, and resumable per batch."""
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from pyautoattack import AutoAttack
@@ -28,14 +31,17 @@ def points():
     return data.x[:24], data.y[:24]
 
 
-def test_cascade_matches_pyautoattack(model, points):
+def test_cascade_matches_pyautoattack(model, points, caplog):
     x, y = points
     ours = autoattack_cascade(model, x, y, THREAT, batch_size=len(y), seed=0)
+    caplog.set_level(logging.DEBUG, logger="auto-attack")  # where pyautoattack logs its per-attack numbers
     _, y_adv = AutoAttack(model, norm="Linf", eps=THREAT.eps, version="standard", seed=0).run_standard_evaluation(
         x, y, batch_size=len(y))
     assert ours.robust_acc == pytest.approx((y_adv == y).float().mean().item())
+    theirs = dict(re.findall(r"robust accuracy after (\S+): (\d+\.\d+)%", caplog.text))
     per_attack = ours.per_attack()
     assert list(per_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert {name.upper(): f"{100 * acc:.2f}" for name, acc in per_attack.items()} == theirs
     assert ours.clean_acc >= per_attack["apgd-ce"] >= per_attack["apgd-t"] >= per_attack["square"] == ours.robust_acc
     assert ours.checks == {}
 
