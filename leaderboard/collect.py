@@ -26,12 +26,14 @@ from mlflow.exceptions import MlflowException
 
 from otarena.leaderboard import reproductions
 from otarena.leaderboard import tags as tag
-from otarena.leaderboard.schema import ACCURACIES, Campaign, EpsSweep, Fidelity, Row, TrialPoint
+from otarena.leaderboard.schema import ACCURACIES, NO_AUTOATTACK, Campaign, EpsSweep, Fidelity, Row, TrialPoint
 
 TRIAL_FILTER = f"tags.`{tag.ROLE}` = 'trial'"
 SEARCH_FILTER = f"tags.`{tag.ROLE}` = 'search'"
 _log = logging.getLogger(__name__)
 _PAGE = 50_000  # MLflow's largest page size: one round trip for any realistic campaign
+NO_AUTOATTACK_REASON = ("AutoAttack was not run (final_eval.autoattack: null); ranked by PGD accuracy in a table "
+                        "of its own: an upper bound on robust accuracy, which AutoAttack usually lowers")
 
 
 def redact(uri: str) -> str:
@@ -129,14 +131,18 @@ def search(client: MlflowClient, exp_ids: Sequence[str], filter_string: str = ""
 
 
 def is_candidate(run: Run) -> bool:
-    """The leaderboard's entry rule: a finished, evaluated, not failed trial with a test AA metric."""
-    tags, aa = run.data.tags, _metric(run, "test/aa_acc")
+    """The leaderboard's entry rule: a finished, evaluated, not failed trial with a test robust accuracy.
+
+    AutoAttack's, else PGD's: a search run with ``final_eval.autoattack: null`` is ranked by PGD in
+    tables of its own (:attr:`leaderboard.schema.Row.ranking`), never dropped.
+    """
+    tags = run.data.tags
     return (
         tags.get(tag.ROLE) == "trial"
         and tags.get(tag.EVALUATED, "").lower() == "true"
         and tags.get(tag.OUTCOME) != "failed"
         and run.info.status == "FINISHED"
-        and aa is not None
+        and (_metric(run, "test/aa_acc") is not None or _metric(run, "test/pgd_acc") is not None)
     )
 
 
@@ -260,6 +266,8 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         return None
     dataset, norm, eps, method = place
     reasons = _flag_reasons(run)
+    if _metric(run, "test/aa_acc") is None:  # derived here, so that stores written before the flag get it too
+        reasons.setdefault(NO_AUTOATTACK, NO_AUTOATTACK_REASON)
     flags = [f.strip() for f in tags.get(tag.FLAGS, "").split(",") if f.strip()]
     flags += [f for f in reasons if f not in flags]  # a flag given a reason was raised, listed or not
     n_seeds = _metric(run, "test/n_seeds")
@@ -300,6 +308,10 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         device_hours=_metric(parents[parent_id], "search/device_hours") if parent_id in parents else None,
         paper=tags.get(tag.PAPER) or None,
         paper_link=tags.get(tag.PAPER_LINK) or None,
+        paper_title=tags.get(tag.PAPER_TITLE) or None,
+        paper_authors=tags.get(tag.PAPER_AUTHORS) or None,
+        paper_venue=tags.get(tag.PAPER_VENUE) or None,
+        rank_by=tags.get(tag.RANK_BY, ""),
         eps_sweep=_eps_sweep(run),
         run_name=run.info.run_name or "",
         experiment_name=(names or {}).get(run.info.experiment_id, ""),

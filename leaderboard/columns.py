@@ -7,7 +7,8 @@ its alignment, and which formats show it. Adding a column is one entry in :data:
 that wants a richer cell (a link, a badge, a LaTeX mark) keys it by the column's ``name``.
 
 The order is RobustBench's: clean accuracy, then the ranking metric (AutoAttack) with its confidence
-interval beside it, then the other attacks.
+interval beside it, then the other attacks. The AutoAttack column is shown in every table, "–" where
+it did not run, so that a table ranked by PGD says so in every row.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Column:
     """The HTML header's hover text."""
     metric: str | None = None
     """The test accuracy the column shows (``aa_acc``), whose CI the HTML cell gives on hover."""
+    always: bool = False
+    """Shown even in a table where no row has a value: AutoAttack's "–" says that it did not run."""
 
     @property
     def numeric(self) -> bool:
@@ -80,7 +83,7 @@ def columns(fmt_name: str, rows: Sequence[Row] | None = None) -> list[Column]:
     shown = [c for c in COLUMNS if fmt_name in c.formats]
     if rows is None:
         return shown
-    return [c for c in shown if any(c.value(i, r) is not None for i, r in enumerate(rows, 1))]
+    return [c for c in shown if c.always or any(c.value(i, r) is not None for i, r in enumerate(rows, 1))]
 
 
 def csv_fields() -> list[tuple[str, Cell]]:
@@ -88,12 +91,12 @@ def csv_fields() -> list[tuple[str, Cell]]:
     return [f for c in COLUMNS for f in c.csv]
 
 
-def _accuracy(name: str, header: str, metric: str, formats: frozenset[str] = TABLES) -> Column:
+def _accuracy(name: str, header: str, metric: str, formats: frozenset[str] = TABLES, always: bool = False) -> Column:
     """A test accuracy: shown as its headline (mean ± std over seeds), in the CSV with its spread and CI."""
     prefix = metric.removesuffix("_acc")
     return Column(
         name, header, text=lambda i, r: fmt.accuracy(r, metric), value=lambda i, r: r.headline(metric),
-        align="right", formats=formats, first="descending", metric=metric,
+        align="right", formats=formats, first="descending", metric=metric, always=always,
         tip=f"{header} accuracy (%); mean ± std over seeds when there are several",
         csv=((metric, lambda i, r: getattr(r, metric)),
              *((f"{metric}_{s}", lambda i, r, key=f"{metric}_{s}": getattr(r, key)) for s in ("mean", "std")),
@@ -135,7 +138,8 @@ def _reported_source(r: Row) -> str | None:
 
 
 def _table_key(name: str) -> Column:
-    """dataset, norm, eps: each table's title in the other formats, a field of every CSV row."""
+    """dataset, norm, eps: each table's title in the other formats (with its ranking metric), a field of every
+    CSV row."""
     return Column(name, name, text=lambda i, r: str(getattr(r, name)), value=lambda i, r: getattr(r, name),
                   formats=frozenset(), csv=((name, lambda i, r: getattr(r, name)),))
 
@@ -144,14 +148,18 @@ COLUMNS: tuple[Column, ...] = (
     _table_key("dataset"),
     _table_key("norm"),
     _table_key("eps"),
+    # The table's ranking metric (schema.RANKINGS): with dataset, norm and eps, what a CSV row's rank is within.
+    Column("ranked_by", "Ranked by", text=lambda i, r: r.ranking, value=lambda i, r: r.ranking, formats=frozenset(),
+           csv=(("ranked_by", lambda i, r: r.ranking),)),
     Column("rank", "Rank", text=lambda i, r: str(i), value=lambda i, r: i, align="right",
-           tip="by AutoAttack accuracy", csv=(("rank", lambda i, r: i),)),
+           tip="by the table's ranking metric, named in its title (AutoAttack, else PGD or certified accuracy)",
+           csv=(("rank", lambda i, r: i),)),
     # A row with a warning flag is marked at its method as well as at the flag, so that it stands
     # out when the table is scanned.
     Column("method", "Method", text=lambda i, r: f"{fmt.WARNING_MARK} {r.method}" if r.warnings else r.method,
            value=lambda i, r: r.method, csv=(("method", lambda i, r: r.method),)),
     _accuracy("clean", "Clean", "clean_acc"),
-    _accuracy("autoattack", "AutoAttack", "aa_acc"),
+    _accuracy("autoattack", "AutoAttack", "aa_acc", always=True),
     Column("aa_ci", "AA 95% CI", text=lambda i, r: fmt.interval(r.aa_ci),
            value=lambda i, r: r.aa_ci[0] if r.aa_ci else None, align="right", formats=frozenset({MD, HTML}),
            headers={HTML: "AA 95%\u00a0CI"}, first="descending",

@@ -23,12 +23,16 @@ from otarena.leaderboard.schema import Row, Table, is_warning
 
 EMPTY_MESSAGE = "No evaluated trial runs found: nothing to rank yet."
 RULES = (
-    "One table per (dataset, norm, eps). Each row is the best trial of a (method, architecture) "
-    "by validation PGD accuracy, never by test numbers; rows are ranked by test AutoAttack accuracy. "
+    "One table per (dataset, norm, eps) and ranking metric, named in its title. Each row is the best trial of a "
+    "(method, architecture) by validation PGD accuracy, never by test numbers; rows are ranked by test AutoAttack "
+    "accuracy, as on RobustBench. Trials evaluated without AutoAttack (final_eval.autoattack: null) are ranked "
+    "by PGD accuracy in a table of their own after it (AutoAttack –, flag no-autoattack): PGD only bounds robust "
+    "accuracy from above, so they are never ranked among AutoAttack's numbers. With final_eval.rank_certified, a "
+    "certified method's rows are ranked by certified accuracy, in a table of their own. "
     "Accuracies in %; for a configuration trained with several seeds, mean ± std over the seeds "
     "(and ranked by that mean). AA 95% CI: Wilson interval of the trial's own AutoAttack accuracy "
     "over its n_ex test images. ⚠ marks a row whose evaluation may be unreliable (see its flags); "
-    "unmarked flags are notes on statistical precision. "
+    "unmarked flags are notes (on statistical precision, or no-autoattack). "
     "Search cost: trials run and epochs trained over all trials of the search."
 )
 WARNING_MARK = "⚠"
@@ -102,9 +106,13 @@ def eps(x: float) -> str:
     return repr(x)
 
 
+RANKING_NAMES = {"aa_acc": "AutoAttack", "certified_acc": "certified accuracy", "pgd_acc": "PGD (no AutoAttack)"}
+"""How a table's ranking metric (:data:`leaderboard.schema.RANKINGS`) is named in its title."""
+
+
 def table_title(t: Table) -> str:
-    """``digits · Linf · eps=0.2`` (unescaped)."""
-    return f"{t.dataset} · {t.norm} · eps={eps(t.eps)}"
+    """``digits · Linf · eps=0.2 · ranked by AutoAttack`` (unescaped): the threat model and the ranking metric."""
+    return f"{t.dataset} · {t.norm} · eps={eps(t.eps)} · ranked by {RANKING_NAMES[t.ranking]}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> st
 
     # Failed trials are no candidates (collect.is_candidate), so they do not shape the front either.
     pts = [p for p in trials if p.clean_acc is not None and p.aa_acc is not None and p.outcome != "failed"]
-    rows = [r for r in t.rows if r.clean_acc is not None]
+    rows = [r for r in t.rows if r.clean_acc is not None and r.aa_acc is not None]  # a PGD table's have no AA
     series = [Series(method, [100 * p.clean_acc for p in mine], [100 * p.aa_acc for p in mine], color[method],
                      size=4.5, tips=[f"{p.method} · {p.arch}\nclean {100 * p.clean_acc:.2f}, AA {100 * p.aa_acc:.2f}"
                                      f"\nrun {p.run_id}" for p in mine])

@@ -21,8 +21,10 @@ LATEX_WARNING_MARK = r"$\dagger$"
 """Flags-column mark of a row with a warning flag (the evaluation may be unreliable)."""
 LATEX_NOTE_MARK = r"$\ast$"
 """Flags-column mark of a row whose flags are all notes on statistical precision."""
-_LATEX_CAPTION = (r"Test accuracy in \%, ranked by AutoAttack accuracy; mean $\pm$ std over training seeds "
+_LATEX_CAPTION = (r"Test accuracy in \%, ranked by {ranking}; mean $\pm$ std over training seeds "
                   r"for a configuration trained with several.")
+_LATEX_RANKINGS = {"aa_acc": "AutoAttack accuracy", "certified_acc": "certified accuracy",
+                   "pgd_acc": r"PGD accuracy (no AutoAttack: not comparable with AutoAttack rankings)"}
 _LATEX_LEGEND = f"{LATEX_WARNING_MARK}~evaluation may be unreliable; {LATEX_NOTE_MARK}~note on statistical precision."
 _LATEX_NORMS = {"Linf": r"$\ell_\infty$", "L2": r"$\ell_2$", "L1": r"$\ell_1$"}
 _LATEX_ALIGN = {"left": "l", "right": "r", "center": "c"}
@@ -93,7 +95,8 @@ def to_latex(tables: list[Table], title: str = "otarena leaderboard") -> str:
     r"""A LaTeX fragment for a paper: one booktabs ``table`` float per threat model.
 
     Each float has a caption (``title``, then dataset, norm and eps, as
-    :func:`leaderboard.formatting.table_title`) and a label ``tab:otarena-<dataset>-<norm>-<eps>``;
+    :func:`leaderboard.formatting.table_title`, and the ranking metric) and a label
+    ``tab:otarena-<dataset>-<norm>-<eps>`` (``-pgd`` or ``-certified`` after it for those rankings);
     its columns are those of :data:`leaderboard.columns.COLUMNS` shown in ``tex`` that have a value in
     some row. A row with flags gets a mark in the Flags column (:data:`LATEX_WARNING_MARK` when one
     questions the evaluation, :data:`LATEX_NOTE_MARK` for precision notes only) with the letters of
@@ -126,7 +129,8 @@ def to_latex(tables: list[Table], title: str = "otarena leaderboard") -> str:
             "\\centering",
             "\\small",
             "\\setlength{\\tabcolsep}{4pt}",  # nine columns: 6pt padding would overflow a one-column page
-            f"\\caption{{{fmt.latex_escape(title)}: {_latex_threat(t)}. {_LATEX_CAPTION}}}",
+            f"\\caption{{{fmt.latex_escape(title)}: {_latex_threat(t)}. "
+            f"{_LATEX_CAPTION.format(ranking=_LATEX_RANKINGS[t.ranking])}}}",
             f"\\label{{{_latex_label(t, labels)}}}",
             "\\begin{tabular}{" + "".join(align for _, align, _ in cols) + "}",
             "\\toprule",
@@ -201,6 +205,7 @@ def _latex_label(t: Table, taken: set[str]) -> str:
     """``tab:otarena-cifar10-Linf-8/255`` made safe (letters, digits, ``-``, ``.``) and unique."""
     base = "tab:otarena-" + "-".join(re.sub(r"[^A-Za-z0-9.-]+", "", s) or "x"
                                      for s in (t.dataset, t.norm, fmt.eps(t.eps).replace("/", "-")))
+    base += "" if t.ranking == "aa_acc" else "-" + t.ranking.removesuffix("_acc")
     label, k = base, 2
     while label in taken:
         label, k = f"{base}-{k}", k + 1

@@ -20,10 +20,14 @@ what RobustBench's readers parse, where they differ from the dataclass annotatio
   source papers for the same dataset, norm, eps, method and architecture, when ``claims/`` has one
   (:func:`leaderboard.claims.reported`: AutoAttack, else the closest robust metric); else ``null``.
   The footnote names its source, metric and protocol, and ``otarena.reported`` has the whole claim.
-* ``venue`` is ``""``, which RobustBench renders as "Unpublished"; ``authors`` is ``""``;
-  ``additional_data`` is false and ``number_forward_passes`` 1 (one deterministic forward pass).
-* ``name`` is the method's paper title (tag ``otarena.paper``), else its registry key; ``link`` the
-  paper link when it is an http(s) URL, else ``""``.
+* ``name``, ``authors``, ``venue`` and ``link`` come from the method's paper data (its ``paper``
+  attribute in ``methods/``, written by the search as the tags ``otarena.paper_title``,
+  ``otarena.paper_authors``, ``otarena.paper_venue`` and ``otarena.paper_link``), as RobustBench fills
+  them: the title alone, every author comma-separated, ``ICLR 2018``-style venues (``N/A`` for the
+  undefended baseline). A store written before those tags has the short citation (tag
+  ``otarena.paper``) as ``name`` and ``""`` for ``authors`` and ``venue`` (RobustBench renders
+  "Unpublished"). ``link`` is kept only when it is an http(s) URL.
+* ``additional_data`` is false and ``number_forward_passes`` 1 (one deterministic forward pass).
 * ``unreliable`` is true when a row has a warning flag (:func:`leaderboard.schema.is_warning`): the
   evaluation layer's masking and AutoAttack checks, RobustBench's meaning of the field.
 * ``external`` (RobustBench: the best *lower* robust accuracy another attack found, and what it
@@ -31,6 +35,15 @@ what RobustBench's readers parse, where they differ from the dataclass annotatio
 * ``footnote`` says how the entry was made: search size, test images, the AA 95% CI, the seed
   spread, why ``external`` is set, and the flags with their reasons.
 * The corruption fields are left out: otarena has no corruption benchmark.
+
+**Rows without AutoAttack.** A row of a table ranked by PGD (``final_eval.autoattack: null``) has no
+``autoattack_acc``, and RobustBench's ``generate_leaderboard`` ranks every ``*.json`` of
+``<dataset>/<threat_model>/`` by that field. So such entries go one folder down,
+``<dataset>/<norm>/no-autoattack/``, which its tooling never reads; they carry RobustBench's other
+fields, ``otarena.ranked_by`` ``"pgd_acc"`` and their rank in the PGD table, the flag
+``no-autoattack`` and a footnote that says so. An entry that has AutoAttack stays in
+``<dataset>/<norm>/``, whatever the table it is ranked in (a certified table: ``ranked_by``
+``"certified_acc"``).
 
 **Which numbers.** The RobustBench fields carry the trial's own accuracies: a ``model_info`` file
 describes one checkpoint, the one the run id names and that can be evaluated again. For a
@@ -40,7 +53,9 @@ and std are in the ``otarena`` object and the footnote.
 **Extra key.** Everything otarena knows that RobustBench has no field for goes under one extra key,
 ``otarena`` (:data:`OTARENA_KEYS`): run and experiment ids, rank, accuracies as fractions in
 [0, 1] at full precision, their 95% CIs and seed mean/std, ``n_ex``, flags and reasons, the
-hyperparameters and the search cost. RobustBench's readers ignore it.
+hyperparameters and the search cost. RobustBench's readers ignore it. Its fractions carry no float
+noise: each is rounded to the precision its ``n_ex`` test images support (:func:`fraction`), so
+132 of 200 is ``0.66``, never ``0.6600000262``.
 
 **Escaping.** RobustBench's template renders ``name``, ``architecture`` and ``footnote`` into its
 page unescaped (its name ends in ``.j2``, which jinja's ``select_autoescape(['html', 'xml'])`` does
@@ -93,12 +108,13 @@ OTARENA_KEY = "otarena"
 """The one extra key an otarena entry adds to RobustBench's fields."""
 
 OTARENA_KEYS = (
-    "run_id", "run_name", "experiment_id", "experiment", "rank", "method", "arch", "dataset", "norm", "eps",
+    "run_id", "run_name", "experiment_id", "experiment", "rank", "ranked_by", "method", "arch", "dataset", "norm", "eps",
     "paper", "paper_link", *ACCURACIES, *(f"{m}_{s}" for m in ACCURACIES for s in ("mean", "std")),
     *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "epochs", "val_pgd_acc", "val_clean_acc",
     "hyperparameters", "flags", "flag_reasons", "search_cost", "reported",
 )
-"""Keys of the ``otarena`` object. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
+"""Keys of the ``otarena`` object. ``ranked_by`` is the table's ranking metric (``aa_acc``, ``pgd_acc``
+or ``certified_acc``) and ``rank`` the row's rank in it. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
 ``[low, high]`` 95% Wilson interval or null; ``<m>_mean``/``_std`` are null unless ``n_seeds >= 2``;
 ``hyperparameters`` and ``flag_reasons`` map names to text as logged; ``search_cost`` has
 ``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
@@ -114,6 +130,8 @@ _TYPES = {
     "corruptions_acc": _PCT, "corruptions_acc_3d": _PCT, "corruptions_mce": _RATIO, "corruptions_mce_3d": _RATIO,
 }
 _NORMS = {"linf": "Linf", "l2": "L2"}
+NO_AUTOATTACK_FOLDER = "no-autoattack"
+"""The sub-folder of ``<dataset>/<norm>/`` for entries without AutoAttack, which RobustBench never reads."""
 _log = logging.getLogger(__name__)
 
 
@@ -125,57 +143,62 @@ def write_model_info(tables: list[Table], folder: str | Path) -> list[Path]:
         folder: The ``model_info`` root; files go to ``<folder>/<dataset>/<norm>/<entry>.json``.
 
     Returns:
-        The files written, in table and rank order. A row without a finite test clean or AutoAttack
-        accuracy (RobustBench requires both) is left out, with a logged warning.
+        The files written, in table and rank order. A row without a finite test clean accuracy or
+        ranking accuracy (RobustBench requires both) is left out, with a logged warning.
     """
     folder = Path(folder)
     written: list[Path] = []
     taken: set[str] = set()
     for t in tables:
         for rank, row in enumerate(t.rows, 1):
-            if _finite(row.clean_acc) is None or _finite(row.aa_acc) is None:
-                _log.warning("run %s has no finite test/clean_acc and test/aa_acc: left out of model_info",
-                             row.run_id)
+            if _finite(row.clean_acc) is None or _finite(getattr(row, t.ranking)) is None:
+                _log.warning("run %s has no finite test/clean_acc and test/%s: left out of model_info",
+                             row.run_id, t.ranking)
                 continue
             rel = _entry_path(row, taken)
             path = folder / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(model_info(row, rank), indent=2, ensure_ascii=False, allow_nan=False)
+            text = json.dumps(model_info(row, rank, t.ranking), indent=2, ensure_ascii=False, allow_nan=False)
             path.write_text(text + "\n", encoding="utf-8")
             written.append(path)
     _remove_stale(folder, set(written))
     return written
 
 
-def model_info(row: Row, rank: int = 1) -> dict:
-    """The ``model_info`` dict of one leaderboard row (``rank`` within its table)."""
+def model_info(row: Row, rank: int = 1, ranking: str | None = None) -> dict:
+    """The ``model_info`` dict of one leaderboard row (``rank`` within its table, ranked by ``ranking``:
+    the row's own :attr:`~leaderboard.schema.Row.ranking` by default). Without AutoAttack it has no
+    ``autoattack_acc`` (see the module's "Rows without AutoAttack")."""
     claim = claims.reported(row.dataset, row.norm, row.eps, row.method, row.arch)
     info = {
         "link": _http_link(row.paper_link),
-        "name": html.escape(printable(row.paper or row.method)),
-        "authors": "",
+        "name": html.escape(printable(row.paper_title or row.paper or row.method)),
+        "authors": html.escape(printable(row.paper_authors or "")),
         "additional_data": False,
         "number_forward_passes": 1,
         "dataset": _slug(row.dataset),  # as its folder is named
-        "venue": "",
+        "venue": html.escape(printable(row.paper_venue or "")),
         "architecture": html.escape(printable(row.arch)),
         "eps": eps(row.eps),
         "clean_acc": pct(row.clean_acc),
         "reported": None if claim is None else f"{claim.value:.2f}",
-        "autoattack_acc": pct(row.aa_acc),
     }
+    if row.aa_acc is not None:
+        info["autoattack_acc"] = pct(row.aa_acc)
     if _external(row):
         info["external"] = pct(row.pgd_acc)
     info["footnote"] = _footnote(row, claim)
     info["unreliable"] = bool(row.warnings)
-    info[OTARENA_KEY] = _otarena(row, rank, claim)
+    info[OTARENA_KEY] = _otarena(row, rank, claim, ranking or row.ranking)
     return info
 
 
 def validate_model_info(d: object) -> list[str]:
     """Problems that keep ``d`` from being a RobustBench ``model_info`` entry; empty when it is one.
 
-    Checks that the :data:`REQUIRED_FIELDS` and one of :data:`ROBUST_ACC_FIELDS` are present, that
+    Checks that the :data:`REQUIRED_FIELDS` and one of :data:`ROBUST_ACC_FIELDS` are present (an
+    otarena entry ranked without AutoAttack, ``otarena.ranked_by`` ``"pgd_acc"``, may lack them: it
+    lives where RobustBench's tooling never reads, see the module's "Rows without AutoAttack"), that
     no key is foreign (only :data:`MODEL_INFO_FIELDS` and ``otarena``), and each field's type as the
     stored files have it: accuracies as percent strings in [0, 100], ``eps`` a string (or null, for
     corruptions), ``additional_data`` and ``unreliable`` booleans, ``number_forward_passes`` an
@@ -184,7 +207,9 @@ def validate_model_info(d: object) -> list[str]:
     if not isinstance(d, dict):
         return [f"not a JSON object but {type(d).__name__}"]
     problems = [f"missing field {k!r}" for k in REQUIRED_FIELDS if k not in d]
-    if not any(k in d for k in ROBUST_ACC_FIELDS):
+    ours = d.get(OTARENA_KEY)
+    without_aa = isinstance(ours, dict) and ours.get("ranked_by") == "pgd_acc" and "autoattack_acc" not in d
+    if not without_aa and not any(k in d for k in ROBUST_ACC_FIELDS):
         problems.append(f"no robust accuracy: needs one of {', '.join(ROBUST_ACC_FIELDS)}")
     if "external" in d and "autoattack_acc" not in d:
         problems.append("'external' without 'autoattack_acc'")
@@ -205,8 +230,11 @@ def entry_name(row: Row, run_chars: int = 8) -> str:
 
 
 def _entry_path(row: Row, taken: set[str]) -> Path:
-    """``<dataset>/<norm>/<entry>.json``, unique among ``taken`` (compared case-insensitively)."""
+    """``<dataset>/<norm>/<entry>.json`` (``<norm>/no-autoattack/`` without AutoAttack), unique among
+    ``taken`` (compared case-insensitively)."""
     folder = Path(_slug(row.dataset), _NORMS.get(row.norm.lower()) or _slug(row.norm))
+    if row.aa_acc is None:
+        folder /= NO_AUTOATTACK_FOLDER
     candidates = [entry_name(row), entry_name(row, run_chars=64)]
     candidates += [f"{candidates[-1]}-{k}" for k in range(2, 2 + len(taken) + 1)]
     for name in candidates:
@@ -224,7 +252,7 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def _remove_stale(folder: Path, keep: set[Path]) -> None:
     """Delete the otarena entries of an earlier build that this build did not write."""
-    for path in folder.glob("*/*/otarena_*.json"):
+    for path in [*folder.glob("*/*/otarena_*.json"), *folder.glob(f"*/*/{NO_AUTOATTACK_FOLDER}/otarena_*.json")]:
         if path in keep or not path.is_file():
             continue
         try:
@@ -237,7 +265,8 @@ def _remove_stale(folder: Path, keep: set[Path]) -> None:
 
 def _external(row: Row) -> bool:
     """Whether PGD found a lower robust accuracy than AutoAttack on the same test images."""
-    return row.pgd_acc is not None and math.isfinite(row.pgd_acc) and row.pgd_acc < row.aa_acc
+    return (row.aa_acc is not None and row.pgd_acc is not None and math.isfinite(row.pgd_acc)
+            and row.pgd_acc < row.aa_acc)
 
 
 def _http_link(link: str | None) -> str:
@@ -252,11 +281,17 @@ def _footnote(row: Row, claim: claims.Claim | None = None) -> str:
         "the only trial" if row.trials == 1 else f"best of {count(row.trials)} trials")
     parts = [f"otarena: {search} of a hyperparameter search, chosen by validation PGD accuracy"]
     n_ex = f" on {count(row.n_ex)} test images" if row.n_ex is not None else ""
-    ci = f" (95% CI {pct(row.aa_ci[0])}–{pct(row.aa_ci[1])}%)" if row.aa_ci else ""
-    parts.append(f"AutoAttack{n_ex}{ci}")
+    if row.aa_acc is None:  # the PGD table's entry: say what ranks it, and that it is no RobustBench number
+        ci = f" (95% CI {pct(row.pgd_ci[0])}–{pct(row.pgd_ci[1])}%)" if row.pgd_ci else ""
+        parts.append(f"no AutoAttack: PGD accuracy {pct(row.pgd_acc)}%{n_ex}{ci}, an upper bound on robust "
+                     "accuracy, ranked only against other entries without AutoAttack")
+    else:
+        ci = f" (95% CI {pct(row.aa_ci[0])}–{pct(row.aa_ci[1])}%)" if row.aa_ci else ""
+        parts.append(f"AutoAttack{n_ex}{ci}")
     if row.n_seeds >= 2:
         spread = [f"{label} {pct(mean)} ± {pct(getattr(row, f'{m}_std'))}%"
-                  for label, m in (("clean", "clean_acc"), ("AutoAttack", "aa_acc"))
+                  for label, m in (("clean", "clean_acc"),
+                                   ("AutoAttack", "aa_acc") if row.aa_acc is not None else ("PGD", "pgd_acc"))
                   if (mean := getattr(row, f"{m}_mean")) is not None]
         parts.append(f"over {row.n_seeds} training seeds" + (": " + ", ".join(spread) if spread else ""))
     if _external(row):
@@ -273,26 +308,33 @@ def _footnote(row: Row, claim: claims.Claim | None = None) -> str:
     return "; ".join(parts) + "."
 
 
-def _otarena(row: Row, rank: int, claim: claims.Claim | None = None) -> dict:
-    """The ``otarena`` object (:data:`OTARENA_KEYS`)."""
+def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: str = "aa_acc") -> dict:
+    """The ``otarena`` object (:data:`OTARENA_KEYS`); its test fractions at the precision ``n_ex`` supports."""
     multi = row.n_seeds >= 2
+    n = _int(row.n_ex)
+    seeds_n = n * row.n_seeds if isinstance(n, int) else None  # a mean over seeds counts over them all
+
+    def acc(x: float | None, over: int | None = n) -> float | None:
+        return fraction(x, over)
+
     extra = {
         "run_id": row.run_id, "run_name": printable(row.run_name), "experiment_id": row.experiment_id,
-        "experiment": printable(row.experiment_name), "rank": rank, "method": printable(row.method),
+        "experiment": printable(row.experiment_name), "rank": rank, "ranked_by": ranking,
+        "method": printable(row.method),
         "arch": printable(row.arch), "dataset": printable(row.dataset), "norm": printable(row.norm),
         "eps": _finite(row.eps), "paper": printable(row.paper) if row.paper else None,
         "paper_link": printable(row.paper_link) if row.paper_link else None,
-        **{m: _finite(getattr(row, m)) for m in ACCURACIES},
-        **{f"{m}_{s}": _finite(getattr(row, f"{m}_{s}")) if multi else None
+        **{m: acc(getattr(row, m)) for m in ACCURACIES},
+        **{f"{m}_{s}": acc(getattr(row, f"{m}_{s}"), seeds_n) if multi else None
            for m in ACCURACIES for s in ("mean", "std")},
-        **{f"{m}_ci95": _interval(getattr(row, f"{m.removesuffix('_acc')}_ci")) for m in ACCURACIES},
-        "n_ex": _int(row.n_ex), "n_seeds": row.n_seeds, "epochs": _int(row.epochs),
-        "val_pgd_acc": _finite(row.val_pgd_acc), "val_clean_acc": _finite(row.val_clean_acc),
+        **{f"{m}_ci95": _interval(getattr(row, f"{m.removesuffix('_acc')}_ci"), n) for m in ACCURACIES},
+        "n_ex": n, "n_seeds": row.n_seeds, "epochs": _int(row.epochs),
+        "val_pgd_acc": acc(row.val_pgd_acc, None), "val_clean_acc": acc(row.val_clean_acc, None),
         "hyperparameters": {printable(k): printable(v) for k, v in row.hparams},
         "flags": [printable(f) for f in row.flags],
         "flag_reasons": {printable(f): printable(t) for f, t in row.flag_reasons},
         "search_cost": {"trials": _int(row.trials), "trial_epochs": _int(row.trial_epochs),
-                        "device_hours": _finite(row.device_hours)},
+                        "device_hours": fraction(row.device_hours)},  # to 1e-6 h: a clock's digits, not noise
         "reported": None if claim is None else claim.as_dict(),
     }
     assert tuple(extra) == OTARENA_KEYS  # one list of keys, documented once
@@ -328,5 +370,24 @@ def _int(x: float | None) -> int | float | None:
     return int(x) if x is not None and x.is_integer() else x
 
 
-def _interval(ci: tuple[float, float] | None) -> list[float] | None:
-    return None if ci is None or not all(map(math.isfinite, ci)) else [float(ci[0]), float(ci[1])]
+def _interval(ci: tuple[float, float] | None, n: int | float | None = None) -> list[float] | None:
+    return None if ci is None or not all(map(math.isfinite, ci)) else [fraction(ci[0], n), fraction(ci[1], n)]
+
+
+FRACTION_DECIMALS = 6
+"""The most decimals a fraction keeps: 1e-6 is below any test set's resolution (1 / n_ex) and above
+float32's rounding error (about 3e-8 near 1), which it removes."""
+
+
+def fraction(x: float | None, n: int | float | None = None) -> float | None:
+    """A fraction with the decimals that ``n`` images support: one more than ``n`` has digits, so that
+    every count over ``n`` keeps its own value (at most :data:`FRACTION_DECIMALS`; that many when ``n``
+    is unknown): 132 of 200 -> ``0.66``, 39 of 40 -> ``0.975``, 1 of 3 -> ``0.33``, and float32's
+    ``0.9700000286102295`` -> ``0.97``. ``None`` for a missing or non-finite value."""
+    x = _finite(x)
+    if x is None:
+        return None
+    decimals = FRACTION_DECIMALS
+    if n is not None and math.isfinite(n) and n >= 1:
+        decimals = min(FRACTION_DECIMALS, len(str(int(n))) + 1)
+    return round(x, decimals) + 0.0  # + 0.0: never -0.0

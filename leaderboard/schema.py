@@ -10,8 +10,10 @@ The two orderings the rules need are declared once, here:
 * :func:`selection_key` picks the one trial that represents a (method, architecture) in a table.
   It looks at validation metrics only: choosing by test numbers would leak the test set into
   model selection and overstate robustness.
-* :func:`rank_key` orders the representatives by test AutoAttack accuracy (RobustBench's rule),
-  averaged over training seeds when the configuration was confirmed with several.
+* :func:`rank_key` orders the representatives by the table's ranking metric, averaged over training
+  seeds when the configuration was confirmed with several: test AutoAttack accuracy (RobustBench's
+  rule); for rows evaluated without AutoAttack, PGD accuracy in a table of their own; for a
+  certified method whose config asks for it, certified accuracy (:attr:`Row.ranking`).
 
 Flags are the evaluation layer's caveats about a row. :func:`is_warning` splits them into
 warnings (the evaluation of this model may be wrong: gradient masking, an AutoAttack setting
@@ -28,8 +30,17 @@ from dataclasses import dataclass
 ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
 """The test accuracies a row carries, each with a 95% CI and, over several seeds, a mean and std."""
 
-NOTE_FLAGS = frozenset({"small-sample", "single-seed"})
-"""Flags about statistical precision only. Every other flag is a warning (see :func:`is_warning`)."""
+NO_AUTOATTACK = "no-autoattack"
+"""The flag of a row evaluated without AutoAttack (``final_eval.autoattack: null``): ranked by PGD."""
+
+NOTE_FLAGS = frozenset({"small-sample", "single-seed", NO_AUTOATTACK})
+"""Flags about how far a number can be taken (statistical precision, a weaker ranking attack), not about
+whether it is right. Every other flag is a warning (see :func:`is_warning`)."""
+
+RANKINGS = ("aa_acc", "certified_acc", "pgd_acc")
+"""The metrics a table can be ranked by, in the order a threat model's tables come: AutoAttack
+(RobustBench's board), certified accuracy (a certified method's rows, when its config asks), PGD (rows
+evaluated without AutoAttack). Rows ranked by different metrics never share a table."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,8 @@ class Row:
     eps: float
     method: str
     arch: str
-    aa_acc: float
-    """Test AutoAttack accuracy: the ranking metric."""
+    aa_acc: float | None = None
+    """Test AutoAttack accuracy: the ranking metric; ``None`` when the search ran without AutoAttack."""
     clean_acc: float | None = None
     pgd_acc: float | None = None
     certified_acc: float | None = None
@@ -88,6 +99,12 @@ class Row:
     paper: str | None = None
     """The method's paper (tag ``otarena.paper``), and its link (``otarena.paper_link``)."""
     paper_link: str | None = None
+    paper_title: str | None = None
+    """The paper's title alone, authors and venue (tags ``otarena.paper_title``, ``_authors``, ``_venue``)."""
+    paper_authors: str | None = None
+    paper_venue: str | None = None
+    rank_by: str = ""
+    """``certified_acc`` when the run asks to be ranked by certified accuracy (tag ``otarena.rank_by``)."""
     eps_sweep: "EpsSweep | None" = None
     """Robust accuracy against eps from the final evaluation (tag ``otarena.eps_sweep``)."""
     run_name: str = ""
@@ -102,6 +119,14 @@ class Row:
         """
         mean = getattr(self, f"{metric}_mean") if self.n_seeds >= 2 else None
         return getattr(self, metric) if mean is None else mean
+
+    @property
+    def ranking(self) -> str:
+        """The metric this row is ranked by (one of :data:`RANKINGS`): certified accuracy when the run asks
+        for it and has one, else AutoAttack when it ran, else PGD."""
+        if self.rank_by == "certified_acc" and self.certified_acc is not None:
+            return "certified_acc"
+        return "aa_acc" if self.aa_acc is not None else "pgd_acc"
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -191,12 +216,14 @@ def is_warning(flag: str) -> bool:
 
 @dataclass(frozen=True)
 class Table:
-    """One leaderboard table: the ranked entries for a (dataset, norm, eps) threat model."""
+    """One leaderboard table: the entries of a (dataset, norm, eps) threat model ranked by one metric."""
 
     dataset: str
     norm: str
     eps: float
     rows: tuple[Row, ...]
+    ranking: str = "aa_acc"
+    """The metric the rows are ranked by (:data:`RANKINGS`)."""
 
 
 def _desc(x: float | None) -> float:
@@ -213,14 +240,15 @@ def selection_key(row: Row) -> tuple:
     return (_desc(row.val_pgd_acc), _desc(row.val_clean_acc), row.run_id)
 
 
-def rank_key(row: Row) -> tuple:
-    """Order within a table: AutoAttack accuracy, then clean accuracy, both descending.
+def rank_key(row: Row, ranking: str = "aa_acc") -> tuple:
+    """Order within a table: the ranking metric (AutoAttack accuracy by default), then clean accuracy,
+    both descending.
 
     Both are :meth:`Row.headline` numbers: the mean over seeds when there are several, so that a
     configuration confirmed on several seeds is ranked by what it reproducibly reaches rather
     than by its luckiest (or unluckiest) seed.
     """
-    return (_desc(row.headline("aa_acc")), _desc(row.headline("clean_acc")), row.method, row.arch, row.run_id)
+    return (_desc(row.headline(ranking)), _desc(row.headline("clean_acc")), row.method, row.arch, row.run_id)
 
 
 def tabulate(rows: list[Row]) -> list[Table]:
@@ -230,8 +258,11 @@ def tabulate(rows: list[Row]) -> list[Table]:
         rows: Evaluated trial runs, e.g. from :func:`leaderboard.collect.collect`.
 
     Returns:
-        One table per (dataset, norm, eps), sorted by those; in each, one row per
-        (method, arch), chosen by :func:`selection_key` and ordered by :func:`rank_key`.
+        One table per (dataset, norm, eps) and ranking metric (:attr:`Row.ranking`), sorted by those
+        (:data:`RANKINGS` order); in each, one row per (method, arch), chosen by :func:`selection_key`
+        among all the threat model's rows and ordered by :func:`rank_key`. A row evaluated without
+        AutoAttack is never ranked against one evaluated with it: it goes to its threat model's PGD
+        table, after the AutoAttack one.
     """
     best: dict[tuple, Row] = {}
     for row in rows:
@@ -240,5 +271,7 @@ def tabulate(rows: list[Row]) -> list[Table]:
             best[key] = row
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in best.values():
-        groups[(row.dataset, row.norm, row.eps)].append(row)
-    return [Table(*g, rows=tuple(sorted(rs, key=rank_key))) for g, rs in sorted(groups.items())]
+        groups[(row.dataset, row.norm, row.eps, RANKINGS.index(row.ranking))].append(row)
+    return [Table(dataset, norm, eps, rows=tuple(sorted(rs, key=lambda r: rank_key(r, RANKINGS[k]))),
+                  ranking=RANKINGS[k])
+            for (dataset, norm, eps, k), rs in sorted(groups.items())]

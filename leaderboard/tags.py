@@ -20,7 +20,16 @@ EPS = "otarena.eps"
 SEARCH_KEYS = (METHOD, DATASET, ARCH, NORM, EPS)
 """The tags that identify one method's search (parent, trials, seeds and evaluations all carry them)."""
 PAPER = "otarena.paper"
+"""The method's short citation (``Madry et al., Title (ICLR 2018)``): the page's hover text."""
 PAPER_LINK = "otarena.paper_link"
+PAPER_TITLE = "otarena.paper_title"
+"""The paper's title alone, its authors (comma-separated) and venue: RobustBench's ``name``, ``authors``
+and ``venue``."""
+PAPER_AUTHORS = "otarena.paper_authors"
+PAPER_VENUE = "otarena.paper_venue"
+RANK_BY = "otarena.rank_by"
+"""``certified_acc`` on a certified method's runs whose config asks to rank them by certified accuracy
+(``final_eval.rank_certified``); absent otherwise: AutoAttack ranks, else PGD."""
 
 TRIAL_ID = "otarena.trial_id"
 """Ray Tune's trial id: the one key a trial's run is found by."""

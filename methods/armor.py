@@ -77,7 +77,7 @@ from otarena.methods.common.attacks import ce_loss, pgd
 from otarena.methods.common.dro import LAMBDA_MIN, DualVariables, dual_objective, udr_attack, udr_cost, weight_stats
 from otarena.methods.common.functional import (clean_probabilities, kl_to_clean, mart_loss_per_example,
                                        trades_loss_per_example, trades_start)
-from otarena.methods.common.method import Method, hits
+from otarena.methods.common.method import Method, Paper, hits
 from otarena.methods.common.train import TRAIN_SPACE
 from otarena.methods.space import Choice, Float
 
@@ -181,8 +181,9 @@ class Armor(Method):
     Config = Config
     SEARCH_SPACE = _search_space(Config())
     OPTIONAL_SPACE = OPTIONAL_SPACE
-    paper = "Birrell & Ebrahimi 2023, Adversarially Robust Learning with Optimal Transport Regularized Divergences"
-    link = "https://arxiv.org/abs/2309.03791"
+    paper = Paper("Adversarially Robust Learning with Optimal Transport Regularized Divergences",
+                  authors="Jeremiah Birrell, Reza Ebrahimi", venue="arXiv, Sep 2023",
+                  link="https://arxiv.org/abs/2309.03791")
     uses_clean: ClassVar[bool] = False
     """Whether the base loss already needs f(x) (then the natural term costs nothing extra)."""
 

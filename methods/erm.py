@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from otarena.methods.common.method import Method
+from otarena.methods.common.method import Method, Paper
 
 
 class Erm(Method):
-    paper = "Empirical risk minimization (no defence)"
+    # No paper: RobustBench's own undefended entry has no authors and the venue "N/A".
+    paper = Paper("Empirical risk minimization (no defence)", venue="N/A")
 
     def passes(self):
         return 1.0

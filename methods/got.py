@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from otarena.methods.common.attacks import pgd
 from otarena.methods.common.functional import kl_to_clean, trades_attack
-from otarena.methods.common.method import Method, hits
+from otarena.methods.common.method import Method, Paper, hits
 from otarena.methods.common.train import TRAIN_SPACE
 from otarena.methods.space import Choice, Float, Int
 
@@ -188,8 +188,8 @@ class Got(Method):
 
     Config = Config
     SEARCH_SPACE = _search_space(Config())
-    paper = ("Anonymous (ICLR submission), Improving robustness with optimal transport based "
-             "adversarial generalization")
+    paper = Paper("Improving robustness with optimal transport based adversarial generalization",
+                  authors="Anonymous", venue="ICLR submission, under review")
     base: ClassVar[str] = "pgd"
     label_matching: ClassVar[bool] = False
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from otarena.methods.common.method import Method, hits
+from otarena.methods.common.method import Method, Paper, hits
 from otarena.methods.space import Float
 
 
@@ -130,9 +130,10 @@ class Hkr(Method):
 
     Config = Config
     SEARCH_SPACE = SEARCH_SPACE
-    paper = ("Serrurier et al., Achieving robustness in classification using optimal transport "
-             "with hinge regularization (CVPR 2021)")
-    link = "https://arxiv.org/abs/2006.06520"
+    paper = Paper("Achieving robustness in classification using optimal transport with hinge regularization",
+                  authors="Mathieu Serrurier, Franck Mamalet, Alberto González-Sanz, Thibaut Boissin, "
+                          "Jean-Michel Loubes, Eustasio del Barrio",
+                  venue="CVPR 2021", link="https://arxiv.org/abs/2006.06520")
     archs = ("lipschitz_small", "lipschitz_cifar")
     certified = True
     norm = "L2"

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from otarena.methods.common.attacks import ascent, ascent_step, project
-from otarena.methods.common.method import Method, hits
+from otarena.methods.common.method import Method, Paper, hits
 from otarena.methods.space import Float, Int
 
 NOISES = ("gaussian", "uniform")
@@ -168,9 +168,9 @@ class Langevin(Method):
     OPTIONAL_SPACE = {"langevin_lambda": Float(1.0, 1000.0, 100.0, log=True, valid=(1e-3, 1e9))}
     """Not searched by default: a config may search lambda instead of ``langevin_sigma``. The paper's
     range 1-100 at eps 0.3 is lambda * eps 0.3-30, 10-1000 at eps 8/255; the default is its best there."""
-    paper = ("Anonymous (under review), A distributional robustness perspective on adversarial training "
-             "with the ∞-Wasserstein distance")
-    link = "https://github.com/busycalibrating/Adversarial-Training"
+    paper = Paper("A distributional robustness perspective on adversarial training with the ∞-Wasserstein distance",
+                  authors="Anonymous", venue="ICLR submission, under review",
+                  link="https://github.com/busycalibrating/Adversarial-Training")  # its official code
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

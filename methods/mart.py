@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from otarena.methods.common.attacks import pgd
 from otarena.methods.common.functional import mart_terms, trades_start
-from otarena.methods.common.method import Method
+from otarena.methods.common.method import Method, Paper
 from otarena.methods.common.train import TRAIN_SPACE
 from otarena.methods.space import Float
 
@@ -33,8 +33,9 @@ class Config:
 class Mart(Method):
     Config = Config
     SEARCH_SPACE = {"mart_beta": Float(1.0, 10.0, 5.0, valid=(0.0, 100.0)), "lr": TRAIN_SPACE["lr"]}
-    paper = "Wang et al. 2020, Improving Adversarial Robustness Requires Revisiting Misclassified Examples"
-    link = "https://openreview.net/forum?id=rklOg6EFwS"
+    paper = Paper("Improving Adversarial Robustness Requires Revisiting Misclassified Examples",
+                  authors="Yisen Wang, Difan Zou, Jinfeng Yi, James Bailey, Xingjun Ma, Quanquan Gu",
+                  venue="ICLR 2020", link="https://openreview.net/forum?id=rklOg6EFwS")
 
     def passes(self):
         return self.threat.steps + 2.0

@@ -74,7 +74,7 @@ from typing import ClassVar
 import torch
 
 from otarena.methods.common.functional import ascend, global_norm
-from otarena.methods.common.method import Method
+from otarena.methods.common.method import Method, Paper
 from otarena.methods.common.train import TRAIN_SPACE
 from otarena.methods.erm import Erm
 from otarena.methods.pgd_at import PgdAT
@@ -128,8 +128,9 @@ class OtMdr(Method):
 
     Config = Config
     SEARCH_SPACE = SEARCH_SPACE
-    paper = "Nguyen et al. 2023, Optimal Transport Model Distributional Robustness"
-    link = "https://arxiv.org/abs/2306.04178"
+    paper = Paper("Optimal Transport Model Distributional Robustness",
+                  authors="Van-Anh Nguyen, Trung Le, Anh Tuan Bui, Thanh-Toan Do, Dinh Phung",
+                  venue="NeurIPS 2023", link="https://arxiv.org/abs/2306.04178")
     Base: ClassVar[type[Method]] = Erm
     loss_passes: ClassVar[float] = 1.0
     """Forward+backward passes of one evaluation of the base loss (TRADES: clean and adversarial)."""

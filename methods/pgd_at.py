@@ -22,14 +22,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from otarena.methods.common.attacks import pgd
-from otarena.methods.common.method import Method, hits
+from otarena.methods.common.method import Method, Paper, hits
 from otarena.methods.common.train import TRAIN_SPACE
 
 
 class PgdAT(Method):
     SEARCH_SPACE = {"lr": TRAIN_SPACE["lr"], "weight_decay": TRAIN_SPACE["weight_decay"]}
-    paper = "Madry et al. 2018, Towards Deep Learning Models Resistant to Adversarial Attacks"
-    link = "https://arxiv.org/abs/1706.06083"
+    paper = Paper("Towards Deep Learning Models Resistant to Adversarial Attacks",
+                  authors="Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, Dimitris Tsipras, Adrian Vladu",
+                  venue="ICLR 2018", link="https://arxiv.org/abs/1706.06083")
 
     def passes(self):
         return self.threat.steps + 1.0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from otarena.methods.common.functional import kl_to_clean, trades_attack
-from otarena.methods.common.method import Method
+from otarena.methods.common.method import Method, Paper
 from otarena.methods.common.train import TRAIN_SPACE
 from otarena.methods.space import Float
 
@@ -36,8 +36,9 @@ class Config:
 class Trades(Method):
     Config = Config
     SEARCH_SPACE = {"trades_beta": Float(1.0, 12.0, 6.0, log=True, valid=(0.0, 100.0)), "lr": TRAIN_SPACE["lr"]}
-    paper = "Zhang et al. 2019, Theoretically Principled Trade-off between Robustness and Accuracy"
-    link = "https://arxiv.org/abs/1901.08573"
+    paper = Paper("Theoretically Principled Trade-off between Robustness and Accuracy",
+                  authors="Hongyang Zhang, Yaodong Yu, Jiantao Jiao, Eric P. Xing, Laurent El Ghaoui, Michael I. Jordan",
+                  venue="ICML 2019", link="https://arxiv.org/abs/1901.08573")
 
     def passes(self):
         return self.threat.steps + 2 + 1 / 3      # + the no-grad clean forward that fixes p(x)

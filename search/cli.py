@@ -49,7 +49,8 @@ def cmd_methods(args) -> int:
     for name, cls in methods.REGISTRY.items():
         config_defaults = methods.defaults(name)
         listing[name] = {
-            "paper": cls.paper, "link": cls.link,
+            "paper": cls.paper.citation, "link": cls.paper.link, "title": cls.paper.title,
+            "authors": cls.paper.authors, "venue": cls.paper.venue,
             "search_space": {k: d.describe() for k, d in cls.SEARCH_SPACE.items()},
             "optional_space": {k: d.describe() for k, d in cls.OPTIONAL_SPACE.items()},
             "fixed_defaults": {k: v for k, v in config_defaults.items()

@@ -312,7 +312,10 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     cls = methods.get(method)
     tags = {tag.METHOD: method, tag.DATASET: cfg.dataset, tag.ARCH: cfg.arch,
             tag.NORM: cfg.threat_model.norm, tag.EPS: repr(cfg.threat_model.eps),
-            tag.PAPER: cls.paper, tag.PAPER_LINK: cls.link or ""}
+            tag.PAPER: cls.paper.citation, tag.PAPER_LINK: cls.paper.link, tag.PAPER_TITLE: cls.paper.title,
+            tag.PAPER_AUTHORS: cls.paper.authors, tag.PAPER_VENUE: cls.paper.venue}
+    if cfg.final_eval.rank_certified and cls.certified:
+        tags[tag.RANK_BY] = "certified_acc"
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})

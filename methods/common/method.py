@@ -30,6 +30,35 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Paper:
+    """A method's paper as data, in RobustBench's ``model_info`` spelling: the search writes these
+    fields as MLflow tags (docs/mlflow-schema.md) and the leaderboard fills ``name``, ``authors``,
+    ``venue`` and ``link`` from them."""
+
+    title: str
+    """The title alone (RobustBench's ``name``)."""
+    authors: str = ""
+    """Every author, comma-separated, as the paper lists them; ``Anonymous`` under double-blind review."""
+    venue: str = ""
+    """``ICLR 2018``; a preprint as ``arXiv, Sep 2023``; ``N/A`` for no paper (RobustBench's usage)."""
+    link: str = ""
+    """The paper (its arXiv or OpenReview page), else its official code; ``""`` when there is neither."""
+
+    @property
+    def citation(self) -> str:
+        """Short citation shown by ``otarena methods`` and on the leaderboard: ``Madry et al., Title (ICLR 2018)``."""
+        names = [a.strip() for a in self.authors.split(",") if a.strip()]
+        surnames = [n.split()[-1] for n in names]
+        who = (surnames[0] if len(names) == 1 else " & ".join(surnames) if len(names) == 2
+               else f"{surnames[0]} et al." if names else "")
+        venue = f" ({self.venue})" if self.venue and self.venue != "N/A" else ""
+        return f"{who + ', ' if who else ''}{self.title}{venue}"
+
+    def __str__(self) -> str:
+        return self.citation
+
+
+@dataclass(frozen=True)
 class NoConfig:
     """A method without hyperparameters of its own."""
 
@@ -52,9 +81,8 @@ class Method:
     OPTIONAL_SPACE: ClassVar[Mapping[str, Any]] = {}
     """Domains a config may search instead (e.g. Langevin's lambda in place of sigma); when not
     searched, the parameter keeps its ``Config`` default."""
-    paper: ClassVar[str] = ""
-    """Short citation, shown by ``otarena methods`` and on the leaderboard."""
-    link: ClassVar[str] = ""
+    paper: ClassVar[Paper] = Paper("")
+    """The method's paper: title, authors, venue and link, the one place they are written."""
     archs: ClassVar[Optional[tuple]] = None
     """Architectures (``nets.ARCHS`` keys) the method runs on; None: any architecture."""
     certified: ClassVar[bool] = False

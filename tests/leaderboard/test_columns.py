@@ -121,7 +121,7 @@ def test_unknown_format_names_the_registry():
 
 def test_csv_fields_are_the_columns_fields():
     names = [name for name, _ in spec.csv_fields()]
-    assert len(names) == len(set(names)) and names[:5] == ["dataset", "norm", "eps", "rank", "method"]
+    assert len(names) == len(set(names)) and names[:6] == ["dataset", "norm", "eps", "ranked_by", "rank", "method"]
     assert names.index("clean_acc") < names.index("aa_acc") < names.index("pgd_acc") < names.index("certified_acc")
 
 
