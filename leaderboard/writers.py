@@ -62,7 +62,7 @@ FORMATS: dict[str, Format] = {
                    _text(lambda o: html.to_html(o.tables, o.campaign, title=o.title, run_url=o.run_url))),
     "json": Format("model_info", "RobustBench model_info JSON, one file per entry",
                    lambda path, o: robustbench.write_model_info(o.tables, path),
-                   entries=("*/*/otarena_*.json", "model_info JSON files")),
+                   entries=("**/otarena_*.json", "model_info JSON files")),  # no-autoattack/ one level down
 }
 """Output formats by name, in the order they are written."""
 

@@ -26,6 +26,7 @@ from otarena.leaderboard import build, tags
 from otarena.leaderboard.formatting import EMPTY_MESSAGE
 from otarena.leaderboard.robustbench import MODEL_INFO_FIELDS, NO_AUTOATTACK_FOLDER, validate_model_info
 from otarena.leaderboard.schema import NO_AUTOATTACK
+from otarena.leaderboard.writers import FORMATS
 
 EPS = 8 / 255
 PGD_TITLE = "ranked by PGD (no AutoAttack)"
@@ -194,6 +195,7 @@ def test_a_search_without_autoattack_gets_a_ranked_board_in_every_format(searche
     assert float(row["pgd_acc"]) >= 0 and "no-autoattack" in row["flags"].split(";")
     ((path, info),) = _infos(out).values()
     assert path.parent.name == NO_AUTOATTACK_FOLDER and info["otarena"]["ranked_by"] == "pgd_acc"
+    assert "(1 model_info JSON files)" in FORMATS["json"].describe(out / "model_info")  # what the CLI says
 
 
 def test_model_info_fields_are_the_papers_and_carry_no_float_noise(searched):
