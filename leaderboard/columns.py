@@ -164,6 +164,13 @@ COLUMNS: tuple[Column, ...] = (
            value=lambda i, r: r.aa_ci[0] if r.aa_ci else None, align="right", formats=frozenset({MD, HTML}),
            headers={HTML: "AA 95%\u00a0CI"}, first="descending",
            tip="Wilson interval of this trial's AutoAttack accuracy over its n_ex images"),
+    # A randomized model's AutoAttack without EOT, beside the EOT number that ranks it: shown only in tables
+    # where a row has one.
+    Column("aa_deterministic", "AA no EOT", text=lambda i, r: fmt.pct(r.aa_acc_deterministic),
+           value=lambda i, r: r.aa_acc_deterministic, align="right", formats=frozenset({MD, HTML}),
+           first="descending",
+           tip="a randomized model's AutoAttack cascade without Expectation over Transformation; its AutoAttack "
+               "column is AutoAttack's rand version with EOT, which ranks the row"),
     _accuracy("pgd", "PGD", "pgd_acc"),
     _accuracy("certified", "Certified", "certified_acc"),
     # The paper's claim beside the measured numbers: shown only in tables where a row has one.

@@ -60,6 +60,9 @@ class Row:
     arch: str
     aa_acc: float | None = None
     """Test AutoAttack accuracy: the ranking metric; ``None`` when the search ran without AutoAttack."""
+    aa_acc_deterministic: float | None = None
+    """A randomized model only: the AutoAttack cascade's number without EOT (``test/aa_acc_deterministic``),
+    shown beside ``aa_acc``, which is then the EOT number and ranks the row."""
     clean_acc: float | None = None
     pgd_acc: float | None = None
     certified_acc: float | None = None
