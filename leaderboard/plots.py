@@ -134,7 +134,8 @@ def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> st
             _percent_axis(ax, "x", [x for x, _ in xy])
             _percent_axis(ax, "y", [y for _, y in xy])
         else:
-            _empty(ax, "no evaluated trials")
+            # A table ranked by PGD has evaluated trials, none of them with AutoAttack to plot.
+            _empty(ax, "no AutoAttack run: ranked by PGD" if t.ranking == "pgd_acc" else "no evaluated trials")
         finish(ax, "Clean vs AutoAttack accuracy", "clean accuracy (%)", "AutoAttack accuracy (%)")
     return to_svg(fig, "pareto", "Clean vs AutoAttack accuracy", tips)
 

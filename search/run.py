@@ -303,12 +303,10 @@ def _max_concurrent(cfg: SearchConfig) -> int:
     return int(slots)
 
 
-def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
-                  resume: bool = False) -> MethodSearch:
-    space = cfg.spaces()[method]
-    searched = sorted(spaces.searched(space))
-    spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
-                     fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+def search_tags(cfg: SearchConfig, method: str) -> dict[str, str]:
+    """The tags of a method's search parent run, which its trials carry too (docs/mlflow-schema.md): what
+    places it on the leaderboard, the method's paper (RobustBench's name, authors, venue and link) and,
+    for a certified method whose config asks for it, ranking by certified accuracy."""
     cls = methods.get(method)
     tags = {tag.METHOD: method, tag.DATASET: cfg.dataset, tag.ARCH: cfg.arch,
             tag.NORM: cfg.threat_model.norm, tag.EPS: repr(cfg.threat_model.eps),
@@ -316,6 +314,16 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
             tag.PAPER_AUTHORS: cls.paper.authors, tag.PAPER_VENUE: cls.paper.venue}
     if cfg.final_eval.rank_certified and cls.certified:
         tags[tag.RANK_BY] = "certified_acc"
+    return tags
+
+
+def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
+                  resume: bool = False) -> MethodSearch:
+    space = cfg.spaces()[method]
+    searched = sorted(spaces.searched(space))
+    spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
+                     fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
+    tags = search_tags(cfg, method)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})

@@ -188,7 +188,8 @@ def test_a_search_without_autoattack_gets_a_ranked_board_in_every_format(searche
     md = (out / "leaderboard.md").read_text(encoding="utf-8")
     assert f"## digits · Linf · eps=0.2 · {PGD_TITLE}" in md
     assert re.search(r"(?m)^\| 1 \| (⚠ )?trades \| [0-9.]+ \| – \| [0-9.]+ \|", md)
-    assert f"<h2>digits · Linf · eps=0.2 · {PGD_TITLE}</h2>" in (out / "index.html").read_text(encoding="utf-8")
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert f"<h2>digits · Linf · eps=0.2 · {PGD_TITLE}</h2>" in page and "no AutoAttack run: ranked by PGD" in page
     assert "ranked by PGD accuracy" in (out / "leaderboard.tex").read_text(encoding="utf-8")
     (row,) = csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text(encoding="utf-8")))
     assert (row["ranked_by"], row["rank"], row["method"], row["aa_acc"]) == ("pgd_acc", "1", "trades", "")
@@ -228,3 +229,19 @@ def test_every_method_has_its_paper_as_data(name):
     assert paper.authors or name == "erm"  # the undefended baseline has no paper, as RobustBench's "Standard"
     assert paper.link == "" or re.fullmatch(r"https://\S+", paper.link)
     assert paper.citation.endswith(paper.title + (f" ({paper.venue})" if paper.venue != "N/A" else ""))
+
+
+def test_the_search_writes_the_paper_and_asks_for_certified_ranking_only_when_told():
+    from otarena.search import config as config_lib
+    from otarena.search.run import search_tags
+
+    demo_l2 = str(Path(__file__).resolve().parents[2] / "configs" / "demo-l2.yaml")
+    asked = search_tags(config_lib.load(demo_l2, overrides={"final_eval.rank_certified": True}), "hkr")
+    paper = methods.get("hkr").paper
+    assert (asked[tags.RANK_BY], asked[tags.PAPER_TITLE], asked[tags.PAPER_AUTHORS], asked[tags.PAPER_VENUE],
+            asked[tags.PAPER_LINK]) == ("certified_acc", paper.title, paper.authors, paper.venue, paper.link)
+    assert tags.RANK_BY not in search_tags(config_lib.load(demo_l2), "hkr")  # AutoAttack ranks by default
+    demo = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    # A method without certificates is ranked by AutoAttack whatever the knob says.
+    assert tags.RANK_BY not in search_tags(config_lib.load(demo, overrides={"final_eval.rank_certified": True}),
+                                           "trades")
