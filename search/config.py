@@ -20,7 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from otarena import methods
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.attacks import check_eps
-from otarena.methods.common.evaluate import EvalSettings, Thresholds
+from otarena.methods.common.evaluate import CHECKS, EvalSettings, Thresholds
 from otarena.methods.common.nets import ARCHS, input_size_error
 from otarena.methods.space import RANGE_KEYS, Choice, Fixed, Float, Int, as_number, narrow
 
@@ -99,6 +99,14 @@ class FlagThresholds(_Strict):
     blackbox: Number = Field(_THRESHOLDS.blackbox, ge=0, le=1, description="share of points only Square breaks")
     small_sample: int = Field(_THRESHOLDS.small_sample, ge=1)
     lipschitz: Number = Field(_THRESHOLDS.lipschitz, ge=0, description="Lipschitz bound tolerance of a certificate")
+    fgsm: Number = Field(_THRESHOLDS.fgsm, ge=0, le=1, description="FGSM this far below PGD: masking:fgsm")
+    noise: Number = Field(_THRESHOLDS.noise, ge=0, le=1, description="share of points only noise breaks")
+    transfer: Number = Field(_THRESHOLDS.transfer, ge=0, le=1, description="share of points only transfer breaks")
+    convergence: Number = Field(_THRESHOLDS.convergence, ge=0, le=1,
+                                description="share of points whose PGD loss still rises at the last steps")
+    convergence_rise: Number = Field(_THRESHOLDS.convergence_rise, ge=0, le=1,
+                                     description="a rise of this share of a point's loss range counts")
+    unbounded: Number = Field(_THRESHOLDS.unbounded, ge=0, le=1, description="PGD accuracy left at an unbounded eps")
 
 
 _EVAL = EvalSettings()
@@ -116,6 +124,8 @@ class FinalEval(_Strict):
                              description="extra starts on the margin to each of the likeliest wrong classes")
     eps_sweep: bool = Field(True, description="PGD accuracy at 0, eps/2, eps, 2 eps, 4 eps and the chance radius")
     sweep_steps: int = Field(_EVAL.sweep_steps, ge=1)
+    checks: list[Literal[CHECKS]] = Field(list(CHECKS), description="the cheap checks of Carlini et al.'s "
+                                          "checklist to run, each with its flag ([] runs none; docs/metrics.md)")
     seeds: int = Field(1, ge=1, description="retrain the selected configuration with this many seeds (mean +- std)")
     rank_certified: bool = Field(False, description="rank a certified method's rows (HKR) by certified accuracy, "
                                  "in an L2 table of their own on the leaderboard")

@@ -36,8 +36,10 @@ SINGLE_SEED = "single-seed"
 
 
 def _switches(eval_cfg: FinalEval) -> dict[str, bool]:
-    """Default stages that a FinalEval field turns off (``autoattack: null``, ``eps_sweep: false``)."""
-    return {"autoattack": bool(eval_cfg.autoattack), "eps-sweep": eval_cfg.eps_sweep}
+    """Default stages that a FinalEval field turns off (``autoattack: null``, ``eps_sweep: false``, a check
+    left out of ``checks``)."""
+    return {"autoattack": bool(eval_cfg.autoattack), "eps-sweep": eval_cfg.eps_sweep,
+            **{check: check in eval_cfg.checks for check in stages.CHECKS}}
 
 
 def attacks_for(method: Optional[str], eval_cfg: FinalEval | Mapping[str, Any],
@@ -61,15 +63,22 @@ def settings_from(eval_cfg: FinalEval | Mapping[str, Any]) -> stages.EvalSetting
 
 
 def evaluate_weights(weights: Mapping[str, torch.Tensor], *, arch: str, test_data,
-                     device: Optional[torch.device] = None, **evaluation: Any) -> dict:
+                     device: Optional[torch.device] = None,
+                     surrogate_weights: Optional[Mapping[str, torch.Tensor]] = None, **evaluation: Any) -> dict:
     """Build ``arch``, load ``weights`` and :func:`evaluate_model` them on ``test_data`` (``evaluation``:
-    its other keyword arguments)."""
+    its other keyword arguments); ``surrogate_weights`` (the campaign's ERM model, same ``arch``) are
+    the transfer check's surrogate."""
     info = test_data.info
-    model = methods.nets.build(arch, in_channels=info.in_channels, num_classes=info.num_classes,
-                               mean=info.mean, std=info.std)
-    model.load_state_dict(weights)
+
+    def build(state):
+        model = methods.nets.build(arch, in_channels=info.in_channels, num_classes=info.num_classes,
+                                   mean=info.mean, std=info.std)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
     device = device or methods.pick_device()
-    return evaluate_model(model.to(device).eval(), test_data=test_data, device=device, **evaluation)
+    surrogate = build(surrogate_weights) if surrogate_weights is not None else None
+    return evaluate_model(build(weights), test_data=test_data, device=device, surrogate=surrogate, **evaluation)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,10 +123,13 @@ def weights_mismatch(weights: Any, arch: str, dataset: str) -> Optional[str]:
 
 def evaluate_model(model: torch.nn.Module, *, norm: str, eps: float, test_data, eval_cfg: Mapping[str, Any], seed: int,
                    method: Optional[str] = None, certified: Optional[bool] = None, state_path: Optional[str] = None,
-                   log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None) -> dict:
-    """Evaluate ``model`` on ``test_data`` with ``eval_cfg`` (a FinalEval mapping)."""
+                   log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None,
+                   surrogate: Optional[torch.nn.Module] = None) -> dict:
+    """Evaluate ``model`` on ``test_data`` with ``eval_cfg`` (a FinalEval mapping); ``surrogate``: the
+    transfer check's (``None``: a quick ERM model the check trains)."""
     return methods.evaluate(model, test_data, methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified),
-                            settings_from(eval_cfg), seed=seed, device=device, state_path=state_path, log=log)
+                            settings_from(eval_cfg), seed=seed, device=device, state_path=state_path, log=log,
+                            surrogate=surrogate)
 
 
 def to_metrics(result: Mapping[str, Any]) -> dict[str, float]:

@@ -469,19 +469,27 @@ def _aa_state_path(cfg: SearchConfig, name: str) -> Optional[str]:
     return os.path.join(_storage(cfg.storage_path), cfg.name, "evaluation", f"{name}-autoattack.pt")
 
 
-def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int,
-                        state_path: Optional[str] = None) -> tuple[dict, dict]:
-    """Score a trial's best-epoch weights on the test split (runs as a Ray task)."""
-    set_threads(spec.cpus)
+def _best_weights(checkpoint) -> Optional[dict]:
+    if checkpoint is None:
+        return None
     with checkpoint.as_directory() as folder:
-        weights = load_state(folder)["best_model"]
+        return load_state(folder)["best_model"]
+
+
+def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int,
+                        state_path: Optional[str] = None, surrogate=None) -> tuple[dict, dict]:
+    """Score a trial's best-epoch weights on the test split (runs as a Ray task); ``surrogate``: the
+    checkpoint of the campaign's ERM trial, the transfer check's surrogate."""
+    set_threads(spec.cpus)
+    weights = _best_weights(checkpoint)
     result = evaluation.evaluate_weights(weights, method=spec.method, arch=spec.arch, norm=spec.norm, eps=spec.eps,
-                                         test_data=test_data, eval_cfg=eval_cfg, seed=seed, state_path=state_path)
+                                         test_data=test_data, eval_cfg=eval_cfg, seed=seed, state_path=state_path,
+                                         surrogate_weights=_best_weights(surrogate))
     return result, weights
 
 
 def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, val_data, test_data,
-                         eval_cfg: dict, state_path: Optional[str] = None) -> tuple[dict, dict, dict]:
+                         eval_cfg: dict, state_path: Optional[str] = None, surrogate=None) -> tuple[dict, dict, dict]:
     """Multi-seed confirmation: train the selected configuration again with another seed (a Ray task).
 
     The best epoch is chosen on validation, as in the search; only then is the test split read.
@@ -492,7 +500,7 @@ def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, 
     methods.fit(run)
     result = evaluation.evaluate_weights(run.best_model, method=spec.method, arch=spec.arch, norm=spec.norm,
                                          eps=spec.eps, test_data=test_data, eval_cfg=eval_cfg, seed=seed,
-                                         state_path=state_path)
+                                         state_path=state_path, surrogate_weights=_best_weights(surrogate))
     return result, run.best_model, {"val/best_pgd_acc": run.best["val/pgd_acc"],
                                     "val/best_clean_acc": run.best["val/clean_acc"],
                                     "val/best_epoch": run.best["epoch"], "train/epochs": run.cfg.epochs}
@@ -508,10 +516,13 @@ class PendingEvaluation:
     """(seed, ref) pairs retraining the first chosen trial's configuration."""
 
 
-def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple) -> PendingEvaluation:
+def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple,
+                            surrogate=None) -> PendingEvaluation:
     """Start the test-split evaluation of the top-k trials (and their seed replicas) as Ray tasks.
 
     They run while the next method is searched, filling the cores that ASHA's tail leaves idle.
+    ``surrogate``: the checkpoint of the campaign's best ERM trial, when ERM was searched before this
+    method: the transfer check crafts its examples on it (else on a quick ERM model of its own).
     """
     train_ref, val_ref, test_ref = data_refs
     spec, eval_cfg = outcome.spec, cfg.final_eval.model_dump()
@@ -524,7 +535,8 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
         trial_id = r.metrics["trial_id"]
         log(f"{outcome.method}: evaluating trial {trial_id} on the test split ({attacks})")
         pending.evaluations.append(ray.remote(evaluate_checkpoint).options(**options).remote(
-            r.checkpoint, spec, test_ref, eval_cfg, cfg.seed, _aa_state_path(cfg, f"{outcome.method}-{trial_id}")))
+            r.checkpoint, spec, test_ref, eval_cfg, cfg.seed, _aa_state_path(cfg, f"{outcome.method}-{trial_id}"),
+            surrogate))
     if chosen and cfg.final_eval.seeds > 1:
         hparams = {**spec.fixed, **chosen[0].config}
         extra = [cfg.seed + i for i in range(1, cfg.final_eval.seeds)]
@@ -533,7 +545,7 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
         task = ray.remote(retrain_and_evaluate).options(**options)
         pending.seeds = [(seed, task.remote(spec, hparams, seed, train_ref, val_ref, test_ref, eval_cfg,
                                             _aa_state_path(cfg, f"{outcome.method}-{chosen[0].metrics['trial_id']}"
-                                                                f"-seed{seed}")))
+                                                                f"-seed{seed}"), surrogate))
                          for seed in extra]
     return pending
 
@@ -659,12 +671,15 @@ def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address
             log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
             init_ray(address)
             train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
+            surrogate = None   # the campaign's own ERM model, once ERM has been searched
             for i, method in enumerate(cfg.methods, 1):
                 CTRL_C.check()
                 log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
                 outcome = search_method(cfg, method, tracker, train_ref, val_ref, resume=resume)
                 evaluations.append((cfg, tracker, outcome,
-                                    submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref))))
+                                    submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref), surrogate)))
+                if method == "erm" and top_k(outcome.results, 1):
+                    surrogate = top_k(outcome.results, 1)[0].checkpoint
         log("waiting for the final evaluations")
         summaries = []
         for done, (cfg, tracker, outcome, pending) in enumerate(evaluations):

@@ -231,6 +231,22 @@ def pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tu
     return x_adv, score >= _FOOLED_FLOOR
 
 
+def loss_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf", steps: int = 10,
+              step_size: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The cross-entropy of every iterate of one PGD run from a random start: (steps + 1, N), for the
+    convergence check (Pintor et al., "Indicators of Attack Failure", NeurIPS 2022)."""
+    move = pgd_move(eps, norm, step_size if step_size is not None else madry_step(eps, steps))
+    x = x.detach()
+    x_adv, path = random_start(x, eps, norm, generator), []
+    with frozen(model):
+        for _ in range(steps):
+            x_adv, _, losses = _step(model, x_adv, x, y, None, ce_loss, move)
+            path.append(losses)
+        with torch.no_grad():
+            path.append(ce_loss(model(x_adv), y))
+    return torch.stack(path)
+
+
 def _start(x, eps, norm, init, random_init, generator):
     if init is not None:
         return project(init.detach(), x, eps, norm)
@@ -297,9 +313,20 @@ _FOOLED_FLOOR = _FOOLED - _LOSS_CLAMP
 """Every misclassified iterate scores at least this, every other one less."""
 
 
+def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per point: the output counts as the true class ``y`` only if that class's logit is strictly the largest.
+
+    otarena's one rule of a correct answer (docs/metrics.md). A tie at the top (all-zero or constant
+    logits, where argmax would pick the first class), a NaN, or an extra "reject" output that wins
+    counts as wrong: a defence that declines to answer is not robust on that point.
+    """
+    true = logits.gather(1, y[:, None])[:, 0]
+    return true > logits.scatter(1, y[:, None], -float("inf")).amax(1)
+
+
 def _keep(best, best_score, x_adv, logits, losses, y):
     """Per-example running argmax of (misclassified, loss)."""
-    fooled = (logits.argmax(1) != y).float() if _is_labels(y) else torch.zeros_like(losses)
+    fooled = (~correct(logits, y)).float() if _is_labels(y) else torch.zeros_like(losses)
     # A misclassified iterate always beats a correctly classified one, whatever its loss.
     score = fooled * _FOOLED + losses.float().clamp(-_LOSS_CLAMP, _LOSS_CLAMP)
     better = score > best_score

@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The small evaluation core: clean, PGD-k, AutoAttack, eps-sweep and certified accuracy, with flags.
+"""The small evaluation core: clean, PGD-k, AutoAttack, eps-sweep and certified accuracy, with flags and checks.
 
 ``evaluate(model, data, threat_model, attacks=..., n_ex=...)`` is the one entry point, in the
 spirit of RobustBench's ``benchmark()``: it takes any ``nn.Module`` on [0, 1] inputs and a dataset
 split and returns accuracies with 95% confidence intervals and the automatic flags that catch the
 classic evaluation errors of [2] and [4] (gradient masking, accuracy above chance at huge eps,
-unsound certificates, small samples). Attacks always use true labels and random starts.
+unsound certificates, small samples). Attacks always use true labels and random starts. Five cheap
+checks of [4]'s checklist (:data:`CHECKS`: FGSM, uniform noise, transfer from a surrogate, PGD's
+convergence [5], an unbounded attack) each add a flag when the white-box attacks failed where they
+should not have. A point counts as correct only where its true class has the strictly largest
+logit (docs/metrics.md: what counts as correct).
 
 Each measurement is a :class:`Stage` of the table :data:`STAGES`: its name, the stages whose
 results it reads, its function, the result keys it writes, its MLflow metrics and the metric its
@@ -22,7 +26,11 @@ References:
     [3] Gowal et al., "An alternative surrogate loss for PGD-based adversarial testing", 2019
         (multi-targeted PGD).
     [4] Carlini et al., "On evaluating adversarial robustness", 2019, Section 5 (the sanity checks:
-        more iterations never help, accuracy reaches chance at large eps, black-box <= white-box).
+        more iterations never help, accuracy reaches chance at large eps, black-box <= white-box,
+        single-step <= iterative, random noise and transfer never beat gradients, an unbounded attack
+        always succeeds).
+    [5] Pintor et al., "Indicators of Attack Failure: Debugging and Improving Optimization of
+        Adversarial Examples", NeurIPS 2022 (incomplete optimization: the loss still rising).
 """
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from otarena.methods.common.attacks import ThreatModel, eval_mode, madry_step, pgd, pgd_best, project
+from otarena.methods.common.attacks import (ThreatModel, ce_loss, correct, eval_mode, fgsm, frozen, loss_path,
+                                            madry_step, pgd, pgd_best, project, random_start)
 
 METRIC_PREFIX = "test/"
 """The MLflow namespace of an evaluation's metrics (docs/mlflow-schema.md)."""
@@ -54,12 +63,13 @@ def share(hits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+    return torch.cat([correct(model(x[i:i + batch_size]), y[i:i + batch_size])
                       for i in range(0, len(y), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Clean accuracy (an exact fraction), in eval mode."""
+    """Clean accuracy (an exact fraction), in eval mode; a point counts only where its true class has the
+    strictly largest logit (:func:`~otarena.methods.common.attacks.correct`)."""
     with eval_mode(model):
         return share(_correct(model, x, y, batch_size))
 
@@ -70,7 +80,8 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
     """Per point: still correct under PGD-``steps`` with random start, on true labels.
 
     The attack runs ``restarts`` random starts on cross-entropy, then one start per target on the
-    margin toward each of the ``targets`` most likely wrong classes (multi-targeted PGD); a point
+    margin toward each of the ``targets`` most likely wrong classes (multi-targeted PGD; at most
+    every wrong class the data has); a point
     counts as robust only if it survives all of them. Like AutoAttack, each run attacks only the
     points that are still standing. With ``keep_best`` each run keeps its most adversarial iterate,
     else (as most published evaluations) its last one.
@@ -84,22 +95,23 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
         return ~_correct(model, pgd(model, xs, ys, **attack, **kwargs), ys, len(ys))
 
     with eval_mode(model):
-        correct = []
+        standing = []
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             with torch.no_grad():
                 clean_logits = model(xb)
-            survived = clean_logits.argmax(1) == yb
+            survived = correct(clean_logits, yb)
             wrong = clean_logits.scatter(1, yb[:, None], -float("inf"))
+            likeliest = wrong.argsort(1, descending=True)[:, :min(targets, wrong.shape[1] - 1)]
             # First the cross-entropy starts (target None), then one margin start per likeliest wrong class.
-            for target in [None, *wrong.argsort(1, descending=True)[:, :targets].T]:
+            for target in [None, *likeliest.T]:
                 rows = survived.nonzero()[:, 0]
                 if not len(rows):
                     break
                 run = dict(restarts=restarts) if target is None else dict(target=target[rows])
                 survived[rows] = ~fooled(xb[rows], yb[rows], **run)
-            correct.append(survived)
-        return torch.cat(correct)
+            standing.append(survived)
+        return torch.cat(standing)
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kwargs) -> float:
@@ -170,7 +182,8 @@ class Thresholds:
     """When an evaluation raises a flag (accuracies as fractions)."""
 
     aa_gap: float = 0.05
-    """``masking:aa-gap``: AutoAttack more than this far below PGD."""
+    """``masking:aa-gap``: AutoAttack more than this far below PGD, beyond sampling noise: the lower end of
+    the 95% interval of the gap exceeds it (:func:`aa_gap_interval`)."""
     plateau: float = 0.10
     """``masking:eps-plateau``: PGD accuracy at the chance radius more than this above the chance bound..."""
     rise: float = 0.02
@@ -183,6 +196,22 @@ class Thresholds:
     """``small-sample``: fewer test points than this."""
     lipschitz: float = 0.02
     """``unsound-certificate``: a measured Lipschitz bound above 1 + this."""
+    fgsm: float = 0.01
+    """``masking:fgsm``: FGSM's accuracy more than this below PGD's (a single step beats the iterative attack)."""
+    noise: float = 0.01
+    """``masking:noise``: uniform noise in the eps-ball fools at least this share of the points that every
+    white-box attack failed on."""
+    transfer: float = 0.01
+    """``masking:transfer``: examples crafted on a surrogate model fool at least this share of the points that
+    every white-box attack failed on."""
+    convergence: float = 0.05
+    """``masking:convergence``: PGD's best loss still rising over its last steps on more than this share of
+    the points (of all points) it failed on."""
+    convergence_rise: float = 0.05
+    """...where "rising" is a gain of more than this share of the point's loss range over the last steps."""
+    unbounded: float = 0.0
+    """``masking:unbounded``: PGD with a radius that spans the whole input space leaves more than this share
+    correct."""
 
 
 _LARGEST_N = 10 ** 6
@@ -222,7 +251,10 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     t, flags, n_ex = thresholds, {}, result.get("n_ex")
     pgd_name = f"PGD-{result.get('settings', {}).get('pgd_steps', 'k')}"
     if "aa_acc" in result and "pgd_acc" in result and _beyond(result["pgd_acc"], result["aa_acc"], t.aa_gap, n_ex):
-        flags["masking:aa-gap"] = f"AutoAttack {_points(result['pgd_acc'] - result['aa_acc'])} below {pgd_name}"
+        low, high = aa_gap_interval(result["pgd_acc"], result["aa_acc"], n_ex)
+        if low > t.aa_gap:
+            flags["masking:aa-gap"] = (f"AutoAttack {_points(result['pgd_acc'] - result['aa_acc'])} below {pgd_name} "
+                                       f"(95% interval {100 * low:.1f} to {100 * high:.1f})")
     sweep = result.get("eps_sweep")
     if sweep:
         eps, acc, bound = sweep["eps"], sweep["pgd_acc"], sweep["chance_bound"]
@@ -245,6 +277,7 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     if blackbox_only > 0 and _exact(blackbox_only, n_ex) >= Fraction(str(t.blackbox)):
         flags["masking:blackbox"] = (f"Square (black-box) fooled {result['aa_blackbox_only']:.1%} of the points "
                                      f"that every white-box attack failed on")
+    flags.update(_checklist_flags(result, t, n_ex))
     flags.update(result.get("aa_checks", {}))
     n = result.get("n_ex", t.small_sample)
     if n < t.small_sample:
@@ -262,6 +295,46 @@ def flags_for(result: dict, thresholds: Thresholds = Thresholds()) -> dict[str, 
     return flags
 
 
+def aa_gap_interval(pgd_acc: float, aa_acc: float, n: Optional[int]) -> tuple[float, float]:
+    """95% interval of the gap ``pgd_acc - aa_acc``, both measured on the same ``n`` points.
+
+    The gap is the share of points AutoAttack breaks and PGD does not, less the (usually no) points
+    PGD breaks and AutoAttack does not: a paired difference. Its interval is taken as the Wilson
+    interval of that share, which assumes the second kind is empty; any such point only widens the
+    true interval, so this errs toward flagging. A gap the sample cannot tell from a weaker PGD
+    (12 of 200 points, 95% interval 3.5 to 10.2 points) is not called masking.
+    """
+    gap = float(_exact(pgd_acc, n) - _exact(aa_acc, n))
+    if n is None:
+        return gap, gap
+    low, high = confidence_interval(min(max(gap, 0.0), 1.0), n)
+    return low, high
+
+
+def _checklist_flags(result: Mapping, t: Thresholds, n_ex: Optional[int]) -> dict[str, str]:
+    """The flags of the cheap checks of [4]'s checklist (:data:`CHECKS`): each stage's one rule."""
+    flags = {}
+    pgd_name = f"PGD-{result.get('settings', {}).get('pgd_steps', 'k')}"
+    if "fgsm_acc" in result and "pgd_acc" in result and _beyond(result["pgd_acc"], result["fgsm_acc"], t.fgsm, n_ex):
+        flags["masking:fgsm"] = (f"FGSM leaves {result['fgsm_acc']:.1%} correct, "
+                                 f"{_points(result['pgd_acc'] - result['fgsm_acc'])} below {pgd_name}: "
+                                 f"one step beats the iterative attack")
+    for key, flag, what in (("noise_only", "masking:noise", "uniform noise in the eps-ball"),
+                            ("transfer_only", "masking:transfer", "examples transferred from the surrogate")):
+        only, threshold = result.get(key), getattr(t, flag.split(":")[1])
+        if only and _exact(only, n_ex) >= Fraction(str(threshold)):
+            flags[flag] = f"{what} fooled {only:.1%} of the points that every white-box attack failed on"
+    rising = result.get("convergence_rising")
+    if rising is not None and _beyond(rising, 0.0, t.convergence, n_ex):
+        flags["masking:convergence"] = (f"PGD's best loss still rising over its last steps on {rising:.1%} of the "
+                                        f"points: the attack had not converged")
+    unbounded = result.get("unbounded_pgd_acc")
+    if unbounded is not None and _beyond(unbounded, 0.0, t.unbounded, n_ex):
+        flags["masking:unbounded"] = (f"PGD with an unbounded radius leaves {unbounded:.1%} correct: an attack that "
+                                      f"cannot fool the model anywhere in the input space has failed")
+    return flags
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How hard an evaluation attacks: the one home of its defaults (search's ``FinalEval`` reads them)."""
@@ -272,8 +345,9 @@ class EvalSettings:
     """Iterations of each run of the ``pgd`` stage."""
     pgd_restarts: int = 1
     """Random starts on cross-entropy."""
-    pgd_targets: int = 3
-    """Then one run on the margin toward each of this many likeliest wrong classes (multi-targeted PGD [3])."""
+    pgd_targets: int = 9
+    """Then one run on the margin toward each of this many likeliest wrong classes (multi-targeted PGD [3]);
+    9 as AutoAttack's APGD-T, or every wrong class when the data has fewer."""
     pgd_step_size: Optional[float] = None
     """``None``: eps / 4. Each run keeps its most adversarial iterate, so a large step never weakens a long attack."""
     aa_version: str = "standard"
@@ -282,6 +356,14 @@ class EvalSettings:
     """PGD iterations at each radius of the eps sweep."""
     sweep_radii: Optional[tuple[float, ...]] = None
     """Radii of the eps sweep (``None``: :func:`sweep_radii`)."""
+    noise_draws: int = 32
+    """Uniform draws in the eps-ball per point of the ``noise`` check."""
+    transfer_steps: int = 20
+    """PGD iterations on the surrogate of the ``transfer`` check."""
+    surrogate_epochs: int = 5
+    """Epochs of the quick ERM surrogate the ``transfer`` check trains when it is given none."""
+    convergence_window: float = 0.1
+    """The last share of PGD's steps over which the ``convergence`` check looks for a rising loss."""
     batch_size: int = 500
     thresholds: Thresholds = Thresholds()
     """When flags are raised."""
@@ -307,6 +389,11 @@ class StageInput:
     stopwatch: "_Stopwatch"
     result: dict
     """The keys the stages before this one wrote: a stage finds what it ``needs`` here."""
+    surrogate: Optional[nn.Module] = None
+    """The model the ``transfer`` check crafts its examples on (``None``: it trains a quick ERM one)."""
+    survivors: dict = dataclasses.field(default_factory=dict)
+    """Per point, still correct after each white-box attack stage (``{"pgd": mask}``): the checks compare
+    against the points every one of them failed on. Not part of the result."""
 
     @property
     def pgd_step_size(self) -> float:
@@ -369,9 +456,10 @@ def _clean(run: StageInput) -> dict:
 
 def _pgd(run: StageInput) -> dict:
     cfg = run.settings
-    return {"pgd_acc": pgd_accuracy(run.model, run.x, run.y, run.threat, steps=cfg.pgd_steps,
-                                    step_size=run.pgd_step_size, restarts=cfg.pgd_restarts, targets=cfg.pgd_targets,
-                                    batch_size=cfg.batch_size, generator=run.generator())}
+    run.survivors["pgd"] = pgd_correct(run.model, run.x, run.y, run.threat, steps=cfg.pgd_steps,
+                                       step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
+                                       targets=cfg.pgd_targets, batch_size=cfg.batch_size, generator=run.generator())
+    return {"pgd_acc": share(run.survivors["pgd"])}
 
 
 def _steps_check(run: StageInput) -> dict:
@@ -457,6 +545,151 @@ def _lipschitz_metrics(result: Mapping) -> dict[str, float]:
     return {f"{METRIC_PREFIX}lipschitz_bound": result["lipschitz_bound"]} if "lipschitz_bound" in result else {}
 
 
+def _standing(run: StageInput) -> Optional[torch.Tensor]:
+    """Per point: still correct after every white-box attack stage that ran (``None``: none did)."""
+    masks = list(run.survivors.values())
+    return None if not masks else torch.stack(masks).all(0)
+
+
+def _only(run: StageInput, key: str, still_correct: torch.Tensor) -> dict:
+    """``{key: share}``: the share of all points a check fooled that every white-box attack left standing."""
+    standing = _standing(run)
+    return {} if standing is None else {key: share(standing & ~still_correct)}
+
+
+def _batches(run: StageInput):
+    size = run.settings.batch_size
+    for i in range(0, len(run.y), size):
+        yield run.x[i:i + size], run.y[i:i + size]
+
+
+def _fgsm(run: StageInput) -> dict:
+    """FGSM from the clean point: a single step must never beat the iterative attack [4]."""
+    eps, norm = run.threat.eps, run.threat.norm
+    with eval_mode(run.model):
+        still = torch.cat([_correct(run.model, fgsm(run.model, xb, yb, eps=eps, norm=norm), yb, len(yb))
+                           for xb, yb in _batches(run)])
+    return {"fgsm_acc": share(still)}
+
+
+def _noise(run: StageInput) -> dict:
+    """``noise_draws`` uniform points of the eps-ball per point: noise must never beat gradients [4]."""
+    generator, eps, norm = run.generator(), run.threat.eps, run.threat.norm
+    with eval_mode(run.model):
+        still = []
+        for xb, yb in _batches(run):
+            hit = _correct(run.model, xb, yb, len(yb))
+            for _ in range(run.settings.noise_draws):
+                hit &= _correct(run.model, random_start(xb, eps, norm, generator), yb, len(yb))
+            still.append(hit)
+    still = torch.cat(still)
+    return {"noise_acc": share(still), **_only(run, "noise_only", still)}
+
+
+def quick_surrogate(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int, seed: int = 0) -> nn.Module:
+    """A SmallCNN trained by plain ERM (Adam, lr 2e-3, batches of 64) on the evaluated points themselves.
+
+    The transfer check needs some other model with useful gradients on these points, not one that
+    generalizes; training on the points it attacks makes it a good one in seconds, and needs no
+    other split. Seeded, and the global random state is left as it was.
+    """
+    from otarena.methods.common import nets
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
+        net = nets.build("small_cnn", in_channels=x.shape[1], num_classes=num_classes, mean=mean, std=std)
+    net = net.to(x.device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    order = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in torch.randperm(len(y), generator=order).to(x.device).split(64):
+                optimizer.zero_grad()
+                ce_loss(net(x[batch]), y[batch]).mean().backward()
+                optimizer.step()
+    return net.eval()
+
+
+def _transfer(run: StageInput) -> dict:
+    """PGD on a surrogate model, its examples scored on this one: black-box transfer must never beat white-box [4]."""
+    cfg, eps, norm = run.settings, run.threat.eps, run.threat.norm
+    if run.surrogate is not None:
+        surrogate, which = run.surrogate.to(run.x.device), "the given surrogate"
+    else:
+        with torch.no_grad():
+            num_classes = run.model(run.x[:1]).shape[1]
+        surrogate = quick_surrogate(run.x, run.y, num_classes, epochs=cfg.surrogate_epochs, seed=run.seed)
+        which = f"a SmallCNN trained by ERM on the evaluated points ({cfg.surrogate_epochs} epochs)"
+    generator, steps = run.generator(), cfg.transfer_steps
+    with eval_mode(surrogate), eval_mode(run.model):
+        still = torch.cat([_correct(run.model, pgd(surrogate, xb, yb, eps=eps, norm=norm, steps=steps,
+                                                   step_size=madry_step(eps, steps), generator=generator), yb, len(yb))
+                           for xb, yb in _batches(run)])
+    return {"transfer_acc": share(still), "transfer_surrogate": which, **_only(run, "transfer_only", still)}
+
+
+def _convergence(run: StageInput) -> dict:
+    """Is PGD's loss still rising at its last steps on the points it failed on? (Pintor et al., NeurIPS 2022)
+
+    One cross-entropy PGD run with the ``pgd`` stage's steps and step size on the points every
+    white-box attack left standing (else the clean-correct ones). A point's loss "still rises" when
+    its best loss so far gains more than ``convergence_rise`` of its range over the last
+    ``convergence_window`` of the steps: more steps would have helped.
+    """
+    cfg, t = run.settings, run.settings.thresholds
+    standing = _standing(run)
+    with eval_mode(run.model):
+        if standing is None:
+            standing = _correct(run.model, run.x, run.y, cfg.batch_size)
+        rows, rising = standing.nonzero()[:, 0], torch.zeros_like(standing)
+        window = max(1, math.ceil(cfg.convergence_window * cfg.pgd_steps))
+        generator = run.generator()
+        for chunk in rows.split(cfg.batch_size):
+            path = loss_path(run.model, run.x[chunk], run.y[chunk], eps=run.threat.eps, norm=run.threat.norm,
+                             steps=cfg.pgd_steps, step_size=run.pgd_step_size, generator=generator)
+            best = path.cummax(0).values
+            spread = (path.max(0).values - path.min(0).values).clamp_min(1e-12)
+            rising[chunk] = (best[-1] - best[-1 - window]) / spread > t.convergence_rise
+    return {"convergence_rising": share(rising), "convergence_window_steps": window}
+
+
+def unbounded_eps(norm: str, x: torch.Tensor) -> float:
+    """A radius whose ball around any image in [0, 1] holds every image: 1 for L-inf, sqrt(d) for L2."""
+    return 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
+
+
+def _unbounded(run: StageInput) -> dict:
+    """The attack with no bound on the perturbation must succeed on every point [4].
+
+    ``unbounded_pgd_acc``: PGD (cross-entropy, random start in the whole input space) at
+    :func:`unbounded_eps`; a model it does not fool is masked, not robust. ``unbounded_acc`` also
+    counts the candidates any unbounded adversary has: every other evaluated image and the grey image.
+    A point survives only if the model gives its class on all of them, so a defence that answers one
+    fixed class far from the data scores at most that class's share.
+    """
+    cfg, norm = run.settings, run.threat.norm
+    eps = unbounded_eps(norm, run.x)
+    gradient = pgd_correct(run.model, run.x, run.y, ThreatModel(norm, eps), steps=cfg.sweep_steps,
+                           step_size=madry_step(eps, cfg.sweep_steps), batch_size=cfg.batch_size,
+                           generator=run.generator())
+    with eval_mode(run.model), torch.no_grad():
+        logits = torch.cat([run.model(xb) for xb, _ in _batches(run)])
+        grey = run.model(torch.full_like(run.x[:1], 0.5))
+        classes = logits.shape[1]
+        # Class c survives the data candidates only if every evaluated image is classified c.
+        kept = torch.stack([correct(torch.cat([logits, grey]), torch.full((len(logits) + 1,), c, device=logits.device))
+                            .all() for c in range(classes)])
+    return {"unbounded_pgd_acc": share(gradient), "unbounded_acc": share(gradient & kept[run.y]),
+            "unbounded_eps": eps}
+
+
+def _checklist_metrics(*keys: str) -> Callable[[Mapping], dict[str, float]]:
+    def metrics(result: Mapping) -> dict[str, float]:
+        return {f"{METRIC_PREFIX}{key}": result[key] for key in keys if key in result}
+    return metrics
+
+
 def _in_order(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
     """The table, once checked: unique names, and every stage after the stages it needs."""
     seen: list[str] = []
@@ -480,19 +713,36 @@ STAGES: tuple[Stage, ...] = _in_order((
           writes=("aa_acc", "aa_per_attack", "aa_blackbox_only", "aa_checks", "aa_resumed_batches"),
           accuracy="aa_acc", details=_autoattack_metrics, column="test/aa_acc"),
     Stage("eps-sweep", "eps sweep (PGD-{sweep_steps})", _eps_sweep, writes=("eps_sweep",)),
+    # The cheap checks of [4]'s checklist, each with its flag (docs/metrics.md: the checks).
+    Stage("fgsm", "FGSM check", _fgsm, writes=("fgsm_acc",), needs=("pgd",),
+          details=_checklist_metrics("fgsm_acc")),
+    Stage("noise", "noise check ({noise_draws} draws)", _noise, writes=("noise_acc", "noise_only"), needs=("pgd",),
+          details=_checklist_metrics("noise_acc", "noise_only")),
+    Stage("transfer", "transfer check (PGD-{transfer_steps} on a surrogate)", _transfer,
+          writes=("transfer_acc", "transfer_only", "transfer_surrogate"), needs=("pgd",),
+          details=_checklist_metrics("transfer_acc", "transfer_only")),
+    Stage("convergence", "convergence check (PGD-{pgd_steps} loss)", _convergence,
+          writes=("convergence_rising", "convergence_window_steps"), needs=("pgd",),
+          details=_checklist_metrics("convergence_rising")),
+    Stage("unbounded", "unbounded attack (PGD-{sweep_steps})", _unbounded,
+          writes=("unbounded_pgd_acc", "unbounded_acc", "unbounded_eps"),
+          details=_checklist_metrics("unbounded_pgd_acc", "unbounded_acc")),
     # Only Lipschitz nets have a certificate, so it runs when asked for.
     Stage("certified", "certificate", _certified, writes=("certified_acc", "lipschitz_bound", "certified_refused"),
           accuracy="certified_acc", details=_lipschitz_metrics, column="test/certified_acc", default=False),
 ))
 """Every stage :func:`evaluate` can run, in the order it runs them (docs/architecture.md: adding a stage)."""
 DEFAULT_ATTACKS = tuple(stage.name for stage in STAGES if stage.default)
+CHECKS = ("fgsm", "noise", "transfer", "convergence", "unbounded")
+"""The stages that are checks of [4]'s checklist: they add a flag, never a headline accuracy."""
 ACCURACIES = tuple(stage.accuracy for stage in STAGES if stage.accuracy)
 """The headline accuracies: ``clean_acc``, ``pgd_acc``, ``aa_acc``, ``certified_acc``."""
 
 
 def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = DEFAULT_ATTACKS,
              settings: EvalSettings = EvalSettings(), *, seed: int = 0, device: Optional[torch.device | str] = None,
-             state_path: Optional[str] = None, log: Optional[Callable[[str], None]] = None, **changes) -> dict:
+             state_path: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
+             surrogate: Optional[nn.Module] = None, **changes) -> dict:
     """Evaluate any classifier on [0, 1] inputs, the way RobustBench's ``benchmark()`` does, and flag it.
 
     Args:
@@ -501,13 +751,16 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         threat_model: norm and eps of the attacks.
         attacks: names of :data:`STAGES`: ``clean``, ``pgd`` (multi-targeted PGD-k with restarts),
             ``steps-check``, ``autoattack`` (the cascade, with the accuracy after each attack),
-            ``eps-sweep`` and ``certified`` (the L2 certificate of a Lipschitz net at eps, refused
+            ``eps-sweep``, the checks ``fgsm``, ``noise``, ``transfer``, ``convergence`` and
+            ``unbounded``, and ``certified`` (the L2 certificate of a Lipschitz net at eps, refused
             when its measured Lipschitz bound exceeds 1 + 2%). They run in the table's order.
         settings: how hard the stages attack; keyword ``changes`` replace some of its fields
             (``evaluate(model, data, threat, n_ex=200, pgd_steps=20)``).
         seed: seeds PGD's random starts and AutoAttack.
         state_path: AutoAttack's per-batch state file, so that a preempted evaluation resumes.
         log: called with one line per stage and per AutoAttack batch (progress).
+        surrogate: the model the ``transfer`` check crafts its examples on (a campaign's ERM model);
+            ``None``: the check trains a quick ERM one on the evaluated points.
 
     Returns:
         ``{"n_ex", "settings"}``, the keys the stages asked for write (``clean_acc``, ``pgd_acc``,
@@ -515,7 +768,8 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         ``eps_sweep``, ``certified_acc``, ``lipschitz_bound``, ...), then ``ci95``, ``flag_reasons``
         and ``flags``: accuracies as exact fractions and ``ci95`` their 95% Wilson intervals. A
         refused certificate gives ``certified_refused`` and the ``unsound-certificate`` flag
-        instead of a number.
+        instead of a number. ``stage_seconds`` holds each stage's wall time, so the cost of every
+        check is stated beside its result.
     """
     settings = dataclasses.replace(settings, **changes)
     attacks, known = tuple(attacks), tuple(stage.name for stage in STAGES)
@@ -530,21 +784,25 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
     x, y = x.to(device), y.to(device)
     attacked = model.inference() if hasattr(model, "inference") else model
     run = StageInput(attacked, model, x, y, threat_model, settings, seed, state_path, say, _Stopwatch(say, len(y)),
-                     result={})
+                     result={}, surrogate=surrogate)
     result = run.result
     result["n_ex"] = len(y)
     result["settings"] = {"norm": threat_model.norm, "eps": threat_model.eps, "pgd_steps": settings.pgd_steps,
                           "pgd_restarts": settings.pgd_restarts, "pgd_targets": settings.pgd_targets,
                           "pgd_step_size": run.pgd_step_size, "autoattack": settings.aa_version,
                           "sweep_steps": settings.sweep_steps, "seed": seed}
+    seconds = {}
     for stage in STAGES:
         if stage.name in attacks:
+            began = time.time()
             with run.stopwatch(stage.label.format_map(vars(settings))):
                 written = stage.run(run)
+            seconds[stage.name] = round(time.time() - began, 2)
             undeclared = set(written) - set(stage.writes)
             if undeclared:
                 raise RuntimeError(f"stage {stage.name!r} wrote {sorted(undeclared)}, not in its writes")
             result.update(written)
+    result["stage_seconds"] = seconds
     result["ci95"] = {stage.accuracy: confidence_interval(result[stage.accuracy], len(y))
                       for stage in STAGES if stage.accuracy in result}
     result["flag_reasons"] = flags_for(result, settings.thresholds)

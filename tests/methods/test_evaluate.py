@@ -139,13 +139,14 @@ def test_flags_follow_their_thresholds():
               "aa_blackbox_only": 0.02}
     flags = flags_for(result)
     assert set(flags) == {"masking:aa-gap", "masking:steps", "masking:eps-plateau", "masking:blackbox"}
-    assert flags["masking:aa-gap"] == "AutoAttack 8.0 points below PGD-50"
+    assert flags["masking:aa-gap"] == "AutoAttack 8.0 points below PGD-50 (95% interval 7.3 to 8.8)"
     assert "rises" in flags["masking:eps-plateau"]
     assert flags_for(result, Thresholds(aa_gap=0.1, steps=0.1, plateau=0.5, rise=0.1, blackbox=0.05)) == {}
     assert "small-sample" in flags_for({"n_ex": 999})
-    # Accuracies are counts over n_ex: a gap of exactly the threshold is not more than it, whatever the rounding.
-    assert flags_for({"n_ex": 5000, "pgd_acc": 132 / 200, "aa_acc": 122 / 200}) == {}
-    assert "masking:aa-gap" in flags_for({"n_ex": 5000, "pgd_acc": 133 / 200, "aa_acc": 122 / 200})
+    # Accuracies are counts over n_ex: a gap of exactly the threshold is not more than it, whatever the rounding
+    # (and the aa-gap's lower 95% bound must exceed it too: test_checks.py).
+    assert flags_for({"n_ex": 10 ** 6, "pgd_acc": 132 / 200, "aa_acc": 122 / 200}) == {}
+    assert "masking:aa-gap" in flags_for({"n_ex": 10 ** 6, "pgd_acc": 134 / 200, "aa_acc": 122 / 200})
     # So are the other differences (0.415 - 0.4 and 0.52 - 0.5 exceed 0.015 and 0.02 in floats).
     at_thresholds = {"n_ex": 1000, "pgd_steps_check": {"PGD-10": 0.4, "PGD-50": 0.415},
                      "eps_sweep": {"eps": [0, 0.1, 0.2], "pgd_acc": [0.9, 0.5, 0.52], "chance_bound": 0.42}}
@@ -189,8 +190,10 @@ def test_accuracies_are_exact_counts():
 
 def test_stage_table_declares_what_each_stage_writes_and_logs():
     names = [stage.name for stage in stages.STAGES]
-    assert names == ["clean", "pgd", "steps-check", "autoattack", "eps-sweep", "certified"]
+    assert names == ["clean", "pgd", "steps-check", "autoattack", "eps-sweep", "fgsm", "noise", "transfer",
+                     "convergence", "unbounded", "certified"]
     assert stages.DEFAULT_ATTACKS == tuple(names[:-1])
+    assert set(stages.CHECKS) < set(stages.DEFAULT_ATTACKS)
     assert stages.ACCURACIES == ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
     for stage in stages.STAGES:
         assert stage.accuracy is None or stage.accuracy in stage.writes
@@ -208,31 +211,33 @@ def test_each_stage_column_is_one_leaderboard_column():
 
 
 def test_a_new_stage_is_one_table_entry(digits_test, monkeypatch):
-    """An FGSM stage: declared once, it runs, gets its interval and its MLflow metrics."""
+    """A one-step stage: declared once, it runs, gets its interval and its MLflow metrics."""
     from otarena.search.evaluation import to_metrics
 
-    def run_fgsm(run: StageInput) -> dict:
+    def run_one_step(run: StageInput) -> dict:
         x_adv = fgsm(run.model, run.x, run.y, eps=run.threat.eps, norm=run.threat.norm)
-        return {"fgsm_acc": stages.accuracy(run.model, x_adv, run.y), "fgsm_seen_pgd": "pgd_acc" in run.result}
+        return {"one_step_acc": stages.accuracy(run.model, x_adv, run.y), "one_step_seen_pgd": "pgd_acc" in run.result}
 
-    fgsm_stage = Stage("fgsm", "FGSM", run_fgsm, writes=("fgsm_acc", "fgsm_seen_pgd"), needs=("pgd",),
-                       accuracy="fgsm_acc", column="test/fgsm_acc", default=False)
-    monkeypatch.setattr(stages, "STAGES", stages._in_order((*stages.STAGES, fgsm_stage)))
+    one_step = Stage("one-step", "one step", run_one_step, writes=("one_step_acc", "one_step_seen_pgd"),
+                     needs=("pgd",), accuracy="one_step_acc", column="test/one_step_acc", default=False)
+    monkeypatch.setattr(stages, "STAGES", stages._in_order((*stages.STAGES, one_step)))
     lines = []
-    result = methods.evaluate(_random_model(), digits_test, LINF, ("fgsm", "clean", "pgd"), n_ex=20, pgd_steps=2,
-                              pgd_targets=0, log=lines.append)
-    assert result["fgsm_seen_pgd"] and 0 <= result["fgsm_acc"] <= result["clean_acc"]
-    assert lines[-2:] == ["FGSM on 20 images ...", lines[-1]] and lines[-1].startswith("FGSM done in")
+    result = methods.evaluate(_random_model(), digits_test, LINF, ("one-step", "clean", "pgd"), n_ex=20,
+                              pgd_steps=2, pgd_targets=0, log=lines.append)
+    assert result["one_step_seen_pgd"] and 0 <= result["one_step_acc"] <= result["clean_acc"]
+    assert lines[-2:] == ["one step on 20 images ...", lines[-1]] and lines[-1].startswith("one step done in")
+    assert list(result["stage_seconds"]) == ["clean", "pgd", "one-step"]
     metrics = to_metrics(result)
-    assert metrics["test/fgsm_acc"] == result["fgsm_acc"]
-    assert (metrics["test/fgsm_acc_ci_low"], metrics["test/fgsm_acc_ci_high"]) == result["ci95"]["fgsm_acc"]
+    assert metrics["test/one_step_acc"] == result["one_step_acc"]
+    assert (metrics["test/one_step_acc_ci_low"], metrics["test/one_step_acc_ci_high"]) == \
+        result["ci95"]["one_step_acc"]
 
     def undeclared(run: StageInput) -> dict:
-        return {"fgsm_acc": 0.0, "surprise": 1}
+        return {"one_step_acc": 0.0, "surprise": 1}
 
-    monkeypatch.setattr(stages, "STAGES", (Stage("fgsm", "FGSM", undeclared, writes=("fgsm_acc",)),))
+    monkeypatch.setattr(stages, "STAGES", (Stage("one-step", "one step", undeclared, writes=("one_step_acc",)),))
     with pytest.raises(RuntimeError, match="surprise"):
-        methods.evaluate(_random_model(), digits_test, LINF, ("fgsm",), n_ex=4)
+        methods.evaluate(_random_model(), digits_test, LINF, ("one-step",), n_ex=4)
 
 
 def test_settings_are_one_dataclass_with_keyword_changes(digits_test):

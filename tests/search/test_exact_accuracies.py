@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Accuracies are exact counts over n, from the attacks to the MLflow store.
 
-Two hand-built classifiers whose every answer on 200 digits test points is fixed: 132 (then 133)
+Two hand-built classifiers whose every answer on 200 digits test points is fixed: 132 (then 140)
 points survive PGD and 122 survive AutoAttack. A float32 mean stored 132/200 as 0.6600000262 and
 flagged the first model ``masking:aa-gap`` at exactly 5 points; counted exactly, it is 0.66 in
-MLflow and the flag needs more than 5 points, which the second model (5.5 points) has.
+MLflow and the flag needs more than 5 points beyond sampling noise, which the second model (9
+points, 95% interval 5.8 to 13.8) has.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _lookup(x, y, robust: int, trapped: int) -> Lookup:
 def test_pgd_66_and_autoattack_61_percent_are_logged_exactly_and_not_flagged(tmp_path):
     test = methods.data.load("digits", "test")
     x, y = test.x[:N], test.y[:N]
-    eval_cfg = FinalEval(n_ex=N, eps_sweep=False).model_dump()
+    eval_cfg = FinalEval(n_ex=N, eps_sweep=False, checks=[]).model_dump()
     cpu = torch.device("cpu")
 
     at_threshold = _lookup(x, y, robust=122, trapped=10)
@@ -84,10 +85,10 @@ def test_pgd_66_and_autoattack_61_percent_are_logged_exactly_and_not_flagged(tmp
     assert "masking:aa-gap" not in stored.tags["otarena.flags"].split(",")
     assert "masking:aa-gap" not in json.loads(stored.tags["otarena.flag_reasons"])
 
-    beyond = evaluation.evaluate_model(_lookup(x, y, robust=122, trapped=11), norm="Linf", eps=EPS, test_data=test,
+    beyond = evaluation.evaluate_model(_lookup(x, y, robust=122, trapped=18), norm="Linf", eps=EPS, test_data=test,
                                        eval_cfg=eval_cfg, seed=0, method="erm", device=cpu)
-    assert (beyond["pgd_acc"], beyond["aa_acc"]) == (0.665, 0.61)
-    assert beyond["flag_reasons"]["masking:aa-gap"] == "AutoAttack 5.5 points below PGD-50"
+    assert (beyond["pgd_acc"], beyond["aa_acc"]) == (0.7, 0.61)
+    assert beyond["flag_reasons"]["masking:aa-gap"] == "AutoAttack 9.0 points below PGD-50 (95% interval 5.8 to 13.8)"
 
 
 def test_validation_accuracies_are_exact():
