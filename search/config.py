@@ -63,6 +63,10 @@ class Budget(_Strict):
                                                "max_epochs (a baseline for what pruning costs)")
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; default: as resources allow")
     max_failures: int = Field(0, ge=0, description="retries of a trial that raised, from its last checkpoint")
+    compare: Literal["trials", "equal_device_hours"] = Field(
+        "trials", description="trials: every method gets budget.trials; equal_device_hours: every method gets the "
+        "device-hours of budget.trials trials of the config's cheapest method, its trials in inverse proportion to "
+        "its measured cost per epoch (search/budget.py)")
 
 
 class Resources(_Strict):
@@ -107,6 +111,10 @@ class FlagThresholds(_Strict):
     convergence_rise: Number = Field(_THRESHOLDS.convergence_rise, ge=0, le=1,
                                      description="a rise of this share of a point's loss range counts")
     unbounded: Number = Field(_THRESHOLDS.unbounded, ge=0, le=1, description="PGD accuracy left at an unbounded eps")
+    robust_overfitting: Number = Field(_THRESHOLDS.robust_overfitting, ge=0, le=1,
+                                       description="validation PGD accuracy of the last epoch this far below the best")
+    catastrophic_overfitting: Number = Field(_THRESHOLDS.catastrophic_overfitting, ge=0, le=1,
+                                             description="a single-step method's last FGSM accuracy this far above PGD")
 
 
 _EVAL = EvalSettings()
@@ -117,6 +125,8 @@ class FinalEval(_Strict):
 
     top_k: int = Field(1, ge=1, description="trials per method evaluated on the test split")
     autoattack: Optional[Literal["standard", "plus"]] = Field(_EVAL.aa_version, description="null: no AutoAttack")
+    eot_iters: int = Field(_EVAL.eot_iters, ge=1, description="a randomized model's EOT draws: AutoAttack's rand "
+                           "version, and the draws scoring each point's expected accuracy (docs/metrics.md)")
     n_ex: Optional[int] = Field(_EVAL.n_ex, ge=1, description="test examples (default: the whole test split)")
     pgd_steps: int = Field(_EVAL.pgd_steps, ge=1)
     pgd_restarts: int = Field(_EVAL.pgd_restarts, ge=1, description="random starts on cross-entropy")

@@ -14,7 +14,22 @@ and the share of points only the black-box Square attack could break, follows fr
 an exact count over the number of points.
 
 pyautoattack's own sanity checks (randomized or dynamic defenses, softmax outputs, too few
-classes, zero gradients) are captured from its logger and returned as named checks.
+classes, zero gradients) are captured from its logger and returned as named checks. Two of them are
+ours, run afresh for every cascade so that nothing carries over from one evaluation to the next in
+the same process: the dynamic-defense check counts autograd calls in a tracer of its own
+(pyautoattack's counts in a module-level dict that is never reset, so after one dynamic model every
+later model in the process would be flagged), and the randomness check runs not only on clean inputs
+(where pyautoattack looks) but also on random points of the eps-ball and on every perturbed point the
+attacks produce: the same input twice must give the same logits.
+
+A randomized defense is attacked by AutoAttack's ``rand`` version (APGD-CE and APGD-DLR, each
+gradient an Expectation over Transformation of ``eot_iters`` draws, Athalye et al., ICML 2018,
+Section 4), and every point is scored by its expected accuracy: the share of ``eot_iters`` draws
+that classify it correctly, at the clean input and at each attack's output, the lowest share
+counting (:attr:`CascadeResult.correct_draws`).
+
+The cascade runs with the model's parameters frozen: the attacks need input gradients only, and
+FAB's ``.backward()`` would otherwise leave (and spend time on) gradients on the weights.
 
 Reference:
     Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -27,15 +42,16 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from otarena.methods.common.attacks import ThreatModel, eval_mode
-from otarena.methods.common.evaluate import share
+from otarena.methods.common.attacks import ThreatModel, correct, eval_mode, frozen, random_start
+from otarena.methods.common.evaluate import count_correct, share
 
 CHECKS = {
     "aa-check:randomized": re.compile(r"randomized defense"),
@@ -46,7 +62,11 @@ CHECKS = {
 }
 """Flag name -> the pyautoattack warning it stands for (checks.py, flags_doc.md)."""
 
+RANDOMIZED, DYNAMIC = "aa-check:randomized", "aa-check:dynamic"
+
 WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
+
+VERSIONS = ("standard", "plus", "rand")
 
 
 @dataclass
@@ -58,18 +78,31 @@ class CascadeResult:
     """pyautoattack check name -> its message."""
     resumed_batches: int = 0
     """Batches read back from the state file instead of attacked."""
+    draws: int = 1
+    """Forward passes that score each point (``eot_iters`` for the ``rand`` version, else 1)."""
+    correct_draws: Optional[torch.Tensor] = None
+    """``rand`` only, per point and column (clean, then after each attack): how many of the ``draws``
+    classified it correctly at its worst input so far. A point's stage is the first column at 0."""
+
+    def _share(self, column: int) -> float:
+        """Accuracy after ``column`` (0: clean, i + 1: after attack i): an exact count over the points,
+        or for ``rand`` over the points times the draws (the expected accuracy)."""
+        if self.correct_draws is None:
+            return share(self.stages > column)
+        counts = self.correct_draws[:, column]
+        return int(counts.sum()) / (counts.numel() * self.draws) if counts.numel() else float("nan")
 
     @property
     def robust_acc(self) -> float:
-        return share(self.stages > len(self.attacks))
+        return self._share(len(self.attacks))
 
     @property
     def clean_acc(self) -> float:
-        return share(self.stages > 0)
+        return self._share(0)
 
     def per_attack(self) -> dict[str, float]:
         """Robust accuracy after each attack of the cascade, in order."""
-        return {name: share(self.stages > i + 1) for i, name in enumerate(self.attacks)}
+        return {name: self._share(i + 1) for i, name in enumerate(self.attacks)}
 
     def blackbox_only(self) -> float:
         """Share of points that a black-box attack (Square) fooled first.
@@ -193,15 +226,17 @@ def _perturb(adversary, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
-                       version: str = "standard", batch_size: int = 500, seed: int = 0,
+                       version: str = "standard", batch_size: int = 500, seed: int = 0, eot_iters: int = 20,
                        state_path: Optional[str] = None,
                        progress: Optional[Callable[[CascadeProgress], None]] = None) -> CascadeResult:
     """Run AutoAttack's cascade batch by batch, checkpointing each batch to ``state_path``.
 
     Args:
-        model: logits of inputs in [0, 1]; attacked in eval mode.
+        model: logits of inputs in [0, 1]; attacked in eval mode, with its parameters frozen.
         x, y: test points and their true labels, on the model's device.
-        version: ``standard`` (APGD-CE, APGD-T, FAB-T, Square with 5000 queries) or ``plus``.
+        version: ``standard`` (APGD-CE, APGD-T, FAB-T, Square with 5000 queries), ``plus``, or
+            ``rand`` (APGD-CE and APGD-DLR with EOT, for randomized defenses).
+        eot_iters: ``rand`` only: the draws each gradient averages and each point is scored by.
         state_path: a file that records finished batches; an evaluation that is started again
             with it resumes after the last finished batch. It belongs to one evaluation (model,
             data and settings): another one refuses it rather than mixing results.
@@ -210,25 +245,29 @@ def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
     """
     from pyautoattack import AutoAttack
 
-    if version not in ("standard", "plus"):
-        raise ValueError(f"AutoAttack version must be 'standard' or 'plus', got {version!r}")
+    if version not in VERSIONS:
+        raise ValueError(f"AutoAttack version must be one of {VERSIONS}, got {version!r}")
+    draws = eot_iters if version == "rand" else 1
     logger = logging.getLogger("auto-attack")
     warnings, level, propagate = _Warnings(), logger.level, logger.propagate
     logger.addHandler(warnings)
     logger.setLevel(logging.WARNING)
     logger.propagate = False  # the checks become flags; they need not also reach the terminal
     try:
-        with eval_mode(model):
+        with eval_mode(model), frozen(model):
             adversary = AutoAttack(model, norm=threat.norm, eps=threat.eps, version=version, seed=seed,
                                    device=x.device)
+            adversary.apgd.eot_iter = draws
             attacks = tuple(adversary.attacks_to_run)
             settings = {"norm": threat.norm, "eps": threat.eps, "version": version, "seed": seed,
-                        "batch_size": batch_size, "attacks": attacks}
+                        "batch_size": batch_size, "attacks": attacks, **({"eot_iters": draws} if draws > 1 else {})}
             state = _load_state(state_path, _fingerprint(model, x, y, settings) if state_path else "")
-            _run_checks(adversary, x[:batch_size], y[:batch_size], attacks, logger)
+            found = state.setdefault("checks", {})  # our own checks, kept with the batches they ran on
+            found.update(_run_checks(adversary, x[:batch_size], y[:batch_size], attacks, threat, seed, logger))
             stages = torch.zeros(len(y), dtype=torch.long)
+            counts = torch.zeros(len(y), len(attacks) + 1, dtype=torch.long) if draws > 1 else None
             n_batches = (len(y) + batch_size - 1) // batch_size
-            result = CascadeResult(attacks, stages)
+            result = CascadeResult(attacks, stages, draws=draws, correct_draws=counts)
             clock, start = _TimeLeft(adversary, attacks), time.perf_counter()
 
             def report(b: int, span: slice, attack: Optional[int]) -> None:
@@ -243,11 +282,16 @@ def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
                 span = slice(b * batch_size, min((b + 1) * batch_size, len(y)))
                 if b in state["batches"]:
                     stages[span] = state["batches"][b]
+                    if counts is not None:
+                        counts[span] = state["correct"][b]
                     result.resumed_batches += 1
                 else:
-                    _cascade_batch(model, adversary, attacks, x[span], y[span], stages[span], clock,
+                    _cascade_batch(model, adversary, attacks, x[span], y[span], stages[span],
+                                   counts[span] if counts is not None else None, found, clock,
                                    functools.partial(report, b, span))
                     state["batches"][b] = stages[span].clone()
+                    if counts is not None:
+                        state.setdefault("correct", {})[b] = counts[span].clone()
                     _save_state(state_path, state)
                 report(b, span, None)
     finally:
@@ -256,46 +300,126 @@ def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
         logger.propagate = propagate
     for name, pattern in CHECKS.items():
         hits = [m for m in warnings.messages if pattern.search(m)]
-        if hits:
+        if hits and name != DYNAMIC:  # the dynamic check is ours (_uses_autograd)
             result.checks[name] = hits[0]
+    result.checks.update(found)
     return result
 
 
-def _run_checks(adversary, x, y, attacks, logger) -> None:
-    """pyautoattack's checks on the first batch, as run_standard_evaluation runs them."""
+def differs(a: torch.Tensor, b: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
+    """Per row: two outputs for the same input disagree, by pyautoattack's ``check_randomized`` rule
+    (another predicted class, or L2-normalized logits more than ``alpha`` apart)."""
+    def unit(logits):
+        flat = logits.flatten(1)
+        return flat / (flat.norm(dim=1, keepdim=True) + 1e-10)
+    return (a.argmax(1) != b.argmax(1)) | ((unit(a) - unit(b)).norm(dim=1) > alpha)
+
+
+@torch.no_grad()
+def randomness(model: nn.Module, points: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Two forward passes on each named set of ``points``: the one-line reason of the first set whose
+    logits differ (a randomized defense), else None. ``model`` should be in eval mode."""
+    for where, x in points.items():
+        if len(x) and bool(differs(model(x), model(x)).any()):
+            return f"the same {where} input gave different logits in two forward passes: a randomized defense"
+    return None
+
+
+def eps_ball_points(x: torch.Tensor, threat: ThreatModel, seed: int) -> torch.Tensor:
+    """Random points of the eps-ball around ``x`` (a seeded draw), where a defense that is deterministic
+    on clean data may show its randomness."""
+    return random_start(x, threat.eps, threat.norm, torch.Generator(device=x.device).manual_seed(seed))
+
+
+_AUTOGRAD_CALLS = frozenset({"grad", "backward", "_make_grads"})
+"""The functions whose call in a forward pass makes pyautoattack call a defense dynamic (checks.funcs)."""
+
+
+def _uses_autograd(model: nn.Module, x: torch.Tensor) -> bool:
+    """pyautoattack's ``check_dynamic`` with a counter of its own: does one forward pass call autograd?
+
+    A tracer sees every Python call of the pass. The count starts at zero for each model, and the
+    tracer in place before (a debugger's, coverage's) is put back even when the forward pass fails.
+    """
+    calls = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in _AUTOGRAD_CALLS:
+            calls.append(frame.f_code.co_name)
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        model(x)
+    finally:
+        sys.settrace(previous)
+    return bool(calls)
+
+
+def _run_checks(adversary, x, y, attacks, threat: ThreatModel, seed: int, logger) -> dict[str, str]:
+    """pyautoattack's checks on the first batch, as run_standard_evaluation runs them (its warnings go
+    to ``logger``), then ours: the dynamic check, and the randomness check on clean inputs (in our words)
+    and on random points of their eps-ball."""
     from pyautoattack import checks
 
     checks.check_randomized(adversary.get_logits, x, y, bs=len(y), logger=logger)
     n_classes = checks.check_range_output(adversary.get_logits, x, logger=logger)
-    checks.check_dynamic(adversary.model, x, False, logger=logger)
     checks.check_n_classes(n_classes, list(attacks), adversary.apgd_targeted.n_target_classes,
                            adversary.fab.n_target_classes, logger=logger)
+    found = {}
+    if _uses_autograd(adversary.model, x):
+        found[DYNAMIC] = ("the forward pass calls autograd (a dynamic defense): AutoAttack may be insufficient "
+                          "(pyautoattack's check_dynamic)")
+    random = randomness(adversary.model, {"clean": x, "random eps-ball": eps_ball_points(x, threat, seed)})
+    if random:
+        found[RANDOMIZED] = random
+    return found
 
 
-def _cascade_batch(model, adversary, attacks, x, y, stages: torch.Tensor, clock: _TimeLeft,
-                   report: Callable[[Optional[int]], None]) -> None:
+def _cascade_batch(model, adversary, attacks, x, y, stages: torch.Tensor, counts: Optional[torch.Tensor],
+                   found: dict, clock: _TimeLeft, report: Callable[[Optional[int]], None]) -> None:
     """Fill ``stages`` (this batch's view of the cascade's) attack by attack, timing each on ``clock``
-    and calling ``report`` with its index after it."""
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y
-    stages[:] = torch.where(robust, len(attacks) + 1, 0).cpu()
+    and calling ``report`` with its index after it.
+
+    With ``counts`` (the ``rand`` version) each point is scored by its correct draws and keeps the
+    lowest count so far; an attack meets the points that some draw still classifies correctly.
+    Otherwise every perturbed point is passed twice, and logits that differ are noted in ``found``.
+    """
+    draws = adversary.apgd.eot_iter
+    still = count_correct(model, x, y, draws)
+    stages[:] = torch.where(still > 0, len(attacks) + 1, 0).cpu()
+    if counts is not None:
+        counts[:, 0] = still.cpu()
     for i, attack in enumerate(attacks):
-        index = robust.nonzero().flatten()
+        index = (still > 0).nonzero().flatten()
         if len(index) == 0:
+            if counts is not None:
+                counts[:, i + 1:] = 0
             break
         begin = time.perf_counter()
         x_adv = _perturb(adversary, attack, x[index], y[index])
-        with torch.no_grad():
-            fooled = model(x_adv).argmax(1) != y[index]
+        if counts is None:
+            with torch.no_grad():
+                logits = model(x_adv)
+            now = correct(logits, y[index]).long()
+            random = RANDOMIZED not in found and randomness(model, {"perturbed": x_adv})
+            if random:
+                found[RANDOMIZED] = f"{random} (after {attack})"
+        else:
+            now = count_correct(model, x_adv, y[index], draws)
         clock.record(i, len(index), time.perf_counter() - begin)
-        robust[index[fooled]] = False
-        stages[index[fooled].cpu()] = i + 1
+        before = still[index]
+        still[index] = torch.minimum(before, now)
+        fallen = index[(still[index] == 0) & (before > 0)]
+        stages[fallen.cpu()] = i + 1
+        if counts is not None:
+            counts[:, i + 1] = still.cpu()
         report(i)
 
 
 def _load_state(path: Optional[str], fingerprint: str) -> dict:
     if not path or not os.path.exists(path):
-        return {"fingerprint": fingerprint, "batches": {}}
+        return {"fingerprint": fingerprint, "batches": {}, "checks": {}}
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         raise ValueError(f"AutoAttack state file {path} belongs to another evaluation (model, data or "

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -117,6 +119,53 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kwargs) -> float:
     """Robust accuracy (an exact fraction) under :func:`pgd_correct`."""
     return share(pgd_correct(model, x, y, threat, **kwargs))
+
+
+def expected_pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *, draws: int,
+                         steps: int = 10, step_size: Optional[float] = None, restarts: int = 1, targets: int = 0,
+                         batch_size: int = 512, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Per point, for a randomized model: of ``draws`` forward passes, how many classify it correctly
+    at its worst input among the clean one and the last iterates of :func:`pgd_correct`'s runs.
+
+    Scoring every iterate by one noisy pass, as :func:`pgd_correct` does, counts a point as broken if
+    any of some hundred draws misclassified it, so any randomized model scores near 0. Here each run's
+    last iterate is scored by its expected accuracy over ``draws`` passes, as Expectation over
+    Transformation does (Athalye et al., ICML 2018, Section 4); the points some draw still classifies
+    correctly meet the next run. ``sum / (n * draws)`` is the expected accuracy.
+    """
+    attack = dict(eps=threat.eps, norm=threat.norm, steps=steps, step_size=step_size, generator=generator)
+    with eval_mode(model):
+        counts = []
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            with torch.no_grad():
+                wrong = model(xb).scatter(1, yb[:, None], -float("inf"))
+            likeliest = wrong.argsort(1, descending=True)[:, :min(targets, wrong.shape[1] - 1)]
+            count = count_correct(model, xb, yb, draws)
+            for target in [None] * restarts + list(likeliest.T):
+                rows = (count > 0).nonzero()[:, 0]
+                if not len(rows):
+                    break
+                x_adv = pgd(model, xb[rows], yb[rows], **attack, target=None if target is None else target[rows])
+                count[rows] = torch.minimum(count[rows], count_correct(model, x_adv, yb[rows], draws))
+            counts.append(count)
+        return torch.cat(counts)
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per point: how many of ``draws`` forward passes answer its true class (:func:`correct`)."""
+    return sum(correct(model(x), y).long() for _ in range(draws))
+
+
+def _randomized(run: "StageInput") -> Optional[str]:
+    """Why the model is randomized (the same clean input, or random point of the eps-ball, gives other
+    logits twice), or None: checked afresh for every evaluation."""
+    from otarena.methods.common.autoattack import eps_ball_points, randomness
+
+    x = run.x[:run.settings.batch_size]
+    with eval_mode(run.model):
+        return randomness(run.model, {"clean": x, "random eps-ball": eps_ball_points(x, run.threat, run.seed)})
 
 
 def confidence_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -212,6 +261,12 @@ class Thresholds:
     unbounded: float = 0.0
     """``masking:unbounded``: PGD with a radius that spans the whole input space leaves more than this share
     correct."""
+    robust_overfitting: float = 0.03
+    """``robust-overfitting`` (a note): the selected trial's last epoch scored more than this below its best epoch
+    in validation PGD accuracy (Rice et al., ICML 2020); judged from the training curve, not the test split."""
+    catastrophic_overfitting: float = 0.2
+    """``catastrophic-overfitting`` (a note): a single-step method's last epoch left FGSM accuracy more than this
+    above PGD accuracy on validation (Wong et al., ICLR 2020)."""
 
 
 _LARGEST_N = 10 ** 6
@@ -352,13 +407,16 @@ class EvalSettings:
     """``None``: eps / 4. Each run keeps its most adversarial iterate, so a large step never weakens a long attack."""
     aa_version: str = "standard"
     """The pyautoattack version of the ``autoattack`` stage: ``standard`` or ``plus``."""
+    eot_iters: int = 20
+    """For a randomized model: the draws of AutoAttack's ``rand`` version (each gradient's Expectation
+    over Transformation), and the draws that score each point's expected accuracy, there and in PGD."""
     sweep_steps: int = 20
     """PGD iterations at each radius of the eps sweep."""
     sweep_radii: Optional[tuple[float, ...]] = None
     """Radii of the eps sweep (``None``: :func:`sweep_radii`)."""
-    noise_draws: int = 32
+    noise_draws: int = 20
     """Uniform draws in the eps-ball per point of the ``noise`` check."""
-    transfer_steps: int = 20
+    transfer_steps: int = 10
     """PGD iterations on the surrogate of the ``transfer`` check."""
     surrogate_epochs: int = 5
     """Epochs of the quick ERM surrogate the ``transfer`` check trains when it is given none."""
@@ -394,6 +452,9 @@ class StageInput:
     survivors: dict = dataclasses.field(default_factory=dict)
     """Per point, still correct after each white-box attack stage (``{"pgd": mask}``): the checks compare
     against the points every one of them failed on. Not part of the result."""
+    per_example: dict = dataclasses.field(default_factory=dict)
+    """Per point, what the stages measured (``clean``, ``aa_stage``, ...): the result's ``per_example``
+    (:func:`per_example`)."""
 
     @property
     def pgd_step_size(self) -> float:
@@ -451,11 +512,25 @@ def metric_key(name: str) -> str:
 
 
 def _clean(run: StageInput) -> dict:
-    return {"clean_acc": accuracy(run.model, run.x, run.y, run.settings.batch_size)}
+    with eval_mode(run.model):
+        run.per_example["clean"] = _correct(run.model, run.x, run.y, run.settings.batch_size)
+    return {"clean_acc": share(run.per_example["clean"])}
 
 
 def _pgd(run: StageInput) -> dict:
     cfg = run.settings
+    randomized = _randomized(run)
+    if randomized:
+        run.say(f"randomized model: each PGD start's last iterate scored by its expected accuracy over "
+                f"{cfg.eot_iters} draws")
+        counts = expected_pgd_correct(run.model, run.x, run.y, run.threat, draws=cfg.eot_iters, steps=cfg.pgd_steps,
+                                      step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
+                                      targets=cfg.pgd_targets, batch_size=cfg.batch_size, generator=run.generator())
+        # Standing for the checks: the points most draws still answer (one lucky draw is not robustness).
+        run.survivors["pgd"] = 2 * counts > cfg.eot_iters
+        return {"pgd_acc": int(counts.sum()) / (len(counts) * cfg.eot_iters),
+                "pgd_scoring": f"expected accuracy of each run's last iterate over {cfg.eot_iters} draws "
+                               f"({randomized})"}
     run.survivors["pgd"] = pgd_correct(run.model, run.x, run.y, run.threat, steps=cfg.pgd_steps,
                                        step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
                                        targets=cfg.pgd_targets, batch_size=cfg.batch_size, generator=run.generator())
@@ -479,7 +554,7 @@ def _steps_check_metrics(result: Mapping) -> dict[str, float]:
 
 
 def _autoattack(run: StageInput) -> dict:
-    from otarena.methods.common.autoattack import autoattack_cascade
+    from otarena.methods.common.autoattack import RANDOMIZED, autoattack_cascade
 
     cfg = run.settings
     last_line = [-math.inf]
@@ -498,9 +573,33 @@ def _autoattack(run: StageInput) -> dict:
     cascade = autoattack_cascade(run.model, run.x, run.y, run.threat, version=cfg.aa_version,
                                  batch_size=cfg.batch_size, seed=run.seed, state_path=run.state_path,
                                  progress=progress)
-    return {"aa_acc": cascade.robust_acc, "aa_per_attack": cascade.per_attack(),
-            "aa_blackbox_only": cascade.blackbox_only(), "aa_checks": cascade.checks,
-            "aa_resumed_batches": cascade.resumed_batches}
+    run.per_example["aa_stage"] = cascade.stages
+    run.per_example["aa"] = cascade.stages > len(cascade.attacks)
+    written = {"aa_acc": cascade.robust_acc, "aa_per_attack": cascade.per_attack(),
+               "aa_blackbox_only": cascade.blackbox_only(), "aa_checks": cascade.checks,
+               "aa_resumed_batches": cascade.resumed_batches}
+    if RANDOMIZED not in cascade.checks:
+        return written
+    # A randomized defense: the points the cascade left standing meet AutoAttack's rand version (EOT), and
+    # that number ranks the row; the deterministic cascade's stays beside it (docs/mlflow-schema.md).
+    run.say(f"randomized model: AutoAttack rand (APGD-CE, APGD-DLR with EOT over {cfg.eot_iters} draws)")
+    standing = (cascade.stages > len(cascade.attacks)).to(run.x.device)
+    ranking = (f"AutoAttack rand on the points the {cfg.aa_version} cascade left standing: APGD-CE and APGD-DLR "
+               f"with EOT over {cfg.eot_iters} draws, each point scored by its expected accuracy over as many draws")
+    checks = dict(cascade.checks)
+    checks[RANDOMIZED] = f"{checks[RANDOMIZED]}; aa_acc is {ranking}"
+    eot_per_attack, resumed = {"apgd-ce": 0.0, "apgd-dlr": 0.0}, 0
+    if standing.any():
+        eot = autoattack_cascade(run.model, run.x[standing], run.y[standing], run.threat, version="rand",
+                                 eot_iters=cfg.eot_iters, batch_size=cfg.batch_size, seed=run.seed,
+                                 state_path=f"{run.state_path}.rand" if run.state_path else None, progress=progress)
+        # Expected accuracy over all the points: the fallen ones count 0.
+        eot_per_attack = {name: int(eot.correct_draws[:, i + 1].sum()) / (len(run.y) * eot.draws)
+                          for i, name in enumerate(eot.attacks)}
+        resumed = eot.resumed_batches
+    return written | {"aa_acc": list(eot_per_attack.values())[-1], "aa_acc_deterministic": cascade.robust_acc,
+                      "aa_eot_per_attack": eot_per_attack, "aa_ranking": ranking, "aa_checks": checks,
+                      "aa_resumed_batches": cascade.resumed_batches + resumed}
 
 
 PROGRESS_EVERY_S = 10.0
@@ -519,6 +618,9 @@ def _duration(seconds: float) -> str:
 
 def _autoattack_metrics(result: Mapping) -> dict[str, float]:
     metrics = {f"{METRIC_PREFIX}aa/{metric_key(k)}": v for k, v in result.get("aa_per_attack", {}).items()}
+    metrics |= {f"{METRIC_PREFIX}aa_eot/{metric_key(k)}": v for k, v in result.get("aa_eot_per_attack", {}).items()}
+    if "aa_acc_deterministic" in result:
+        metrics[f"{METRIC_PREFIX}aa_acc_deterministic"] = result["aa_acc_deterministic"]
     if "aa_blackbox_only" in result:
         metrics[f"{METRIC_PREFIX}aa_blackbox_only"] = result["aa_blackbox_only"]
     return metrics
@@ -537,6 +639,7 @@ def _certified(run: StageInput) -> dict:
         certificate = certify(run.given_model, run.x, run.y, [run.threat.eps], batch_size=run.settings.batch_size)
     except UncertifiableError as err:
         return {"certified_refused": err.reason, **({"lipschitz_bound": err.bound} if err.bound is not None else {})}
+    run.per_example["certified"] = certificate["radius"] > run.threat.eps
     return {"certified_acc": certificate["certified_acc"][run.threat.eps],
             "lipschitz_bound": certificate["lipschitz_bound"]}
 
@@ -706,11 +809,12 @@ def _in_order(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
 STAGES: tuple[Stage, ...] = _in_order((
     Stage("clean", "clean", _clean, writes=("clean_acc",), accuracy="clean_acc", column="test/clean_acc"),
     Stage("pgd", "PGD-{pgd_steps} ({pgd_restarts} random + {pgd_targets} targeted starts)", _pgd,
-          writes=("pgd_acc",), accuracy="pgd_acc", column="test/pgd_acc"),
+          writes=("pgd_acc", "pgd_scoring"), accuracy="pgd_acc", column="test/pgd_acc"),
     Stage("steps-check", "PGD steps check", _steps_check, writes=("pgd_steps_check",), needs=("pgd",),
           details=_steps_check_metrics),
     Stage("autoattack", "AutoAttack {aa_version}", _autoattack,
-          writes=("aa_acc", "aa_per_attack", "aa_blackbox_only", "aa_checks", "aa_resumed_batches"),
+          writes=("aa_acc", "aa_per_attack", "aa_blackbox_only", "aa_checks", "aa_resumed_batches",
+                  "aa_acc_deterministic", "aa_eot_per_attack", "aa_ranking"),
           accuracy="aa_acc", details=_autoattack_metrics, column="test/aa_acc"),
     Stage("eps-sweep", "eps sweep (PGD-{sweep_steps})", _eps_sweep, writes=("eps_sweep",)),
     # The cheap checks of [4]'s checklist, each with its flag (docs/metrics.md: the checks).
@@ -803,11 +907,47 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
                 raise RuntimeError(f"stage {stage.name!r} wrote {sorted(undeclared)}, not in its writes")
             result.update(written)
     result["stage_seconds"] = seconds
+    result["per_example"] = per_example(run, getattr(data, "indices", None))
     result["ci95"] = {stage.accuracy: confidence_interval(result[stage.accuracy], len(y))
                       for stage in STAGES if stage.accuracy in result}
     result["flag_reasons"] = flags_for(result, settings.thresholds)
     result["flags"] = list(result["flag_reasons"])
     return result
+
+
+PER_EXAMPLE_KEYS = ("clean", "pgd", "aa", "aa_stage", "certified")
+"""The per-point outcomes :func:`per_example` keeps, where their stage ran (docs/mlflow-schema.md)."""
+
+
+def index_hash(indices: np.ndarray) -> str:
+    """What identifies a list of test points: the SHA-256 of the indices as little-endian int64 (16 hex digits).
+
+    Two evaluations with the same hash are on the same points in the same order, so their per-point
+    outcomes can be paired (the leaderboard's McNemar test).
+    """
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def per_example(run: StageInput, indices: Optional[torch.Tensor] = None) -> dict:
+    """The evaluation per test point, as compact numpy arrays in the points' order.
+
+    ``index``: each point's index in the dataset's test split (``indices``, else the first ``n_ex``:
+    :func:`evaluate` takes the split's first points); ``index_hash`` (:func:`index_hash`); then, where
+    their stage ran, ``clean`` and ``pgd`` (correct clean, and under the whole PGD stage: for a
+    randomized model, answered correctly by most draws), ``aa_stage`` (0: wrong clean; i: broken by the
+    cascade's i-th attack; one more than the attacks: robust), ``aa`` (robust to the whole cascade,
+    the deterministic one for a randomized model) and ``certified`` (certified at eps). The accuracies
+    are these arrays' means: nothing here is measured twice.
+    """
+    n = len(run.y)
+    index = np.arange(n) if indices is None else np.asarray(torch.as_tensor(indices).cpu())[:n]
+    points = {"index": index.astype(np.int32 if n < 2 ** 31 else np.int64), "index_hash": index_hash(index)}
+    found = {**run.per_example, **({"pgd": run.survivors["pgd"]} if "pgd" in run.survivors else {})}
+    for key in PER_EXAMPLE_KEYS:
+        if key in found:
+            values = torch.as_tensor(found[key]).cpu().numpy()
+            points[key] = values.astype(np.int8) if key == "aa_stage" else values.astype(bool)
+    return points
 
 
 class _Stopwatch:
