@@ -396,6 +396,9 @@ def _evaluate_target(args, client, target: dict) -> int:
                                for k in evaluation.ACCURACIES if k in result) + f" on {result['n_ex']} images")
     if result.get("aa_per_attack"):
         print("AutoAttack cascade: " + " -> ".join(f"{k} {v:.1%}" for k, v in result["aa_per_attack"].items()))
+    if result.get("aa_eot_per_attack"):  # a randomized model: the EOT number is the one that ranks
+        print("AutoAttack rand (EOT): " + " -> ".join(f"{k} {v:.1%}" for k, v in result["aa_eot_per_attack"].items())
+              + f"; without EOT {result['aa_acc_deterministic']:.1%}")
     for flag, why in result["flag_reasons"].items():
         print(f"flag {flag}: {why}")
     print(f"report: {', '.join(written)}" + (f"; MLflow run {logged_to}" if logged_to else ""))
