@@ -66,6 +66,9 @@ FLAGS = "otarena.flags"
 FLAG_REASONS = "otarena.flag_reasons"
 """A JSON object ``{flag: one-line reason}``."""
 EPS_SWEEP = "otarena.eps_sweep"
+TEST_POINTS = "otarena.test_points"
+"""``<n_ex>:<index hash>`` on an evaluated run that stored its per-point outcomes (the artifact
+``evaluation/per_example.npz``): two runs with the same value were evaluated on the same points."""
 CERTIFICATE_REFUSED = "otarena.certificate_refused"
 
 SEED = "otarena.seed"

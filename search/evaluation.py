@@ -23,6 +23,7 @@ import statistics
 import tempfile
 from typing import Any, Callable, Mapping, Optional
 
+import numpy as np
 import torch
 
 from otarena import methods
@@ -32,6 +33,8 @@ from otarena.search.config import FinalEval
 
 ACCURACIES = stages.ACCURACIES
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+PER_EXAMPLE_ARTIFACT = "evaluation/per_example.npz"
+"""The per-point outcomes of an evaluation (``methods.evaluate``'s ``per_example``; docs/mlflow-schema.md)."""
 SINGLE_SEED = "single-seed"
 
 
@@ -164,6 +167,8 @@ def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] 
             tag.FLAG_REASONS: json.dumps(reasons)}
     if "certified_refused" in result:
         tags[tag.CERTIFICATE_REFUSED] = result["certified_refused"]
+    if result.get("per_example"):
+        tags[tag.TEST_POINTS] = f"{result['n_ex']}:{result['per_example']['index_hash']}"
     if result.get("eps_sweep"):
         # Also a tag, so that a leaderboard of thousands of runs plots it without an artifact download each.
         sweep = result["eps_sweep"]
@@ -174,7 +179,15 @@ def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] 
 
 def report(result: Mapping[str, Any], **context: Any) -> dict:
     """The JSON report: where the numbers came from, then the numbers."""
-    return {"otarena_report": 1, **context, **{k: v for k, v in result.items()}}
+    # The per-point outcomes are an artifact of their own (write_per_example): thousands of booleans in JSON
+    # would make the report unreadable.
+    return {"otarena_report": 1, **context, **{k: v for k, v in result.items() if k != "per_example"}}
+
+
+def write_per_example(points: Mapping[str, Any], path: str) -> str:
+    """Write ``methods.evaluate``'s ``per_example`` as a compressed ``.npz`` (a few kB for 10,000 points)."""
+    np.savez_compressed(path, **{k: np.asarray(v) for k, v in points.items()})
+    return path
 
 
 def write_report(content: Mapping[str, Any], path: str) -> list[str]:
@@ -221,6 +234,9 @@ def log_evaluation(tracker, run_id: str, result: Mapping[str, Any], *, params: M
                          **{"mlflow_run_id": run_id, **(context or {})})
         for path in write_report(content, os.path.join(folder, "report.json")):
             tracker.log_artifact(run_id, path, "evaluation")
+        if result.get("per_example"):
+            path = write_per_example(result["per_example"], os.path.join(folder, os.path.basename(PER_EXAMPLE_ARTIFACT)))
+            tracker.log_artifact(run_id, path, os.path.dirname(PER_EXAMPLE_ARTIFACT))
 
 
 def _jsonable(value: Any) -> Any:

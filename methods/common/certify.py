@@ -113,7 +113,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: float | I
 
     Returns:
         ``{"certified_acc": {radius: acc}, "clean_acc", "lipschitz_bound", "lipschitz",
-        "divisor", "n_ex"}``, accuracies as fractions.
+        "divisor", "n_ex", "radius"}``, accuracies as fractions, ``radius`` each point's certified
+        radius (:func:`certified_radius`).
 
     Raises:
         UncertifiableError: the bound exceeds 1 + ``tolerance``, or a layer has no known bound.
@@ -139,4 +140,5 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: float | I
         "lipschitz": lipschitz,
         "divisor": divisor,
         "n_ex": len(y),
+        "radius": r,
     }

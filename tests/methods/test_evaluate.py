@@ -248,3 +248,18 @@ def test_settings_are_one_dataclass_with_keyword_changes(digits_test):
         {"pgd_steps": 3, "pgd_targets": 1, "pgd_step_size": LINF.eps / 4}
     with pytest.raises(TypeError):
         methods.evaluate(_random_model(), digits_test, LINF, ("clean",), pgd_stpes=3)
+
+
+def test_per_example_outcomes_are_the_accuracies_per_point(pgd_at_model, digits_test):
+    result = methods.evaluate(pgd_at_model, digits_test, LINF, ("clean", "pgd", "autoattack"), n_ex=40)
+    points = result["per_example"]
+    assert points["index"].tolist() == list(range(40))
+    assert points["index_hash"] == stages.index_hash(points["index"]) != stages.index_hash(points["index"][::-1])
+    for key, accuracy in (("clean", "clean_acc"), ("pgd", "pgd_acc"), ("aa", "aa_acc")):
+        assert points[key].dtype == bool and share(torch.as_tensor(points[key])) == result[accuracy]
+    # The cascade's stage per point: 0 wrong clean, i broken by the i-th attack, 5 robust to all four.
+    assert ((points["aa_stage"] > 0) == points["clean"]).all() and ((points["aa_stage"] == 5) == points["aa"]).all()
+    certified = methods.evaluate(_random_model("lipschitz_small"), digits_test, methods.ThreatModel("L2", 0.3),
+                                 ("clean", "certified"), n_ex=16)["per_example"]
+    assert set(certified) == {"index", "index_hash", "clean", "certified"}
+    assert (certified["clean"] | ~certified["certified"]).all()
