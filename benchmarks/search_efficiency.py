@@ -28,6 +28,7 @@ regret meaningful.
     python benchmarks/search_efficiency.py            # the committed run (reductions in its JSON)
     python benchmarks/search_efficiency.py --quick    # CI smoke test: 1 seed, 3 trials x 2 epochs
     python benchmarks/search_efficiency.py --reanalyze benchmarks/results/search_efficiency-mnist.json
+    python benchmarks/search_efficiency.py --add-arms benchmarks/results/search_efficiency-mnist.json --options cosine+ema
 """
 from __future__ import annotations
 
@@ -171,9 +172,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "search_efficiency-mnist.json"))
     parser.add_argument("--reanalyze", metavar="JSON", help="recompute the analysis of a saved report, run nothing")
+    parser.add_argument("--add-arms", metavar="JSON", help="run the ASHA arms of --options that a saved report "
+                        "lacks, with its settings, and add them to it")
     args = parser.parse_args(argv)
     if args.reanalyze:
-        return reanalyze(args.reanalyze)
+        return analyze(load(args.reanalyze), args.reanalyze)
+    if args.add_arms:
+        return add_arms(args.add_arms, args.options.split(","))
     if args.quick:
         args.seeds, args.trials, args.max_epochs, args.reduction_factor, args.attack_steps = 1, 3, 2, 2, 1
         args.val_n_ex, args.val_pgd_steps, args.train_n, args.options = 32, 2, 128, "rung_cosine+ema"
@@ -190,22 +195,7 @@ def main(argv=None) -> int:
     schedules = sorted({OPTIONS[o][0] for o in options}) if args.quick else SCHEDULES
     arms = [("fifo", schedule, True) for schedule in schedules] + \
            [("asha", *OPTIONS[option]) for option in options]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="otarena-search-efficiency-") as tmp:
-        search.run.init_ray()
-        try:
-            refs = (ray.put(train), ray.put(val))
-            for seed in range(args.seeds):
-                shift = seed % len(arms)
-                for scheduler, schedule, ema in arms[shift:] + arms[:shift]:
-                    rows.append(run_arm(args, seed, scheduler, schedule, ema, tmp, refs))
-                    r = rows[-1]
-                    print(f"seed {seed} {scheduler} {schedule} ema {r['ema_decay']:g}: {r['trial_epochs']} "
-                          f"trial-epochs, best val pgd {best(r, 'ema' if ema else 'raw'):.1%}, {r['wall_s']:.0f}s",
-                          flush=True)
-        finally:
-            ray.shutdown()
-
+    rows = run_arms(args, arms, train, val)
     analysis = summarize(rows, options, args.seeds, rung_epochs)
     for r in rows:
         assert r["trial_epochs"] >= r["trials"]
@@ -227,6 +217,59 @@ def main(argv=None) -> int:
     if not args.quick:
         save(report, args.out)
     return 0
+
+
+def run_arms(args, arms: list[tuple], train, val) -> list[dict]:
+    """Every arm for every seed, in one Ray session; the arms' order rotated between seeds."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="otarena-search-efficiency-") as tmp:
+        search.run.init_ray()
+        try:
+            refs = (ray.put(train), ray.put(val))
+            for seed in range(args.seeds):
+                shift = seed % len(arms)
+                for scheduler, schedule, ema in arms[shift:] + arms[:shift]:
+                    rows.append(run_arm(args, seed, scheduler, schedule, ema, tmp, refs))
+                    r = rows[-1]
+                    print(f"seed {seed} {scheduler} {schedule} ema {r['ema_decay']:g}: {r['trial_epochs']} "
+                          f"trial-epochs, best val pgd {best(r, 'ema' if ema else 'raw'):.1%}, {r['wall_s']:.0f}s",
+                          flush=True)
+        finally:
+            ray.shutdown()
+    return rows
+
+
+def add_arms(path: str, options: list[str]) -> int:
+    """Run the ASHA arms of ``options`` that a saved report lacks, with its settings, seeds and data, and
+    add them to it: its FIFO arms are their ground truth (a later run: the machine's load differs)."""
+    report = load(path)
+    budget, train_cfg, cut = report["budget"], report["train"], report["reductions"]
+    args = argparse.Namespace(
+        seeds=1 + max(r["seed"] for r in report["runs"]), trials=budget["trials"], max_epochs=budget["max_epochs"],
+        grace=budget["grace_epochs"], reduction_factor=budget["reduction_factor"],
+        concurrent=budget["max_concurrent"], ema_decay=train_cfg["ema_decay"], eps=report["threat_model"]["eps"],
+        batch_size=train_cfg["batch_size"], attack_steps=train_cfg["attack_steps"], val_n_ex=train_cfg["val_n_ex"],
+        val_pgd_steps=train_cfg["val_pgd_steps"], verbose=False)
+    have = {(r["schedule"], r["ema_decay"] > 0) for r in report["runs"] if r["scheduler"] == "asha"}
+    arms = [("asha", *OPTIONS[o]) for o in options if OPTIONS[o] not in have]
+    torch.set_num_threads(1)
+    train = data_lib.load("mnist", "train").subset(cut["train_n"])
+    rows = run_arms(args, arms, train, data_lib.load("mnist", "val"))
+    load_avg = list(os.getloadavg())
+    report["runs"] += [{**r, "added_later": {"load_avg_at_end": load_avg}} for r in rows]
+    return analyze(report, path)
+
+
+def load(path: str) -> dict:
+    """A saved report, its curves' epochs back to integers (JSON made them strings)."""
+    with open(path) as f:
+        report = json.load(f)
+    for row in report["runs"]:
+        for trial in row["per_trial"].values():
+            for weights in ("ema", "raw"):
+                if weights in trial:
+                    trial[weights]["curve"] = {int(e): v for e, v in trial[weights]["curve"].items()}
+    return report
 
 
 def summarize(rows: list[dict], options: list[str], seeds: int, rung_epochs: list[int]) -> dict:
@@ -286,15 +329,8 @@ def show(report: dict) -> None:
               f"{_fmt(s['first_rung_fidelity']):>9}  {'all met' if s['all_targets_met'] else 'not all met'}")
 
 
-def reanalyze(path: str) -> int:
-    """Recompute the analysis of a saved report from its runs (curves back to integer epochs) and save it."""
-    with open(path) as f:
-        report = json.load(f)
-    for row in report["runs"]:
-        for trial in row["per_trial"].values():
-            for weights in ("ema", "raw"):
-                if weights in trial:
-                    trial[weights]["curve"] = {int(e): v for e, v in trial[weights]["curve"].items()}
+def analyze(report: dict, path: str) -> int:
+    """Recompute the analysis of a report from its runs, show it and save it."""
     options = [o for o, (schedule, ema) in OPTIONS.items()
                if any(r["scheduler"] == "asha" and r["schedule"] == schedule and (r["ema_decay"] > 0) == ema
                       for r in report["runs"])]
