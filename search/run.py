@@ -36,7 +36,7 @@ from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
-from otarena.search import evaluation, fidelity, spaces
+from otarena.search import budget, evaluation, fidelity, spaces
 from otarena.search.config import SearchConfig
 from otarena.search.tracking import Tracker, flatten, last_line
 from otarena.search.trainable import TrialSpec, load_state, train_trial
@@ -193,6 +193,8 @@ class MlflowTrials(tune.Callback):
     nodes: dict = field(default_factory=dict)
     logged: dict = field(default_factory=dict)
     """Per trial: the last epoch already in MLflow when this driver first saw it."""
+    devices: float = 1.0
+    """Devices each trial holds (``devices_per_trial``): its seconds times these are its device-seconds."""
 
     def run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
@@ -235,7 +237,7 @@ class MlflowTrials(tune.Callback):
         run_id = self.run_id(trial)
         # val/best_* came with every epoch's result, logged at that epoch: logged again here they
         # would land at step 0 and start every best-so-far chart with the final value.
-        self.tracker.log_metrics(run_id, {"train/epochs": epochs})
+        self.tracker.log_metrics(run_id, {"train/epochs": epochs} | trial_cost(result, self.devices))
         checkpoint = getattr(trial, "checkpoint", None)
         # Where its weights live, so that `otarena evaluate RUN_ID` works on any finished trial.
         where = {tag.CHECKPOINT: checkpoint.path} if checkpoint else {}
@@ -251,6 +253,21 @@ class MlflowTrials(tune.Callback):
         self.tracker.log_metrics(run_id, {"train/epochs": (trial.last_result or {}).get("training_iteration", 0)})
         self.tracker.finish(run_id, "FAILED")
         log(f"{self.spec.method}: trial {trial.trial_id} FAILED: {reason}")
+
+
+def devices_per_trial(cfg: SearchConfig) -> float:
+    """What one trial holds, counted as devices: its GPUs, else its CPUs."""
+    return cfg.resources.gpu or cfg.resources.cpu
+
+
+def trial_cost(result: dict, devices: float) -> dict[str, float]:
+    """A finished trial's training cost (docs/mlflow-schema.md): device-seconds per epoch, total training
+    device-hours and measured images per second, from the training loop's clock (``search.trainable.training_cost``)."""
+    epochs, seconds = int(result.get("training_iteration", 0)), result.get("cost/training_s")
+    if not epochs or not seconds:
+        return {}
+    return {"cost/epoch_device_s": seconds * devices / epochs, "cost/train_device_hours": seconds * devices / 3600,
+            "cost/images_per_s": result["cost/images_per_s"]}
 
 
 def _error_text(trial) -> str:
@@ -318,7 +335,7 @@ def search_tags(cfg: SearchConfig, method: str) -> dict[str, str]:
 
 
 def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
-                  resume: bool = False) -> MethodSearch:
+                  resume: bool = False, budget_params: Optional[dict] = None) -> MethodSearch:
     space = cfg.spaces()[method]
     searched = sorted(spaces.searched(space))
     spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
@@ -344,7 +361,8 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     else:
         if resume:
             log(f"{method}: nothing to resume; starting its search")
-        parent_id, tuner = _new_search(cfg, method, tracker, tags, space, searched, spec, trainable)
+        parent_id, tuner = _new_search(cfg, method, tracker, tags, space, searched, spec, trainable,
+                                       budget_params or {})
 
     start = time.time()
     grid = tuner.fit()
@@ -362,7 +380,7 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
         log(f"{method}: of the runs an earlier driver left, {lost} belonged to trials Ray had not saved "
             f"(now otarena.role=lost) and {stale} were still RUNNING (now KILLED)")
     trial_epochs = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in results)
-    devices = cfg.resources.gpu or cfg.resources.cpu
+    devices = devices_per_trial(cfg)
     trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
     fidelities = rung_fidelity(cfg, results)
     tracker.log_metrics(parent_id, {"search/n_trials": len(results), "search/trial_epochs": trial_epochs,
@@ -375,6 +393,42 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     for f in fidelities:
         log(f"{method}: {f.line()}")
     return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
+
+
+def trial_budgets(cfg: SearchConfig, train_ref) -> dict[str, dict]:
+    """Per method of ``cfg``: the params that state its trial budget on its parent run, empty when every method
+    gets ``budget.trials``; with ``budget.compare: equal_device_hours``, the trials of search/budget.py's rule,
+    from each method's cost per epoch, timed one method after another (not side by side: they would share cores)
+    in a Ray task with a trial's resources."""
+    if cfg.budget.compare != "equal_device_hours":
+        return {method: {} for method in cfg.methods}
+    devices, costs = devices_per_trial(cfg), {}
+    task = ray.remote(budget.epoch_seconds).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
+    for method in cfg.methods:
+        CTRL_C.check()
+        space = cfg.spaces()[method]
+        costs[method] = devices * ray.get(task.remote(
+            method, spaces.fixed(space) | spaces.defaults(space), dataset=cfg.dataset, arch=cfg.arch,
+            threat=methods.ThreatModel(cfg.threat_model.norm, cfg.threat_model.eps), train_data=train_ref,
+            cpus=cfg.resources.cpu))
+    trials = budget.equal_device_hours(costs, cfg.budget.trials)
+    cheapest = min(costs, key=costs.get)
+    for method in cfg.methods:
+        log(f"{cfg.name}: {method}: {costs[method]:.3g} device-s per epoch at its defaults: {trials[method]} trials "
+            f"(equal device-hours: {cfg.budget.trials} trials of {cheapest})"
+            + ("; one trial costs more than its share" if trials[method] * costs[method] >
+               1.5 * cfg.budget.trials * costs[cheapest] else ""))
+    return {method: {"budget.compare": "equal_device_hours", "budget.rule": budget.RULE,
+                     "budget.trials_asked": cfg.budget.trials, "budget.trials": trials[method],
+                     "budget.epoch_device_s": costs[method], "budget.reference_method": cheapest,
+                     "budget.reference_epoch_device_s": costs[cheapest]} for method in cfg.methods}
+
+
+def with_trials(cfg: SearchConfig, budget_params: dict) -> SearchConfig:
+    """``cfg`` with the trial budget ``budget_params`` gives a method (:func:`trial_budgets`), else as it is."""
+    if "budget.trials" not in budget_params:
+        return cfg
+    return cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"trials": budget_params["budget.trials"]})})
 
 
 def rung_fidelity(cfg: SearchConfig, results: list) -> list[fidelity.RungFidelity]:
@@ -406,7 +460,7 @@ def _run_ids(tracker: Tracker, parent_id: str) -> dict:
 
 
 def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, space: dict, searched: list,
-                spec: TrialSpec, trainable) -> tuple[str, tune.Tuner]:
+                spec: TrialSpec, trainable, budget_params: dict) -> tuple[str, tune.Tuner]:
     """A fresh search: its MLflow parent run and its Tuner (TPE + ASHA, or FIFO when budget.scheduler says so)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.name}-{method}-{stamp}"
@@ -414,7 +468,7 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {tag.RAY_PATH: _join(storage, name)}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
         "search.algorithm": "optuna-tpe", "search.scheduler": cfg.budget.scheduler, "search.metric": METRIC,
-        "search.space": {k: space[k].describe() for k in searched}})
+        "search.space": {k: space[k].describe() for k in searched}} | budget_params)
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
     sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials)
@@ -424,7 +478,8 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     scheduler = FIFOScheduler() if cfg.budget.scheduler == "fifo" else ASHAScheduler(
         time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
         grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
-    callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs)
+    callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs,
+                            devices=devices_per_trial(cfg))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, _max_concurrent(cfg)),
@@ -672,10 +727,12 @@ def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address
             init_ray(address)
             train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
             surrogate = None   # the campaign's own ERM model, once ERM has been searched
+            budgets = trial_budgets(cfg, train_ref)
             for i, method in enumerate(cfg.methods, 1):
                 CTRL_C.check()
                 log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
-                outcome = search_method(cfg, method, tracker, train_ref, val_ref, resume=resume)
+                outcome = search_method(with_trials(cfg, budgets[method]), method, tracker, train_ref, val_ref,
+                                        resume=resume, budget_params=budgets[method])
                 evaluations.append((cfg, tracker, outcome,
                                     submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref), surrogate)))
                 if method == "erm" and top_k(outcome.results, 1):
