@@ -248,11 +248,11 @@ class Thresholds:
     fgsm: float = 0.01
     """``masking:fgsm``: FGSM's accuracy more than this below PGD's (a single step beats the iterative attack)."""
     noise: float = 0.01
-    """``masking:noise``: uniform noise in the eps-ball fools at least this share of the points that every
-    white-box attack failed on."""
+    """``masking:noise``: uniform noise in the eps-ball fools at least this share of the points that PGD and
+    AutoAttack both failed on."""
     transfer: float = 0.01
     """``masking:transfer``: examples crafted on a surrogate model fool at least this share of the points that
-    every white-box attack failed on."""
+    PGD and AutoAttack both failed on."""
     convergence: float = 0.05
     """``masking:convergence``: PGD's best loss still rising over its last steps on more than this share of
     the points (of all points) it failed on."""
@@ -378,7 +378,7 @@ def _checklist_flags(result: Mapping, t: Thresholds, n_ex: Optional[int]) -> dic
                             ("transfer_only", "masking:transfer", "examples transferred from the surrogate")):
         only, threshold = result.get(key), getattr(t, flag.split(":")[1])
         if only and _exact(only, n_ex) >= Fraction(str(threshold)):
-            flags[flag] = f"{what} fooled {only:.1%} of the points that every white-box attack failed on"
+            flags[flag] = f"{what} fooled {only:.1%} of the points that PGD and AutoAttack both failed on"
     rising = result.get("convergence_rising")
     if rising is not None and _beyond(rising, 0.0, t.convergence, n_ex):
         flags["masking:convergence"] = (f"PGD's best loss still rising over its last steps on {rising:.1%} of the "
@@ -649,13 +649,16 @@ def _lipschitz_metrics(result: Mapping) -> dict[str, float]:
 
 
 def _standing(run: StageInput) -> Optional[torch.Tensor]:
-    """Per point: still correct after every white-box attack stage that ran (``None``: none did)."""
-    masks = list(run.survivors.values())
+    """Per point: still correct after every attack stage that ran, PGD and AutoAttack's cascade (``None``:
+    neither did). A check that fools only points one of them broke already is no sign of masking."""
+    masks = [mask.to(run.x.device) for mask in run.survivors.values()]
+    if "aa" in run.per_example:
+        masks.append(run.per_example["aa"].to(run.x.device))
     return None if not masks else torch.stack(masks).all(0)
 
 
 def _only(run: StageInput, key: str, still_correct: torch.Tensor) -> dict:
-    """``{key: share}``: the share of all points a check fooled that every white-box attack left standing."""
+    """``{key: share}``: the share of all points a check fooled that PGD and AutoAttack left standing."""
     standing = _standing(run)
     return {} if standing is None else {key: share(standing & ~still_correct)}
 
