@@ -130,3 +130,16 @@ def test_best_model_holds_the_averaged_weights():
     assert not _same(run.best_model, {k: v for k, v in run.model.state_dict().items()})
     # BatchNorm-free small_cnn aside, every buffer a model has is averaged alongside (see WeightAverage).
     assert run.best_model.keys() == run.model.state_dict().keys()
+
+
+def test_batchnorm_statistics_are_averaged_with_the_weights():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    average = WeightAverage(model, 0.9)
+    start = {k: v.clone() for k, v in average.model.state_dict().items()}
+    model(torch.randn(8, 1, 6, 6))   # moves the running statistics
+    average.update(model)
+    decay = min(0.9, 2 / 11)         # the warm-up after one update
+    for key in ("1.running_mean", "1.running_var"):
+        expected = start[key].lerp(model.state_dict()[key], 1 - decay)
+        assert torch.equal(average.model.state_dict()[key], expected)
+    assert average.model.state_dict()["1.num_batches_tracked"] == 1
