@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from otarena.leaderboard import reproductions
+from otarena.leaderboard import per_example, reproductions
 from otarena.leaderboard.collect import collect, collect_campaign
 from otarena.leaderboard.render import format_text
 from otarena.leaderboard.schema import Campaign, Row, Table, tabulate
@@ -91,6 +91,8 @@ def build(
     if from_files:
         campaign = dataclasses.replace(campaign, reproductions=reproductions.merge(campaign.reproductions, from_files))
     tables = tabulate(list(campaign.rows))
+    # The tied groups: the one step that reads artifacts, only those of the rows a table compares.
+    tables = per_example.with_standings(tables, tracking_uri)
     if not tables and filter_string and not allow_empty:
         # A typo in a filter would otherwise replace a published site with an empty page.
         matched = f"{len(campaign.trials)} trial runs, none of them evaluated" if campaign.trials else "no trial run"

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from otarena.leaderboard import claims
+from otarena.leaderboard import claims, stats
 from otarena.leaderboard import formatting as fmt
 from otarena.leaderboard.schema import Row
 
@@ -59,6 +59,8 @@ class Column:
     """The test accuracy the column shows (``aa_acc``), whose CI the HTML cell gives on hover."""
     always: bool = False
     """Shown even in a table where no row has a value: AutoAttack's "–" says that it did not run."""
+    hover: Cell | None = None
+    """The HTML cell's hover text, where a row has more to say than its cell (a p-value, a reason)."""
 
     @property
     def numeric(self) -> bool:
@@ -137,6 +139,34 @@ def _reported_source(r: Row) -> str | None:
     return None if c is None else f"{where}: {c.metric.describe(how=True)}"
 
 
+def _tied_text(r: Row) -> str:
+    """The tied group's ranks (``1–3``), or why the row was not compared."""
+    s = r.standing
+    if s is None:
+        return fmt.MISSING
+    return s.ranks if s.group is not None else f"not compared ({s.why})"
+
+
+def _tied_hover(r: Row) -> str:
+    s = r.standing
+    if s is None or s.group is None:
+        return "" if s is None else s.reason
+    tied = f"group {s.letter}, ranks {s.ranks}: not told apart at 5% (Holm)"
+    if s.p_next is None:
+        return tied
+    return (f"{tied}; against the next compared row down, exact McNemar p = {stats.format_p(s.p_next)}, "
+            f"Holm-adjusted {stats.format_p(s.p_next_holm)}")
+
+
+def _tied_value(r: Row) -> int | None:
+    """Sorts by group; a row not compared sorts after every group, and still shows the column (it says why)."""
+    s = r.standing
+    return None if s is None else s.group if s.group is not None else NOT_COMPARED_SORT
+
+
+NOT_COMPARED_SORT = 10 ** 6
+
+
 def _table_key(name: str) -> Column:
     """dataset, norm, eps: each table's title in the other formats (with its ranking metric), a field of every
     CSV row."""
@@ -158,12 +188,26 @@ COLUMNS: tuple[Column, ...] = (
     # out when the table is scanned.
     Column("method", "Method", text=lambda i, r: f"{fmt.WARNING_MARK} {r.method}" if r.warnings else r.method,
            value=lambda i, r: r.method, csv=(("method", lambda i, r: r.method),)),
+    # Statistically tied groups (leaderboard.stats): shown in tables where rows were compared.
+    Column("tied", "Tied ranks", text=lambda i, r: _tied_text(r),
+           value=lambda i, r: _tied_value(r), align="right", sort="number",
+           hover=lambda i, r: _tied_hover(r),
+           tip="the ranks of the rows this one is statistically tied with: each row is compared with the next one "
+               "down by an exact McNemar test on their per-point outcomes under the ranking attack, Holm-corrected "
+               "over the table's adjacent comparisons; tied when not significant at 5%. Rows on other test points "
+               "are never compared",
+           csv=(("tied_group", lambda i, r: r.standing.letter or None if r.standing else None),
+                ("tied_ranks", lambda i, r: r.standing.ranks or None if r.standing else None),
+                ("tied_p_next", lambda i, r: r.standing.p_next if r.standing else None),
+                ("tied_p_next_holm", lambda i, r: r.standing.p_next_holm if r.standing else None),
+                ("not_compared", lambda i, r: r.standing.reason or None if r.standing else None))),
     _accuracy("clean", "Clean", "clean_acc"),
     _accuracy("autoattack", "AutoAttack", "aa_acc", always=True),
     Column("aa_ci", "AA 95% CI", text=lambda i, r: fmt.interval(r.aa_ci),
            value=lambda i, r: r.aa_ci[0] if r.aa_ci else None, align="right", formats=frozenset({MD, HTML}),
            headers={HTML: "AA 95%\u00a0CI"}, first="descending",
-           tip="Wilson interval of this trial's AutoAttack accuracy over its n_ex images"),
+           tip="Wilson interval of this trial's AutoAttack accuracy over its n_ex images: test-sample variance. The "
+               "± beside it, in the AutoAttack column, is the std over training seeds: training variance"),
     # A randomized model's AutoAttack without EOT, beside the EOT number that ranks it: shown only in tables
     # where a row has one.
     Column("aa_deterministic", "AA no EOT", text=lambda i, r: fmt.pct(r.aa_acc_deterministic),

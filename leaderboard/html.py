@@ -139,6 +139,8 @@ def _cell(c: Column, i: int, r: Row, run_url: str | None, notes: list[dict]) -> 
     elif c.name == "method":
         cell |= {"kind": "method", "warnings": r.warnings, "paper": r.paper, "link": fmt.safe_url(r.paper_link),
                  "method": r.method}
+    elif c.hover is not None:
+        cell |= {"kind": "hover", "hover": c.hover(i, r)}
     elif c.name == "hyperparameters":
         cell |= {"kind": "hyperparameters", "pairs": [(n, v, fmt.param(v)) for n, v in r.hparams]}
     elif c.name == "flags":

@@ -110,11 +110,12 @@ OTARENA_KEY = "otarena"
 OTARENA_KEYS = (
     "run_id", "run_name", "experiment_id", "experiment", "rank", "ranked_by", "method", "arch", "dataset", "norm", "eps",
     "paper", "paper_link", *ACCURACIES, *(f"{m}_{s}" for m in ACCURACIES for s in ("mean", "std")),
-    *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "epochs", "val_pgd_acc", "val_clean_acc",
+    *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "tied", "epochs", "val_pgd_acc", "val_clean_acc",
     "hyperparameters", "flags", "flag_reasons", "search_cost", "reported",
 )
 """Keys of the ``otarena`` object. ``ranked_by`` is the table's ranking metric (``aa_acc``, ``pgd_acc``
-or ``certified_acc``) and ``rank`` the row's rank in it. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
+or ``certified_acc``) and ``rank`` the row's rank in it; ``tied`` its statistically tied group in that table
+(:func:`_tied`) or null. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
 ``[low, high]`` 95% Wilson interval or null; ``<m>_mean``/``_std`` are null unless ``n_seeds >= 2``;
 ``hyperparameters`` and ``flag_reasons`` map names to text as logged; ``search_cost`` has
 ``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
@@ -308,6 +309,19 @@ def _footnote(row: Row, claim: claims.Claim | None = None) -> str:
     return "; ".join(parts) + "."
 
 
+def _tied(row: Row) -> dict | None:
+    """``otarena.tied``: ``group`` (a letter), ``ranks`` (``1–3``), the exact McNemar ``p_next`` against the next
+    compared row down and ``p_next_holm`` (Holm-adjusted), or ``not_compared`` with the reason; null when the
+    build compared nothing (no per-point outcomes in the store)."""
+    s = row.standing
+    if s is None:
+        return None
+    if s.group is None:
+        return {"group": None, "ranks": None, "p_next": None, "p_next_holm": None, "not_compared": s.reason}
+    return {"group": s.letter, "ranks": s.ranks, "p_next": _finite(s.p_next), "p_next_holm": _finite(s.p_next_holm),
+            "not_compared": None}
+
+
 def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: str = "aa_acc") -> dict:
     """The ``otarena`` object (:data:`OTARENA_KEYS`); its test fractions at the precision ``n_ex`` supports."""
     multi = row.n_seeds >= 2
@@ -328,7 +342,7 @@ def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: st
         **{f"{m}_{s}": acc(getattr(row, f"{m}_{s}"), seeds_n) if multi else None
            for m in ACCURACIES for s in ("mean", "std")},
         **{f"{m}_ci95": _interval(getattr(row, f"{m.removesuffix('_acc')}_ci"), n) for m in ACCURACIES},
-        "n_ex": n, "n_seeds": row.n_seeds, "epochs": _int(row.epochs),
+        "n_ex": n, "n_seeds": row.n_seeds, "tied": _tied(row), "epochs": _int(row.epochs),
         "val_pgd_acc": acc(row.val_pgd_acc, None), "val_clean_acc": acc(row.val_clean_acc, None),
         "hyperparameters": {printable(k): printable(v) for k, v in row.hparams},
         "flags": [printable(f) for f in row.flags],

@@ -27,6 +27,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from otarena.leaderboard.stats import Standing
+
 ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
 """The test accuracies a row carries, each with a 95% CI and, over several seeds, a mean and std."""
 
@@ -86,6 +88,14 @@ class Row:
     certified_ci: tuple[float, float] | None = None
     n_seeds: int = 1
     """Training seeds the configuration was trained with, this trial included."""
+    test_points: str = ""
+    """``<n_ex>:<index hash>`` when the evaluation stored its per-point outcomes (tag ``otarena.test_points``):
+    rows with other values were evaluated on other points and are never compared."""
+    per_example_hash: str = ""
+    """The hash of those outcomes (tag ``otarena.per_example_hash``): with the run id, their cache key."""
+    standing: Standing | None = None
+    """Its tied group in its table (:func:`leaderboard.stats.tied_groups`): set by the build, which reads the
+    per-point outcomes only for the rows it compares (:mod:`leaderboard.per_example`)."""
     clean_acc_mean: float | None = None
     """Mean over the ``n_seeds`` seeds (only when ``n_seeds >= 2``); ``clean_acc`` stays this trial's own."""
     clean_acc_std: float | None = None

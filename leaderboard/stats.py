@@ -93,7 +93,9 @@ class Standing:
     """Exact McNemar p-value against the next compared row down, and the same Holm-adjusted."""
     p_next_holm: float | None = None
     reason: str = ""
-    """Why the row was not compared (``group is None``)."""
+    """Why the row was not compared (``group is None``), in a sentence."""
+    why: str = ""
+    """The same in a few words, for a table cell (``other test points``)."""
 
     @property
     def letter(self) -> str:
@@ -117,6 +119,8 @@ class Standing:
 
 
 NO_OUTCOMES = "no per-example results (evaluated before otarena stored them): not compared"
+NO_OUTCOMES_WHY = "no per-point outcomes"
+OTHER_POINTS_WHY = "other test points"
 
 
 def tied_groups(rows: Sequence[Outcomes | None], alpha: float = ALPHA) -> list[Standing]:
@@ -133,7 +137,7 @@ def tied_groups(rows: Sequence[Outcomes | None], alpha: float = ALPHA) -> list[S
     """
     keys = Counter(r.points for r in rows if r is not None)
     if not keys:
-        return [Standing(None, reason=NO_OUTCOMES) for _ in rows]
+        return [Standing(None, reason=NO_OUTCOMES, why=NO_OUTCOMES_WHY) for _ in rows]
     first_seen = {k: i for i, k in reversed(list(enumerate(r.points if r else None for r in rows)))}
     table_points = max(keys, key=lambda k: (keys[k], -first_seen[k]))
     compared = [i for i, r in enumerate(rows) if r is not None and r.points == table_points]
@@ -150,10 +154,10 @@ def tied_groups(rows: Sequence[Outcomes | None], alpha: float = ALPHA) -> list[S
     standings = []
     for i, r in enumerate(rows):
         if r is None:
-            standings.append(Standing(None, reason=NO_OUTCOMES))
+            standings.append(Standing(None, reason=NO_OUTCOMES, why=NO_OUTCOMES_WHY))
         elif i not in group_of:
             standings.append(Standing(None, reason=f"evaluated on other test points ({r.points}) than the table's "
-                                                   f"({table_points}): not compared"))
+                                                   f"({table_points}): not compared", why=OTHER_POINTS_WHY))
         else:
             j = compared.index(i)
             g = group_of[i]

@@ -69,6 +69,8 @@ EPS_SWEEP = "otarena.eps_sweep"
 TEST_POINTS = "otarena.test_points"
 """``<n_ex>:<index hash>`` on an evaluated run that stored its per-point outcomes (the artifact
 ``evaluation/per_example.npz``): two runs with the same value were evaluated on the same points."""
+PER_EXAMPLE_HASH = "otarena.per_example_hash"
+"""The SHA-256 (16 hex digits) of that artifact's outcome arrays: a changed evaluation has another."""
 CERTIFICATE_REFUSED = "otarena.certificate_refused"
 
 SEED = "otarena.seed"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -169,6 +170,7 @@ def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] 
         tags[tag.CERTIFICATE_REFUSED] = result["certified_refused"]
     if result.get("per_example"):
         tags[tag.TEST_POINTS] = f"{result['n_ex']}:{result['per_example']['index_hash']}"
+        tags[tag.PER_EXAMPLE_HASH] = per_example_hash(result["per_example"])
     if result.get("eps_sweep"):
         # Also a tag, so that a leaderboard of thousands of runs plots it without an artifact download each.
         sweep = result["eps_sweep"]
@@ -182,6 +184,14 @@ def report(result: Mapping[str, Any], **context: Any) -> dict:
     # The per-point outcomes are an artifact of their own (write_per_example): thousands of booleans in JSON
     # would make the report unreadable.
     return {"otarena_report": 1, **context, **{k: v for k, v in result.items() if k != "per_example"}}
+
+
+def per_example_hash(points: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of the per-point arrays, in name order: the leaderboard's cache key with the run id."""
+    digest = hashlib.sha256()
+    for name in sorted(points):
+        digest.update(name.encode() + np.ascontiguousarray(points[name]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_per_example(points: Mapping[str, Any], path: str) -> str:
@@ -235,7 +245,8 @@ def log_evaluation(tracker, run_id: str, result: Mapping[str, Any], *, params: M
         for path in write_report(content, os.path.join(folder, "report.json")):
             tracker.log_artifact(run_id, path, "evaluation")
         if result.get("per_example"):
-            path = write_per_example(result["per_example"], os.path.join(folder, os.path.basename(PER_EXAMPLE_ARTIFACT)))
+            path = os.path.join(folder, os.path.basename(PER_EXAMPLE_ARTIFACT))
+            write_per_example(result["per_example"], path)
             tracker.log_artifact(run_id, path, os.path.dirname(PER_EXAMPLE_ARTIFACT))
 
 

@@ -215,6 +215,7 @@ def test_csv_round_trips(store, built):
     df = pd.read_csv(built.csv, keep_default_na=False)
     assert list(df.columns) == [
         "dataset", "norm", "eps", "ranked_by", "rank", "method",
+        "tied_group", "tied_ranks", "tied_p_next", "tied_p_next_holm", "not_compared",
         "clean_acc", "clean_acc_mean", "clean_acc_std", "clean_ci_low", "clean_ci_high",
         "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
         "pgd_acc", "pgd_acc_mean", "pgd_acc_std", "pgd_ci_low", "pgd_ci_high",
