@@ -11,8 +11,8 @@ trial's validation metric at the rung epoch and its final selection metric (the 
 validation PGD accuracy). Ties take their average rank, and rho is the Pearson correlation of those
 ranks (the standard tie-corrected Spearman rho). What is logged where: ``docs/mlflow-schema.md``.
 
-Pure Python: the search (``search/run.py``) and ``benchmarks/search_efficiency.py`` both use it
-without torch, Ray or MLflow.
+Pure Python (the rungs come from ``methods.common.train.rung_milestones`` when asked): the search
+(``search/run.py``) and ``benchmarks/search_efficiency.py`` both use it without Ray or MLflow.
 """
 from __future__ import annotations
 
@@ -67,11 +67,9 @@ def rungs(grace_epochs: int, reduction_factor: int, max_epochs: int) -> list[int
     A FIFO search has the same milestones from its budget, so that its fidelity says what ASHA
     would have pruned on.
     """
-    epochs, epoch = [], grace_epochs
-    while epoch < max_epochs:
-        epochs.append(epoch)
-        epoch *= reduction_factor
-    return epochs
+    from otarena.methods.common.train import rung_milestones  # the one definition (rung_cosine's cycles)
+
+    return rung_milestones(max_epochs, grace_epochs, reduction_factor)[:-1]
 
 
 def rank_fidelity(curves: Mapping[Hashable, Mapping[int, float]], finals: Mapping[Hashable, float],

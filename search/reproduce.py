@@ -209,7 +209,8 @@ def paper_hyperparameters(model: Model, budget: Budget) -> tuple[dict, list[str]
     from otarena import methods
 
     defaults, t = methods.defaults(model.method), model.training
-    hparams, deviations = {"schedule": "constant", "augment": "none"}, []
+    # The papers train without weight averaging, otarena's default.
+    hparams, deviations = {"schedule": "constant", "augment": "none", "ema_decay": 0.0}, []
     deviations.append("learning-rate schedule: not stated, constant")
     stated = {"epochs": t.epochs, "optimizer": t.optimizer, "lr": t.lr, "batch_size": t.batch_size,
               "attack_steps": t.attack_steps, "attack_step_size": t.attack_step_size}

@@ -108,10 +108,10 @@ def test_resume_mid_cycle_is_bit_for_bit(ema_decay):
 
 def test_ema_decay_zero_equals_no_ema():
     """An average with decay 0 is the training weights themselves: the same metrics, bit for bit."""
-    plain, plain_history = _run(epochs=2), []
+    plain, plain_history = _run(epochs=2, ema_decay=0.0), []
     _fit(plain, plain_history)
-    assert plain.ema is None and "ema_decay" in TrainConfig.__dataclass_fields__
-    averaged = _run(epochs=2)
+    assert plain.ema is None and TrainConfig().ema_decay == 0.99   # off only when asked: on by default
+    averaged = _run(epochs=2, ema_decay=0.0)
     averaged.ema = WeightAverage(averaged.model, 0.0)
     averaged_history = []
     _fit(averaged, averaged_history)

@@ -27,8 +27,9 @@ def test_the_rungs_are_not_set_under_train(name, budget):
         _space(train={name: 2})
 
 
-def test_ema_decay_is_off_by_default_and_searchable():
-    assert _space()["ema_decay"] == Fixed(0.0)
+def test_ema_decay_is_on_by_default_and_searchable():
+    assert _space()["ema_decay"] == Fixed(0.99)
+    assert _space(train={"ema_decay": 0.0})["ema_decay"] == Fixed(0.0)
     space = _space(space={"pgd_at": {"ema_decay": {"low": 0.9, "high": 0.999, "default": 0.99}}})
     assert isinstance(space["ema_decay"], Float) and (space["ema_decay"].low, space["ema_decay"].high) == (0.9, 0.999)
     assert _space(train={"ema_decay": 0.99})["ema_decay"] == Fixed(0.99)
