@@ -167,6 +167,25 @@ def _tied_value(r: Row) -> int | None:
 NOT_COMPARED_SORT = 10 ** 6
 
 
+def _gain(r: Row) -> float | None:
+    return None if r.tuning is None else r.tuning[2] - r.tuning[1]
+
+
+def _tuning_text(r: Row) -> str:
+    found = r.tuning
+    if found is None:
+        return fmt.MISSING
+    metric, default, tuned = found
+    text = f"{fmt.pct(default)} → {fmt.pct(tuned)} ({100 * (tuned - default):+.2f})"
+    if metric != "aa_acc":
+        text += " PGD"
+    if r.default_run_id == r.run_id:
+        return text + ", the default itself"
+    if r.default_epochs is not None and r.epochs is not None and r.default_epochs < r.epochs:
+        text += f", default stopped at {fmt.count(r.default_epochs)} epochs"
+    return text
+
+
 def _table_key(name: str) -> Column:
     """dataset, norm, eps: each table's title in the other formats (with its ranking metric), a field of every
     CSV row."""
@@ -217,6 +236,18 @@ COLUMNS: tuple[Column, ...] = (
                "column is AutoAttack's rand version with EOT, which ranks the row"),
     _accuracy("pgd", "PGD", "pgd_acc"),
     _accuracy("certified", "Certified", "certified_acc"),
+    # What tuning bought: shown only in tables where a row has a default evaluation.
+    Column("tuning", "Default → tuned", text=lambda i, r: _tuning_text(r),
+           value=lambda i, r: _gain(r), align="right",
+           headers={TEX: "Default to tuned"}, first="descending",
+           tip="the search's first trial, the method's paper defaults, scored on the test split by the same protocol "
+               "as the tuned (selected) trial: its AutoAttack accuracy (else PGD), the tuned one's, and the "
+               "difference in points; both this trial's own seed",
+           csv=(("default_clean_acc", lambda i, r: r.default_clean_acc),
+                ("default_aa_acc", lambda i, r: r.default_aa_acc),
+                ("default_pgd_acc", lambda i, r: r.default_pgd_acc),
+                ("tuning_gain", lambda i, r: _gain(r)),
+                ("default_run_id", lambda i, r: r.default_run_id or None))),
     # The paper's claim beside the measured numbers: shown only in tables where a row has one.
     Column("reported", "Reported", text=lambda i, r: _reported_text(r),
            value=lambda i, r: None if (c := _reported(r)) is None else c.value / 100, align="right",
@@ -227,6 +258,13 @@ COLUMNS: tuple[Column, ...] = (
                 ("reported_source", lambda i, r: _reported_source(r)))),
     Column("arch", "Arch", text=lambda i, r: r.arch, value=lambda i, r: r.arch, csv=(("arch", lambda i, r: r.arch),)),
     _count("epochs", "Epochs", "epochs", formats=TABLES),
+    # Robust overfitting: shown only in tables where a row has it.
+    Column("overfit_gap", "Best − last", text=lambda i, r: fmt.pct(r.overfit_gap), value=lambda i, r: r.overfit_gap,
+           align="right", headers={TEX: "Best - last"},
+           tip="robust overfitting: the best epoch's validation PGD accuracy minus the last epoch's, in points (the "
+               "best epoch is what is scored); above final_eval.thresholds.robust_overfitting, the note "
+               "robust-overfitting",
+           csv=(("overfit_gap", lambda i, r: r.overfit_gap),)),
     Column("hyperparameters", "Hyperparameters", text=lambda i, r: _hparams(r),
            value=lambda i, r: _hparams(r, str), formats=TABLES - {TEX},
            tip="the searched hyperparameters of this trial", csv=(("hyperparameters", lambda i, r: _hparams(r, str)),)),

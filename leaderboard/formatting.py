@@ -257,8 +257,8 @@ def latex_escape(text: str) -> str:
 
 
 def latex_number(text: str) -> str:
-    """A cell we formatted (never user text) with its Unicode made LaTeX: ``81.0 ± 0.5``, ``–``."""
-    return text.replace(" ± ", r" $\pm$ ").replace(MISSING, "--")
+    """A cell we formatted (never user text) with its Unicode made LaTeX: ``81.0 ± 0.5``, ``–``, ``40.0 → 45.0``."""
+    return text.replace(" ± ", r" $\pm$ ").replace(" → ", r" $\to$ ").replace(MISSING, "--")
 
 
 def csv_cell(value: object) -> object:

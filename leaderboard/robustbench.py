@@ -111,7 +111,7 @@ OTARENA_KEYS = (
     "run_id", "run_name", "experiment_id", "experiment", "rank", "ranked_by", "method", "arch", "dataset", "norm", "eps",
     "paper", "paper_link", *ACCURACIES, *(f"{m}_{s}" for m in ACCURACIES for s in ("mean", "std")),
     *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "tied", "epochs", "val_pgd_acc", "val_clean_acc",
-    "hyperparameters", "flags", "flag_reasons", "search_cost", "reported",
+    "hyperparameters", "flags", "flag_reasons", "search_cost", "reported", "tuning", "overfit_gap",
 )
 """Keys of the ``otarena`` object. ``ranked_by`` is the table's ranking metric (``aa_acc``, ``pgd_acc``
 or ``certified_acc``) and ``rank`` the row's rank in it; ``tied`` its statistically tied group in that table
@@ -119,7 +119,10 @@ or ``certified_acc``) and ``rank`` the row's rank in it; ``tied`` its statistica
 ``[low, high]`` 95% Wilson interval or null; ``<m>_mean``/``_std`` are null unless ``n_seeds >= 2``;
 ``hyperparameters`` and ``flag_reasons`` map names to text as logged; ``search_cost`` has
 ``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
-(:meth:`leaderboard.claims.Claim.as_dict`) or null."""
+(:meth:`leaderboard.claims.Claim.as_dict`) or null; ``tuning`` is the paper-default trial's test numbers beside
+this tuned one's (``default_clean_acc``, ``default_aa_acc``, ``default_pgd_acc``, ``gain`` in the ranking
+attack's accuracy, ``default_epochs``, ``default_run_id``) or null; ``overfit_gap`` is best minus last epoch's
+validation PGD accuracy or null."""
 
 _STR, _BOOL, _INT, _PCT, _PCT_OR_NULL, _STR_OR_NULL, _RATIO = (
     "a string", "a boolean", "an integer >= 1", "a percent string", "a percent string or null",
@@ -322,6 +325,16 @@ def _tied(row: Row) -> dict | None:
             "not_compared": None}
 
 
+def _tuning(row: Row, n: int | None) -> dict | None:
+    """What tuning bought (``otarena.tuning``): the paper-default trial's test numbers and the gain over them."""
+    if row.tuning is None:
+        return None
+    _, default, tuned = row.tuning
+    return {"default_clean_acc": fraction(row.default_clean_acc, n), "default_aa_acc": fraction(row.default_aa_acc, n),
+            "default_pgd_acc": fraction(row.default_pgd_acc, n), "gain": fraction(tuned - default, n),
+            "default_epochs": _int(row.default_epochs), "default_run_id": row.default_run_id or None}
+
+
 def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: str = "aa_acc") -> dict:
     """The ``otarena`` object (:data:`OTARENA_KEYS`); its test fractions at the precision ``n_ex`` supports."""
     multi = row.n_seeds >= 2
@@ -350,6 +363,8 @@ def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: st
         "search_cost": {"trials": _int(row.trials), "trial_epochs": _int(row.trial_epochs),
                         "device_hours": fraction(row.device_hours)},  # to 1e-6 h: a clock's digits, not noise
         "reported": None if claim is None else claim.as_dict(),
+        "tuning": _tuning(row, n),
+        "overfit_gap": fraction(row.overfit_gap),
     }
     assert tuple(extra) == OTARENA_KEYS  # one list of keys, documented once
     return extra

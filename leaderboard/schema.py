@@ -35,9 +35,14 @@ ACCURACIES = ("clean_acc", "pgd_acc", "aa_acc", "certified_acc")
 NO_AUTOATTACK = "no-autoattack"
 """The flag of a row evaluated without AutoAttack (``final_eval.autoattack: null``): ranked by PGD."""
 
-NOTE_FLAGS = frozenset({"small-sample", "single-seed", NO_AUTOATTACK})
-"""Flags about how far a number can be taken (statistical precision, a weaker ranking attack), not about
-whether it is right. Every other flag is a warning (see :func:`is_warning`)."""
+ROBUST_OVERFITTING, CATASTROPHIC_OVERFITTING = "robust-overfitting", "catastrophic-overfitting"
+"""Notes on how the selected trial's validation curve ended (``final_eval.thresholds``): its last epoch far
+below its best in PGD accuracy, or, for single-step training, FGSM accuracy far above PGD's."""
+
+NOTE_FLAGS = frozenset({"small-sample", "single-seed", NO_AUTOATTACK, ROBUST_OVERFITTING, CATASTROPHIC_OVERFITTING})
+"""Flags about how far a number can be taken (statistical precision, a weaker ranking attack, how training
+ended: the best epoch is what is scored), not about whether it is right. Every other flag is a warning
+(see :func:`is_warning`)."""
 
 RANKINGS = ("aa_acc", "certified_acc", "pgd_acc")
 """The metrics a table can be ranked by, in the order a threat model's tables come: AutoAttack
@@ -120,6 +125,16 @@ class Row:
     """``certified_acc`` when the run asks to be ranked by certified accuracy (tag ``otarena.rank_by``)."""
     eps_sweep: "EpsSweep | None" = None
     """Robust accuracy against eps from the final evaluation (tag ``otarena.eps_sweep``)."""
+    overfit_gap: float | None = None
+    """Robust overfitting: best minus last epoch's validation PGD accuracy (``val/overfit_gap``)."""
+    default_clean_acc: float | None = None
+    """What tuning bought: the test numbers of the search's paper-default trial (``default/*``), by the same
+    protocol as this row's; ``default_run_id`` holds that evaluation (tag ``otarena.default_run``)."""
+    default_pgd_acc: float | None = None
+    default_aa_acc: float | None = None
+    default_epochs: float | None = None
+    """Epochs the default trial trained (fewer than the row's when ASHA stopped it early)."""
+    default_run_id: str = ""
     run_name: str = ""
     """The MLflow run name: user text, escaped in every output."""
     experiment_name: str = ""
@@ -140,6 +155,16 @@ class Row:
         if self.rank_by == "certified_acc" and self.certified_acc is not None:
             return "certified_acc"
         return "aa_acc" if self.aa_acc is not None else "pgd_acc"
+
+    @property
+    def tuning(self) -> tuple[str, float, float] | None:
+        """What tuning bought: (metric, the paper defaults' test accuracy, this row's own), AutoAttack where both
+        have it, else PGD; ``None`` without a default evaluation."""
+        for metric in ("aa_acc", "pgd_acc"):
+            default, tuned = getattr(self, f"default_{metric}"), getattr(self, metric)
+            if default is not None and tuned is not None:
+                return metric, default, tuned
+        return None
 
     @property
     def warnings(self) -> tuple[str, ...]:

@@ -73,6 +73,13 @@ PER_EXAMPLE_HASH = "otarena.per_example_hash"
 """The SHA-256 (16 hex digits) of that artifact's outcome arrays: a changed evaluation has another."""
 CERTIFICATE_REFUSED = "otarena.certificate_refused"
 
+DEFAULT = "otarena.default"
+"""``true`` on the trial run of the method's paper defaults, its search's first trial (``points_to_evaluate``),
+once the final evaluation has scored it on the test split too."""
+DEFAULT_RUN = "otarena.default_run"
+"""On an evaluated trial run: the run holding its search's paper-default evaluation (the default trial's own run
+when it was selected, else an ``evaluation`` run under it), whose numbers it carries as ``default/*``."""
+
 SEED = "otarena.seed"
 SEED_OF = "otarena.seed_of"
 """On a seed run: the trial run it replicates."""

@@ -214,6 +214,10 @@ class Langevin(Method):
     def passes(self):
         return float((self.cfg.langevin_t + 1) * self.cfg.langevin_k)
 
+    @property
+    def single_step(self):
+        return self.cfg.langevin_t == 1   # T = 1: one Langevin step per visit (attack_steps is ignored)
+
     def perturb(self, x, y, start=None):
         """T Langevin steps from ``start`` (None: ``x``, a fresh buffer entry); ``step`` starts from the buffer."""
         c, t = self.cfg, self.threat

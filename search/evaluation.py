@@ -162,6 +162,37 @@ def single_seed_reason(seeds: int) -> dict[str, str]:
         if seeds < 2 else {}
 
 
+ROBUST_OVERFITTING, CATASTROPHIC_OVERFITTING = "robust-overfitting", "catastrophic-overfitting"
+
+
+def curve_end(result: Mapping[str, Any]) -> dict[str, float]:
+    """Where a trial's validation curve ended, from its last epoch's result (``methods.common.train.fit``): the
+    last PGD accuracy (``val/last_pgd_acc``), its fall below the best epoch's (``val/overfit_gap``) and, for a
+    single-step method, the last FGSM accuracy (``val/last_fgsm_acc``)."""
+    end = {"val/last_pgd_acc": result.get("val/pgd_acc"), "val/overfit_gap": result.get("val/overfit_gap"),
+           "val/last_fgsm_acc": result.get("val/fgsm_acc")}
+    return {k: float(v) for k, v in end.items() if v is not None}
+
+
+def overfitting_reasons(end: Mapping[str, float], thresholds) -> dict[str, str]:
+    """The notes a :func:`curve_end` earns (``thresholds``: ``final_eval.thresholds``): ``robust-overfitting``
+    when the last epoch fell more than ``robust_overfitting`` below the best in validation PGD accuracy (Rice et
+    al., ICML 2020); ``catastrophic-overfitting`` when a single-step method's last FGSM accuracy is more than
+    ``catastrophic_overfitting`` above its PGD accuracy (Wong et al., ICLR 2020). Notes, not warnings: the
+    selected weights are the best epoch's, and the test numbers stay right."""
+    reasons = {}
+    gap, last = end.get("val/overfit_gap"), end.get("val/last_pgd_acc")
+    if gap is not None and gap > thresholds.robust_overfitting:
+        reasons[ROBUST_OVERFITTING] = (f"validation PGD accuracy fell {gap:.1%} from its best epoch to the last "
+                                       f"(more than {thresholds.robust_overfitting:.1%}): the best epoch is scored")
+    fgsm = end.get("val/last_fgsm_acc")
+    if fgsm is not None and last is not None and fgsm - last > thresholds.catastrophic_overfitting:
+        reasons[CATASTROPHIC_OVERFITTING] = (f"single-step training: the last epoch's validation FGSM accuracy "
+                                             f"{fgsm:.1%} is {fgsm - last:.1%} above PGD's {last:.1%} (more than "
+                                             f"{thresholds.catastrophic_overfitting:.1%})")
+    return reasons
+
+
 def to_tags(result: Mapping[str, Any], extra_flags: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     reasons = {**result.get("flag_reasons", {}), **(extra_flags or {})}
     tags = {tag.EVALUATED: "true", tag.FLAGS: ",".join(reasons),

@@ -18,6 +18,7 @@ exactly one MLflow run through the ``otarena.trial_id`` tag.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -238,6 +239,8 @@ class MlflowTrials(tune.Callback):
         # val/best_* came with every epoch's result, logged at that epoch: logged again here they
         # would land at step 0 and start every best-so-far chart with the final value.
         self.tracker.log_metrics(run_id, {"train/epochs": epochs} | trial_cost(result, self.devices))
+        # Where its validation curve ended: robust overfitting's numbers, one per trial.
+        self.tracker.log_metrics(run_id, evaluation.curve_end(result))
         checkpoint = getattr(trial, "checkpoint", None)
         # Where its weights live, so that `otarena evaluate RUN_ID` works on any finished trial.
         where = {tag.CHECKPOINT: checkpoint.path} if checkpoint else {}
@@ -552,13 +555,15 @@ def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, 
     set_threads(spec.cpus)
     run = methods.build_run(spec.method, {**hparams, "seed": seed}, dataset=spec.dataset, arch=spec.arch,
                             threat=methods.ThreatModel(spec.norm, spec.eps), train=train_data, val=val_data)
-    methods.fit(run)
+    last = {}   # the last epoch's metrics: where its validation curve ended
+    methods.fit(run, lambda metrics, run: last.update(metrics))
     result = evaluation.evaluate_weights(run.best_model, method=spec.method, arch=spec.arch, norm=spec.norm,
                                          eps=spec.eps, test_data=test_data, eval_cfg=eval_cfg, seed=seed,
                                          state_path=state_path, surrogate_weights=_best_weights(surrogate))
     return result, run.best_model, {"val/best_pgd_acc": run.best["val/pgd_acc"],
                                     "val/best_clean_acc": run.best["val/clean_acc"],
-                                    "val/best_epoch": run.best["epoch"], "train/epochs": run.cfg.epochs}
+                                    "val/best_epoch": run.best["epoch"], "train/epochs": run.cfg.epochs,
+                                    **evaluation.curve_end(last)}
 
 
 @dataclass
@@ -569,6 +574,8 @@ class PendingEvaluation:
     evaluations: list
     seeds: list = field(default_factory=list)
     """(seed, ref) pairs retraining the first chosen trial's configuration."""
+    default: Optional[tuple] = None
+    """(result, ref): the paper-default trial and its evaluation's task; no task when it is among ``chosen``."""
 
 
 def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple,
@@ -592,6 +599,15 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
         pending.evaluations.append(ray.remote(evaluate_checkpoint).options(**options).remote(
             r.checkpoint, spec, test_ref, eval_cfg, cfg.seed, _aa_state_path(cfg, f"{outcome.method}-{trial_id}"),
             surrogate))
+    default = default_trial(cfg, outcome)
+    if default is not None:
+        trial_id = default.metrics["trial_id"]
+        evaluated = trial_id in {r.metrics["trial_id"] for r in chosen}
+        if not evaluated:
+            log(f"{outcome.method}: evaluating trial {trial_id}, the paper defaults, on the test split too ({attacks})")
+        pending.default = (default, None if evaluated else ray.remote(evaluate_checkpoint).options(**options).remote(
+            default.checkpoint, spec, test_ref, eval_cfg, cfg.seed,
+            _aa_state_path(cfg, f"{outcome.method}-{trial_id}"), surrogate))
     if chosen and cfg.final_eval.seeds > 1:
         hparams = {**spec.fixed, **chosen[0].config}
         extra = [cfg.seed + i for i in range(1, cfg.final_eval.seeds)]
@@ -612,7 +628,8 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: P
     The wait comes first and stops on Ctrl-C; the writes follow without a wait in between, so a
     method's final evaluation is recorded whole or not at all (``--resume`` then runs it).
     """
-    CTRL_C.wait([ref for _, ref in pending.seeds] + pending.evaluations)
+    CTRL_C.wait([ref for _, ref in pending.seeds] + pending.evaluations
+                + [ref for ref in (pending.default or (None, None))[1:] if ref is not None])
     params = {f"eval.{k}": v for k, v in flatten(cfg.final_eval.model_dump()).items()} | {"eval.seed": cfg.seed}
     seed_results = []
     for seed, ref in pending.seeds:
@@ -633,7 +650,8 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: P
         result, weights = ray.get(ref)
         run_id = outcome.run_ids[trial_id]
         replicas = [result] + (seed_results if i == 0 else [])
-        extra_flags = evaluation.single_seed_reason(len(replicas))
+        extra_flags = evaluation.single_seed_reason(len(replicas)) | evaluation.overfitting_reasons(
+            evaluation.curve_end(r.metrics), cfg.final_eval.thresholds)
         evaluation.log_evaluation(tracker, run_id, result, params=params, weights=weights,
                                   context=_context(outcome, trial_id, cfg.seed), extra_flags=extra_flags)
         summary = evaluation.seed_summary(replicas)
@@ -641,8 +659,59 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: P
         _show(outcome.method, f"trial {trial_id}", result, summary, extra_flags)
         summaries.append({"method": outcome.method, "trial_id": trial_id, "run_id": run_id, **result, **summary,
                           "flags": result["flags"] + list(extra_flags)})
+    record_default(cfg, outcome, pending, tracker, params, summaries)
     tracker.set_tags(outcome.parent_id, {tag.EVALUATED: "true"})
     return summaries
+
+
+def default_trial(cfg: SearchConfig, outcome: MethodSearch):
+    """The search's trial of the method's paper defaults (its first, ``points_to_evaluate``), when it left a
+    checkpoint; ``None`` when nothing is searched (every trial is then the default configuration)."""
+    space = cfg.spaces()[outcome.method]
+    defaults = spaces.defaults(space)
+    if not defaults:
+        return None
+
+    def same(value, default) -> bool:
+        if isinstance(default, float) and isinstance(value, (int, float)):
+            return math.isclose(value, default, rel_tol=1e-9)
+        return value == default
+
+    for r in outcome.results:
+        if r.error is None and r.checkpoint is not None and r.metrics and r.config and \
+                all(same(r.config.get(k), v) for k, v in defaults.items()):
+            return r
+    return None
+
+
+def record_default(cfg: SearchConfig, outcome: MethodSearch, pending: PendingEvaluation, tracker: Tracker,
+                   params: dict, summaries: list[dict]) -> None:
+    """What tuning bought: the paper-default trial's test evaluation, by the same protocol as the selected
+    trials'. Unless it is one of them, it lands in an ``evaluation`` run under the default trial's run (never a
+    leaderboard candidate: the default competes on validation like every trial). Every selected trial's run
+    carries its numbers as ``default/*`` and points at that run (``otarena.default_run``), so the leaderboard
+    reads the pair from one run (docs/mlflow-schema.md)."""
+    if pending.default is None:
+        return
+    trial, ref = pending.default
+    trial_id = trial.metrics["trial_id"]
+    default_run = outcome.run_ids[trial_id]
+    if ref is None:
+        result, holder = next(s for s in summaries if s["trial_id"] == trial_id), default_run
+    else:
+        result, weights = ray.get(ref)
+        holder = tracker.evaluation_run(f"{outcome.method}-{trial_id}-default", {
+            **search_tags(cfg, outcome.method), "mlflow.parentRunId": default_run, tag.EVALUATES: default_run})
+        evaluation.log_evaluation(tracker, holder, result, params=params, weights=weights,
+                                  context=_context(outcome, trial_id, cfg.seed))
+        tracker.finish(holder)
+        _show(outcome.method, f"trial {trial_id} (paper defaults)", result)
+    tracker.set_tags(default_run, {tag.DEFAULT: "true"})
+    numbers = {f"default/{k}": result[k] for k in (*evaluation.ACCURACIES, "n_ex") if result.get(k) is not None}
+    numbers["default/epochs"] = trial.metrics.get("training_iteration", 0)
+    for summary in summaries:
+        tracker.log_metrics(summary["run_id"], numbers)
+        tracker.set_tags(summary["run_id"], {tag.DEFAULT_RUN: holder})
 
 
 def _context(outcome: MethodSearch, trial_id: str, seed: int) -> dict:

@@ -112,6 +112,14 @@ class Method:
         search config prints them as warnings. None by default."""
         return []
 
+    @property
+    def single_step(self) -> bool:
+        """Whether the training attack takes one gradient step: FGSM-based training (a method whose attack
+        takes ``attack_steps`` = 1 steps; Langevin overrides it for T = 1). Such training can overfit
+        catastrophically (Wong et al., "Fast is better than free", ICLR 2020), so validation
+        tracks FGSM accuracy beside PGD's (``methods.common.train.validate``)."""
+        return type(self).perturb is not Method.perturb and self.threat.steps == 1
+
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The inner maximization; the default is no attack."""
         return x

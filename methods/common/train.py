@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from otarena.methods.common.attacks import ThreatModel
+from otarena.methods.common.attacks import ThreatModel, eval_mode, fgsm
 from otarena.methods.common.data import AUGMENTS, TensorData, augment, batches
 from otarena.methods.common.evaluate import accuracy, pgd_accuracy
 from otarena.methods.space import Choice, Float, Int
@@ -331,15 +331,26 @@ class Run:
             self.ema.load_state_dict(state["ema"])
 
 
-def validate(model: torch.nn.Module, val: TensorData, threat: ThreatModel, cfg: TrainConfig) -> dict:
-    """Clean and PGD accuracy on the fixed validation subset; seeded, so epochs compare fairly."""
+def validate(model: torch.nn.Module, val: TensorData, threat: ThreatModel, cfg: TrainConfig,
+             single_step: bool = False) -> dict:
+    """Clean and PGD accuracy on the fixed validation subset; seeded, so epochs compare fairly.
+
+    ``single_step`` (a method trained on one-step attacks, ``Method.single_step``): FGSM accuracy too, the
+    curve that shows catastrophic overfitting, FGSM accuracy climbing while PGD's collapses (Wong et al.,
+    ICLR 2020)."""
     subset = val.subset(cfg.val_n_ex)
     generator = torch.Generator(device=subset.x.device).manual_seed(cfg.seed)
-    return {
+    metrics = {
         "val/clean_acc": accuracy(model, subset.x, subset.y),
         "val/pgd_acc": pgd_accuracy(model, subset.x, subset.y, threat, steps=cfg.val_pgd_steps,
                                     generator=generator),
     }
+    if single_step:
+        with eval_mode(model):
+            attacked = torch.cat([fgsm(model, x, y, eps=threat.eps, norm=threat.norm)
+                                  for x, y in zip(subset.x.split(512), subset.y.split(512))])
+        metrics["val/fgsm_acc"] = accuracy(model, attacked, subset.y)
+    return metrics
 
 
 def prepare(run: Run) -> None:
@@ -442,10 +453,11 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
         if not math.isfinite(metrics["train/loss"]):
             raise DivergedError(f"training loss is {metrics['train/loss']} at epoch {run.epoch + 1}")
         scored = model if run.ema is None else run.ema.model
-        metrics.update(validate(scored, run.val, run.method.threat, cfg))
+        single_step = run.method.single_step
+        metrics.update(validate(scored, run.val, run.method.threat, cfg, single_step))
         if run.ema is not None:
             metrics.update({k.replace("val/", "val/raw_"): v
-                            for k, v in validate(model, run.val, run.method.threat, cfg).items()})
+                            for k, v in validate(model, run.val, run.method.threat, cfg, single_step).items()})
         run.epoch += 1
         metrics["time/epoch_s"] = time.perf_counter() - start
         metrics["epoch"] = run.epoch
@@ -456,6 +468,9 @@ def fit(run: Run, on_epoch_end: Optional[Callable[[dict, Run], None]] = None) ->
             # Contiguous, so that the copy is the same whatever the run's memory format.
             run.best_model = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
                               for k, v in scored.state_dict().items()}
+        # Robust overfitting (Rice et al., ICML 2020): how far this epoch's validation PGD accuracy fell below
+        # the best epoch's; at the last epoch, "best - last" on the leaderboard.
+        metrics["val/overfit_gap"] = run.best["val/pgd_acc"] - metrics["val/pgd_acc"]
         if on_epoch_end is not None:
             on_epoch_end(metrics, run)
     return run

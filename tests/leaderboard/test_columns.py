@@ -25,7 +25,8 @@ from otarena.leaderboard.stats import Standing
 ROW = Row(run_id="r1", experiment_id="0", dataset="mnist", norm="Linf", eps=0.3, method="trades", arch="cw_mnist",
           aa_acc=0.5, aa_acc_deterministic=0.52, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0,
           n_ex=200.0, aa_ci=(0.43, 0.57), standing=Standing(0, 1, 2, 0.04, 0.08),
-          trials=4.0, trial_epochs=12.0, device_hours=0.1)
+          trials=4.0, trial_epochs=12.0, device_hours=0.1, overfit_gap=0.04, default_aa_acc=0.45,
+          default_clean_acc=0.92, default_pgd_acc=0.5, default_epochs=1.0, default_run_id="r0")
 """A row with a value in every column: each format shows all of its columns (its setting has a published
 number, seed 003's Table 1, for the Reported column)."""
 TABLE = Table("mnist", "Linf", 0.3, (ROW,))
@@ -57,7 +58,8 @@ def test_each_format_prints_the_spec_columns_in_one_order(fmt):
 
 
 def test_a_column_empty_in_a_whole_table_is_left_out_but_kept_in_the_csv():
-    no_certificate = Row(**{**vars(ROW), "certified_acc": None, "device_hours": None})
+    no_certificate = Row(**{**vars(ROW), "certified_acc": None, "device_hours": None, "overfit_gap": None,
+                            "default_aa_acc": None, "default_pgd_acc": None})
     table = Table("digits", "Linf", 0.2, (no_certificate,))
     for fmt in (MD, TEXT, TEX, HTML):
         shown = _headers(fmt, table)
@@ -86,7 +88,7 @@ def test_every_accuracy_is_right_aligned_everywhere():
     head, rule = [x for x in md.splitlines() if x.startswith("|")][:2]
     aligns = dict(zip([h.strip() for h in head.strip("|").split("|")], rule.strip("|").split("|")))
     assert [aligns[h] for h in ("Clean", "AutoAttack", "PGD", "Certified")] == ["---:"] * 4
-    assert "\\begin{tabular}{rlrrrrrlrc}" in render.to_latex([TABLE])
+    assert "\\begin{tabular}{rlrrrrrrlrrc}" in render.to_latex([TABLE])
 
 
 def test_a_new_column_is_one_spec_entry(monkeypatch):

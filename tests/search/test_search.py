@@ -10,7 +10,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from otarena import leaderboard
 from otarena.search import config as config_lib
+from otarena.search import spaces
 from otarena.search.cli import main
 from otarena.search.run import PrunedAwareOptunaSearch, run_search
 from otarena.search.tracking import Tracker
@@ -138,6 +140,36 @@ def test_selected_configuration_is_retrained_with_more_seeds(searched):
     assert " ± " in (tmp / "site" / "leaderboard.md").read_text()
 
 
+def test_paper_defaults_are_evaluated_beside_the_tuned_trial(searched):
+    """What tuning bought: the search's first trial, the paper defaults, is scored on the test split by the same
+    protocol as the selected trial, whose run carries both (docs/mlflow-schema.md); the leaderboard shows them."""
+    tmp, cfg, _, client, runs = searched
+    trials = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
+    tuned = next(r for r in trials if r.data.tags.get("otarena.evaluated") == "true")
+    (default,) = [r for r in trials if r.data.tags.get("otarena.default") == "true"]
+    defaults = spaces.defaults(cfg.spaces()["trades"])
+    assert {k: float(default.data.params[k]) for k in defaults} == pytest.approx(defaults)
+    holder = client.get_run(tuned.data.tags["otarena.default_run"])
+    if default.info.run_id != tuned.info.run_id:
+        # An evaluation run under the default trial, never a leaderboard candidate, with the same settings.
+        assert holder.data.tags["otarena.role"] == "evaluation"
+        assert holder.data.tags["otarena.evaluates"] == holder.data.tags["mlflow.parentRunId"] == default.info.run_id
+        assert default.data.tags.get("otarena.evaluated") != "true"
+    assert holder.data.params["eval.pgd_steps"] == "5" and holder.data.metrics["test/n_ex"] == 40
+    for key in ("clean_acc", "pgd_acc", "aa_acc"):
+        assert tuned.data.metrics[f"default/{key}"] == holder.data.metrics[f"test/{key}"], key
+    assert tuned.data.metrics["default/epochs"] == default.data.metrics["train/epochs"]
+    (row,) = leaderboard.collect(cfg.tracking_uri, ["test-search"])
+    assert row.tuning == ("aa_acc", holder.data.metrics["test/aa_acc"], tuned.data.metrics["test/aa_acc"])
+    assert "Default → tuned" in (tmp / "site" / "leaderboard.md").read_text()
+    # Robust overfitting, per trial: where each validation curve ended.
+    for trial in trials:
+        metrics = trial.data.metrics
+        assert metrics["val/overfit_gap"] == pytest.approx(metrics["val/best_pgd_acc"] - metrics["val/last_pgd_acc"])
+        assert "val/last_fgsm_acc" not in metrics   # TRADES with 3 attack steps is not single-step
+    assert row.overfit_gap == tuned.data.metrics["val/overfit_gap"]
+
+
 def test_evaluate_run_id_reproduces_the_logged_numbers(searched):
     tmp, cfg, _, client, runs = searched
     trial = next(r for r in runs if r.data.tags.get("otarena.evaluated") == "true"
@@ -150,7 +182,8 @@ def test_evaluate_run_id_reproduces_the_logged_numbers(searched):
     assert numbers["n_ex"] == 40 and numbers["settings"]["pgd_steps"] == 5
     assert (tmp / "again.eps_sweep.png").exists()
     # The new evaluation run hangs under the trial and is never a leaderboard candidate.
-    evaluations = client.search_runs([trial.info.experiment_id], "tags.`otarena.role` = 'evaluation'")
+    evaluations = client.search_runs([trial.info.experiment_id], "tags.`otarena.role` = 'evaluation' and "
+                                     f"tags.`otarena.evaluates` = '{trial.info.run_id}'")
     assert len(evaluations) == 1
     assert evaluations[0].data.tags["otarena.evaluates"] == trial.info.run_id
     assert evaluations[0].data.tags["mlflow.parentRunId"] == trial.info.run_id
