@@ -176,7 +176,8 @@ def _tuning_text(r: Row) -> str:
     if found is None:
         return fmt.MISSING
     metric, default, tuned = found
-    text = f"{fmt.pct(default)} → {fmt.pct(tuned)} ({100 * (tuned - default):+.2f})"
+    p = "" if r.default_p is None else f", McNemar p {stats.format_p(r.default_p)}"
+    text = f"{fmt.pct(default)} → {fmt.pct(tuned)} ({100 * (tuned - default):+.2f}{p})"
     if metric != "aa_acc":
         text += " PGD"
     if r.default_run_id == r.run_id:
@@ -242,11 +243,12 @@ COLUMNS: tuple[Column, ...] = (
            headers={TEX: "Default to tuned"}, first="descending",
            tip="the search's first trial, the method's paper defaults, scored on the test split by the same protocol "
                "as the tuned (selected) trial: its AutoAttack accuracy (else PGD), the tuned one's, and the "
-               "difference in points; both this trial's own seed",
+               "difference in points, with the exact McNemar p-value of the two on the same test points; both this "
+               "trial's own seed",
            csv=(("default_clean_acc", lambda i, r: r.default_clean_acc),
                 ("default_aa_acc", lambda i, r: r.default_aa_acc),
                 ("default_pgd_acc", lambda i, r: r.default_pgd_acc),
-                ("tuning_gain", lambda i, r: _gain(r)),
+                ("tuning_gain", lambda i, r: _gain(r)), ("tuning_p", lambda i, r: r.default_p),
                 ("default_run_id", lambda i, r: r.default_run_id or None))),
     # The paper's claim beside the measured numbers: shown only in tables where a row has one.
     Column("reported", "Reported", text=lambda i, r: _reported_text(r),

@@ -52,6 +52,9 @@ _CAPTIONS = {
     "pareto": ("Every evaluated trial of this threat model (failed ones left out), at its own seed's test numbers; "
                "large outlined markers are the leaderboard entries. The step line joins the Pareto front, the trials "
                "no other trial beats on both axes; every other trial lies below it."),
+    "tuning": ("What tuning bought: an arrow per entry from its search's first trial, the method's paper defaults "
+               "(ring), to the tuned trial the search selected on validation (dot), both scored on the test split by "
+               "the same protocol, at their own seed's numbers (the Default → tuned column)."),
     "eps-sweep": ("PGD accuracy of each entry at growing radii. A curve that stays flat far above the dashed "
                   "chance bound as eps grows suggests gradient masking."),
     "no-eps-sweep": "No row of this table logged an eps sweep (tag otarena.eps_sweep).",
@@ -115,6 +118,8 @@ def _table(k: int, t: Table, campaign: Campaign, color: dict[str, str], log_axes
                   "cells": [_cell(c, i, row, run_url, notes) for c in cols]} for i, row in enumerate(t.rows, 1)],
         "notes": notes, "certified_note": fmt.certified_note(t),
         "plots": [(Markup(plots.pareto_plot(t, trials, color)), _CAPTIONS["pareto"]),
+                  *([(Markup(plots.tuning_plot(t, color)), _CAPTIONS["tuning"])] if any(r.tuning for r in t.rows)
+                    else []),
                   (Markup(plots.eps_plot(t, color)), eps_caption),
                   (Markup(plots.progress_plot(t, trials, color, campaign.fidelity)),
                    " ".join(filter(None, [_CAPTIONS["progress"], plots.fidelity_text(t, trials, campaign.fidelity)])))],

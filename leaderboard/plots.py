@@ -10,6 +10,9 @@ Per leaderboard table the site shows:
    rank fidelity per ASHA rung (:func:`fidelity_text`);
 4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method.
 
+Where the final evaluation scored a search's paper-default trial, the table also shows what tuning bought: an
+arrow per entry from the default to the tuned trial on the clean-vs-AutoAttack plane (:func:`tuning_plot`).
+
 The figures become inline SVG the page's Content-Security-Policy allows in :mod:`leaderboard.svg`.
 
 matplotlib is imported on first use: ``import leaderboard`` (and ``otarena --help``) stays fast.
@@ -188,6 +191,46 @@ def eps_plot(t: Table, color: dict[str, str]) -> str:
             _empty(ax, "no eps sweep logged")
         finish(ax, "Robust accuracy vs eps", "eps", "PGD accuracy (%)")
     return to_svg(fig, "eps-sweep", "Robust accuracy vs eps", tips)
+
+
+def tuning_plot(t: Table, color: dict[str, str]) -> str:
+    """What tuning bought: per entry, an arrow on the clean-vs-robust plane from its search's paper-default trial
+    (a ring) to the tuned, selected trial (a dot), both scored on the test split by the same protocol
+    (:attr:`leaderboard.schema.Row.tuning`; AutoAttack, else PGD in a table ranked by PGD)."""
+    import matplotlib
+
+    rows = [r for r in t.rows if r.tuning is not None and r.clean_acc is not None and r.default_clean_acc is not None]
+    attack = "PGD" if rows and rows[0].tuning[0] == "pgd_acc" else "AutoAttack"
+    pairs = {r.run_id: ((100 * r.default_clean_acc, 100 * r.tuning[1]), (100 * r.clean_acc, 100 * r.tuning[2]))
+             for r in rows}
+    series = []
+    for r in rows:
+        (dx, dy), (tx, ty) = pairs[r.run_id]
+        gain = f"{ty - dy:+.2f} points of {attack}"
+        series += [Series(None, [dx], [dy], color[r.method], marker="ring", size=7,
+                          tips=[f"{r.method} · {r.arch}: paper defaults\nclean {dx:.2f}, {attack} {dy:.2f}\n"
+                                f"tuning bought {gain}\nrun {r.default_run_id}"]),
+                   Series(r.method, [tx], [ty], color[r.method], size=7,
+                          tips=[f"{r.method} · {r.arch}: tuned\nclean {tx:.2f}, {attack} {ty:.2f}\n"
+                                f"tuning bought {gain}\nrun {r.run_name or r.run_id}"])]
+    if rows:  # a neutral legend entry for the rings, whatever their method's colour
+        series.append(Series("paper defaults", [], [], "#555555", marker="ring", size=7))
+    with matplotlib.rc_context(RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips: list = []
+        for r in rows:
+            start, end = pairs[r.run_id]
+            ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "color": color[r.method], "lw": 1.4,
+                                                              "shrinkA": 4, "shrinkB": 4})
+        plot_series(ax, series, tips)
+        if rows:
+            _percent_axis(ax, "x", [x for a, b in pairs.values() for x, _ in (a, b)])
+            _percent_axis(ax, "y", [y for a, b in pairs.values() for _, y in (a, b)])
+        else:
+            _empty(ax, "no paper-default trial evaluated")
+        finish(ax, "Paper defaults → tuned", "clean accuracy (%)", f"{attack} accuracy (%)")
+    return to_svg(fig, "tuning", "Paper defaults to tuned", tips)
 
 
 def progress_plot(t: Table, trials: list[TrialPoint], color: dict[str, str], fidelity: Sequence[Fidelity] = ()) -> str:

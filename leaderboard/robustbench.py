@@ -121,7 +121,7 @@ or ``certified_acc``) and ``rank`` the row's rank in it; ``tied`` its statistica
 ``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
 (:meth:`leaderboard.claims.Claim.as_dict`) or null; ``tuning`` is the paper-default trial's test numbers beside
 this tuned one's (``default_clean_acc``, ``default_aa_acc``, ``default_pgd_acc``, ``gain`` in the ranking
-attack's accuracy, ``default_epochs``, ``default_run_id``) or null; ``overfit_gap`` is best minus last epoch's
+attack's accuracy, ``default_epochs``, ``default_run_id``, the exact McNemar ``p_value`` or null) or null; ``overfit_gap`` is best minus last epoch's
 validation PGD accuracy or null."""
 
 _STR, _BOOL, _INT, _PCT, _PCT_OR_NULL, _STR_OR_NULL, _RATIO = (
@@ -332,7 +332,8 @@ def _tuning(row: Row, n: int | None) -> dict | None:
     _, default, tuned = row.tuning
     return {"default_clean_acc": fraction(row.default_clean_acc, n), "default_aa_acc": fraction(row.default_aa_acc, n),
             "default_pgd_acc": fraction(row.default_pgd_acc, n), "gain": fraction(tuned - default, n),
-            "default_epochs": _int(row.default_epochs), "default_run_id": row.default_run_id or None}
+            "default_epochs": _int(row.default_epochs), "default_run_id": row.default_run_id or None,
+            "p_value": _finite(row.default_p)}
 
 
 def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: str = "aa_acc") -> dict:

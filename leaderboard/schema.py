@@ -135,6 +135,8 @@ class Row:
     default_epochs: float | None = None
     """Epochs the default trial trained (fewer than the row's when ASHA stopped it early)."""
     default_run_id: str = ""
+    default_p: float | None = None
+    """Exact McNemar p-value of the default against this row on the same test points (``default/mcnemar_p``)."""
     run_name: str = ""
     """The MLflow run name: user text, escaped in every output."""
     experiment_name: str = ""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from otarena import methods
+from otarena.leaderboard import stats
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import evaluate as stages
 from otarena.search.config import FinalEval
@@ -163,6 +164,20 @@ def single_seed_reason(seeds: int) -> dict[str, str]:
 
 
 ROBUST_OVERFITTING, CATASTROPHIC_OVERFITTING = "robust-overfitting", "catastrophic-overfitting"
+
+
+def tuning_p_value(default: Mapping[str, Any], tuned: Mapping[str, Any]) -> Optional[float]:
+    """The exact McNemar p-value (:func:`leaderboard.stats.mcnemar_exact`) between the paper-default and the tuned
+    trial's per-point outcomes under AutoAttack (else PGD), when both evaluations kept them on the same points;
+    ``None`` otherwise, and for a randomized model, whose AutoAttack number is an expectation over draws."""
+    first, second = default.get("per_example"), tuned.get("per_example")
+    if not first or not second or str(first["index_hash"]) != str(second["index_hash"]) or \
+            "aa_acc_deterministic" in default or "aa_acc_deterministic" in tuned:
+        return None
+    key = "aa" if "aa" in first and "aa" in second else "pgd"
+    if key not in first or key not in second:
+        return None
+    return stats.mcnemar_exact(*stats.discordant(first[key].tolist(), second[key].tolist()))
 
 
 def curve_end(result: Mapping[str, Any]) -> dict[str, float]:

@@ -577,6 +577,11 @@ class PendingEvaluation:
     default: Optional[tuple] = None
     """(result, ref): the paper-default trial and its evaluation's task; no task when it is among ``chosen``."""
 
+    def tasks(self) -> list:
+        """Every Ray task it holds: the seed replicas, the evaluations, the paper default's evaluation."""
+        default = [self.default[1]] if self.default and self.default[1] is not None else []
+        return [ref for _, ref in self.seeds] + self.evaluations + default
+
 
 def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple,
                             surrogate=None) -> PendingEvaluation:
@@ -628,8 +633,7 @@ def record_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, pending: P
     The wait comes first and stops on Ctrl-C; the writes follow without a wait in between, so a
     method's final evaluation is recorded whole or not at all (``--resume`` then runs it).
     """
-    CTRL_C.wait([ref for _, ref in pending.seeds] + pending.evaluations
-                + [ref for ref in (pending.default or (None, None))[1:] if ref is not None])
+    CTRL_C.wait(pending.tasks())
     params = {f"eval.{k}": v for k, v in flatten(cfg.final_eval.model_dump()).items()} | {"eval.seed": cfg.seed}
     seed_results = []
     for seed, ref in pending.seeds:
@@ -710,7 +714,8 @@ def record_default(cfg: SearchConfig, outcome: MethodSearch, pending: PendingEva
     numbers = {f"default/{k}": result[k] for k in (*evaluation.ACCURACIES, "n_ex") if result.get(k) is not None}
     numbers["default/epochs"] = trial.metrics.get("training_iteration", 0)
     for summary in summaries:
-        tracker.log_metrics(summary["run_id"], numbers)
+        p_value = evaluation.tuning_p_value(result, summary)
+        tracker.log_metrics(summary["run_id"], numbers | ({} if p_value is None else {"default/mcnemar_p": p_value}))
         tracker.set_tags(summary["run_id"], {tag.DEFAULT_RUN: holder})
 
 
@@ -817,7 +822,7 @@ def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address
     except Interrupted:
         for _, tracker, outcome, pending in evaluations:
             if pending is not None:
-                for ref in pending.evaluations + [ref for _, ref in pending.seeds]:
+                for ref in pending.tasks():
                     ray.cancel(ref, force=True)
                 tracker.interrupt_search(outcome.parent_id)
         raise

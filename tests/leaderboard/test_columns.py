@@ -26,7 +26,8 @@ ROW = Row(run_id="r1", experiment_id="0", dataset="mnist", norm="Linf", eps=0.3,
           aa_acc=0.5, aa_acc_deterministic=0.52, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0,
           n_ex=200.0, aa_ci=(0.43, 0.57), standing=Standing(0, 1, 2, 0.04, 0.08),
           trials=4.0, trial_epochs=12.0, device_hours=0.1, overfit_gap=0.04, default_aa_acc=0.45,
-          default_clean_acc=0.92, default_pgd_acc=0.5, default_epochs=1.0, default_run_id="r0")
+          default_clean_acc=0.92, default_pgd_acc=0.5, default_epochs=1.0, default_run_id="r0",
+          default_p=0.03)
 """A row with a value in every column: each format shows all of its columns (its setting has a published
 number, seed 003's Table 1, for the Reported column)."""
 TABLE = Table("mnist", "Linf", 0.3, (ROW,))

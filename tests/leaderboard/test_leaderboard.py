@@ -220,7 +220,7 @@ def test_csv_round_trips(store, built):
         "aa_acc", "aa_acc_mean", "aa_acc_std", "aa_ci_low", "aa_ci_high",
         "pgd_acc", "pgd_acc_mean", "pgd_acc_std", "pgd_ci_low", "pgd_ci_high",
         "certified_acc", "certified_acc_mean", "certified_acc_std", "certified_ci_low", "certified_ci_high",
-        "default_clean_acc", "default_aa_acc", "default_pgd_acc", "tuning_gain", "default_run_id",
+        "default_clean_acc", "default_aa_acc", "default_pgd_acc", "tuning_gain", "tuning_p", "default_run_id",
         "reported", "reported_source", "arch", "epochs", "overfit_gap",
         "hyperparameters", "trials", "trial_epochs", "n_ex", "n_seeds", "flags", "flag_reasons", "run_id",
         "experiment_id"]

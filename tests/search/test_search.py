@@ -159,9 +159,13 @@ def test_paper_defaults_are_evaluated_beside_the_tuned_trial(searched):
     for key in ("clean_acc", "pgd_acc", "aa_acc"):
         assert tuned.data.metrics[f"default/{key}"] == holder.data.metrics[f"test/{key}"], key
     assert tuned.data.metrics["default/epochs"] == default.data.metrics["train/epochs"]
+    # The exact McNemar test of the two on the same 40 points (a trial against itself: p = 1).
+    p_value = tuned.data.metrics["default/mcnemar_p"]
+    assert 0 < p_value <= 1 and (p_value == 1 or default.info.run_id != tuned.info.run_id)
     (row,) = leaderboard.collect(cfg.tracking_uri, ["test-search"])
     assert row.tuning == ("aa_acc", holder.data.metrics["test/aa_acc"], tuned.data.metrics["test/aa_acc"])
     assert "Default → tuned" in (tmp / "site" / "leaderboard.md").read_text()
+    assert "Paper defaults to tuned" in (tmp / "site" / "index.html").read_text()   # the arrow plot
     # Robust overfitting, per trial: where each validation curve ended.
     for trial in trials:
         metrics = trial.data.metrics
