@@ -114,6 +114,19 @@ def _count(name: str, header: str, attr: str, tip: str = "", formats: frozenset[
                   csv=((csv or attr, lambda i, r: fmt.integral(getattr(r, attr))),))
 
 
+def _train_cost(r: Row) -> str:
+    """``0.012 h, 4.3 s/epoch, 300 img/s``: the row's training device-hours, device-seconds per epoch, images per
+    second."""
+    if r.train_device_hours is None:
+        return fmt.MISSING
+    parts = [f"{fmt.hours(r.train_device_hours)} h"]
+    if r.epoch_device_s is not None:
+        parts.append(f"{r.epoch_device_s:.2g} s/epoch" if r.epoch_device_s < 10 else f"{r.epoch_device_s:.0f} s/epoch")
+    if r.images_per_s is not None:
+        parts.append(f"{r.images_per_s:,.0f} img/s")
+    return ", ".join(parts)
+
+
 def _hparams(r: Row, show: Callable[[str], str] = fmt.param) -> str:
     return ", ".join(f"{n}={show(v)}" for n, v in r.hparams)
 
@@ -276,6 +289,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("device_hours", "Device hours", text=lambda i, r: fmt.hours(r.device_hours),
            value=lambda i, r: r.device_hours, align="right", formats=frozenset({HTML}),
            tip="search cost: device-hours (trial wall-clock hours times devices held)"),
+    # The selected configuration's own training, beside what its whole search cost.
+    Column("train_cost", "Train cost", text=lambda i, r: _train_cost(r), value=lambda i, r: r.train_device_hours,
+           sort="number", first="ascending",  # text that may wrap: the board fits 1400 px
+           tip="training cost of this configuration alone: device-hours over its epochs, device-seconds per epoch "
+               "(validation included) and training images per second measured by its training loop",
+           csv=(("train_device_hours", lambda i, r: r.train_device_hours),
+                ("epoch_device_s", lambda i, r: r.epoch_device_s), ("images_per_s", lambda i, r: r.images_per_s))),
     _count("n_ex", "n_ex", "n_ex", tip="test images evaluated"),
     Column("seeds", "Seeds", text=lambda i, r: str(r.n_seeds), value=lambda i, r: r.n_seeds, align="right",
            formats=TABLES - {TEX}, first="descending", csv=(("n_seeds", lambda i, r: r.n_seeds),)),

@@ -58,6 +58,9 @@ _CAPTIONS = {
     "eps-sweep": ("PGD accuracy of each entry at growing radii. A curve that stays flat far above the dashed "
                   "chance bound as eps grows suggests gradient masking."),
     "no-eps-sweep": "No row of this table logged an eps sweep (tag otarena.eps_sweep).",
+    "cost": ("AutoAttack accuracy of each entry against the training device-hours of its configuration alone "
+             "(its search cost more: the Device hours column). The step line joins the Pareto front of cost against "
+             "robustness, the entries no other entry beats with both less training and more AutoAttack accuracy."),
     "progress": ("Best validation PGD accuracy found so far against the epochs spent over the search's trials, "
                  "trials in the order they finished; one line per search, a dot at each improvement."),
 }
@@ -122,7 +125,8 @@ def _table(k: int, t: Table, campaign: Campaign, color: dict[str, str], log_axes
                     else []),
                   (Markup(plots.eps_plot(t, color)), eps_caption),
                   (Markup(plots.progress_plot(t, trials, color, campaign.fidelity)),
-                   " ".join(filter(None, [_CAPTIONS["progress"], plots.fidelity_text(t, trials, campaign.fidelity)])))],
+                   " ".join(filter(None, [_CAPTIONS["progress"], plots.fidelity_text(t, trials, campaign.fidelity)]))),
+                  (Markup(plots.cost_plot(t, color)), _CAPTIONS["cost"])],
         "sensitivity": [(m, [Markup(s) for s in svgs])
                         for m, svgs in plots.sensitivity_plots(t, trials, color, log_axes)],
     }

@@ -8,7 +8,9 @@ Per leaderboard table the site shows:
    which also draws the PNG that ``search/evaluation.py`` writes beside a report);
 3. the search progress: best validation robust accuracy against trial-epochs spent, with each search's
    rank fidelity per ASHA rung (:func:`fidelity_text`);
-4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method.
+4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method;
+5. the cost: AutoAttack accuracy against each entry's training device-hours, with the Pareto front of cost
+   against robustness (:func:`cost_plot`).
 
 Where the final evaluation scored a search's paper-default trial, the table also shows what tuning bought: an
 arrow per entry from the default to the tuned trial on the clean-vs-AutoAttack plane (:func:`tuning_plot`).
@@ -141,6 +143,39 @@ def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> st
             _empty(ax, "no AutoAttack run: ranked by PGD" if t.ranking == "pgd_acc" else "no evaluated trials")
         finish(ax, "Clean vs AutoAttack accuracy", "clean accuracy (%)", "AutoAttack accuracy (%)")
     return to_svg(fig, "pareto", "Clean vs AutoAttack accuracy", tips)
+
+
+def cost_plot(t: Table, color: dict[str, str]) -> str:
+    """AutoAttack accuracy of each entry against its configuration's training device-hours (log scale), with the
+    Pareto front of cost against robustness: the entries no other entry beats with less training and more
+    AutoAttack accuracy."""
+    import matplotlib
+
+    rows = [r for r in t.rows if r.aa_acc is not None and r.train_device_hours and r.train_device_hours > 0]
+    series = [Series(method, [r.train_device_hours for r in mine], [100 * r.aa_acc for r in mine], color[method],
+                     size=7, tips=[f"{r.method} · {r.arch}\nAA {100 * r.aa_acc:.2f}, training "
+                                   f"{fmt.hours(r.train_device_hours)} device-hours"
+                                   + (f" ({r.epoch_device_s:.3g} device-s per epoch)" if r.epoch_device_s else "")
+                                   + f"\nrun {r.run_name or r.run_id}" for r in mine])
+              for method in _unique(r.method for r in rows) for mine in [[r for r in rows if r.method == method]]]
+    # Less cost is better: the front of (-hours, accuracy), both to maximise, drawn back at +hours.
+    front = pareto_front([(-r.train_device_hours, 100 * r.aa_acc) for r in rows])
+    if front:
+        xs, ys = pareto_staircase(front)
+        series.append(Series("Pareto front", [-x for x in xs], ys, "#333333", marker="", line="-"))
+    with matplotlib.rc_context(RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips: list = []
+        plot_series(ax, series, tips)
+        if rows:
+            ax.set_xscale("log")
+            _value_ticks(ax, [r.train_device_hours for r in rows], log=True)  # labels that never overlap
+            _percent_axis(ax, "y", [100 * r.aa_acc for r in rows])
+        else:
+            _empty(ax, "no AutoAttack run: ranked by PGD" if t.ranking == "pgd_acc" else "no training cost logged")
+        finish(ax, "AutoAttack accuracy vs training cost", "training device-hours (log)", "AutoAttack accuracy (%)")
+    return to_svg(fig, "cost", "AutoAttack accuracy vs training cost", tips)
 
 
 def pareto_front(xy: list[tuple[float, float]]) -> list[tuple[float, float]]:

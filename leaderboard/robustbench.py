@@ -111,14 +111,16 @@ OTARENA_KEYS = (
     "run_id", "run_name", "experiment_id", "experiment", "rank", "ranked_by", "method", "arch", "dataset", "norm", "eps",
     "paper", "paper_link", *ACCURACIES, *(f"{m}_{s}" for m in ACCURACIES for s in ("mean", "std")),
     *(f"{m}_ci95" for m in ACCURACIES), "n_ex", "n_seeds", "tied", "epochs", "val_pgd_acc", "val_clean_acc",
-    "hyperparameters", "flags", "flag_reasons", "search_cost", "reported", "tuning", "overfit_gap",
+    "hyperparameters", "flags", "flag_reasons", "search_cost", "training_cost", "reported", "tuning", "overfit_gap",
 )
 """Keys of the ``otarena`` object. ``ranked_by`` is the table's ranking metric (``aa_acc``, ``pgd_acc``
 or ``certified_acc``) and ``rank`` the row's rank in it; ``tied`` its statistically tied group in that table
 (:func:`_tied`) or null. Accuracies are fractions in [0, 1]; ``<m>_ci95`` is a
 ``[low, high]`` 95% Wilson interval or null; ``<m>_mean``/``_std`` are null unless ``n_seeds >= 2``;
 ``hyperparameters`` and ``flag_reasons`` map names to text as logged; ``search_cost`` has
-``trials``, ``trial_epochs`` and ``device_hours``; ``reported`` is the matching published claim
+``trials``, ``trial_epochs`` and ``device_hours``; ``training_cost`` this trial's own training, with
+``device_hours``, ``epoch_device_s`` and ``images_per_s`` (nulls where it was not logged); ``reported`` is the
+matching published claim
 (:meth:`leaderboard.claims.Claim.as_dict`) or null; ``tuning`` is the paper-default trial's test numbers beside
 this tuned one's (``default_clean_acc``, ``default_aa_acc``, ``default_pgd_acc``, ``gain`` in the ranking
 attack's accuracy, ``default_epochs``, ``default_run_id``, the exact McNemar ``p_value`` or null) or null; ``overfit_gap`` is best minus last epoch's
@@ -363,6 +365,8 @@ def _otarena(row: Row, rank: int, claim: claims.Claim | None = None, ranking: st
         "flag_reasons": {printable(f): printable(t) for f, t in row.flag_reasons},
         "search_cost": {"trials": _int(row.trials), "trial_epochs": _int(row.trial_epochs),
                         "device_hours": fraction(row.device_hours)},  # to 1e-6 h: a clock's digits, not noise
+        "training_cost": {"device_hours": fraction(row.train_device_hours),
+                          "epoch_device_s": fraction(row.epoch_device_s), "images_per_s": fraction(row.images_per_s)},
         "reported": None if claim is None else claim.as_dict(),
         "tuning": _tuning(row, n),
         "overfit_gap": fraction(row.overfit_gap),

@@ -114,6 +114,12 @@ class Row:
     """(flag, one-line reason) pairs, in ``flags`` order, for the flags that came with a reason."""
     device_hours: float | None = None
     """Search cost: device-hours (trial wall-clock hours times the devices each trial held)."""
+    epoch_device_s: float | None = None
+    """Training cost of this trial alone (``cost/epoch_device_s``): device-seconds per epoch, validation included."""
+    train_device_hours: float | None = None
+    """Training cost of this trial alone (``cost/train_device_hours``): device-hours over all its epochs."""
+    images_per_s: float | None = None
+    """This trial's measured training throughput (``cost/images_per_s``): training images per second."""
     paper: str | None = None
     """The method's paper (tag ``otarena.paper``), and its link (``otarena.paper_link``)."""
     paper_link: str | None = None

@@ -25,7 +25,8 @@ from otarena.leaderboard.stats import Standing
 ROW = Row(run_id="r1", experiment_id="0", dataset="mnist", norm="Linf", eps=0.3, method="trades", arch="cw_mnist",
           aa_acc=0.5, aa_acc_deterministic=0.52, clean_acc=0.9, pgd_acc=0.55, certified_acc=0.4, epochs=3.0,
           n_ex=200.0, aa_ci=(0.43, 0.57), standing=Standing(0, 1, 2, 0.04, 0.08),
-          trials=4.0, trial_epochs=12.0, device_hours=0.1, overfit_gap=0.04, default_aa_acc=0.45,
+          trials=4.0, trial_epochs=12.0, device_hours=0.1, train_device_hours=0.02, epoch_device_s=18.0,
+          images_per_s=72.0, overfit_gap=0.04, default_aa_acc=0.45,
           default_clean_acc=0.92, default_pgd_acc=0.5, default_epochs=1.0, default_run_id="r0",
           default_p=0.03)
 """A row with a value in every column: each format shows all of its columns (its setting has a published
@@ -65,7 +66,7 @@ def test_a_column_empty_in_a_whole_table_is_left_out_but_kept_in_the_csv():
     for fmt in (MD, TEXT, TEX, HTML):
         shown = _headers(fmt, table)
         assert "Certified" not in shown and "Device hours" not in shown and "Clean" in shown, fmt
-    assert "\\begin{tabular}{rlrrrrlrc}" in render.to_latex([table])
+    assert "\\begin{tabular}{rlrrrrlrlc}" in render.to_latex([table])
     # The CSV's header is one contract for every store: the field stays, empty.
     header, line = render.to_csv([table]).splitlines()
     assert header == render.to_csv([TABLE]).splitlines()[0]
@@ -89,7 +90,7 @@ def test_every_accuracy_is_right_aligned_everywhere():
     head, rule = [x for x in md.splitlines() if x.startswith("|")][:2]
     aligns = dict(zip([h.strip() for h in head.strip("|").split("|")], rule.strip("|").split("|")))
     assert [aligns[h] for h in ("Clean", "AutoAttack", "PGD", "Certified")] == ["---:"] * 4
-    assert "\\begin{tabular}{rlrrrrrrlrrc}" in render.to_latex([TABLE])
+    assert "\\begin{tabular}{rlrrrrrrlrrlc}" in render.to_latex([TABLE])
 
 
 def test_a_new_column_is_one_spec_entry(monkeypatch):

@@ -103,7 +103,8 @@ def make_store(folder: Path) -> SimpleNamespace:
         metrics={"test/n_seeds": 3, "test/clean_acc_mean": 0.81, "test/clean_acc_std": 0.005,
                  "test/pgd_acc_mean": 0.50, "test/pgd_acc_std": 0.02, "test/aa_acc_mean": 0.47,
                  "test/aa_acc_std": 0.012, "test/aa_acc_ci_low": 0.412, "test/aa_acc_ci_high": 0.503,
-                 "test/clean_acc_ci_low": 0.77, "test/clean_acc_ci_high": 0.83})
+                 "test/clean_acc_ci_low": 0.77, "test/clean_acc_ci_high": 0.83,
+                 "cost/train_device_hours": 0.5, "cost/epoch_device_s": 180.0, "cost/images_per_s": 2800.0})
     # Better on test, worse on validation: never the trades row.
     runs["trades-test-best"] = _trial(c, p, "trades-test-best", val=0.5, aa=0.60, clean=0.85, pgd=0.62,
                                       params={"lr": "0.01", "trades_beta": "1.0"})

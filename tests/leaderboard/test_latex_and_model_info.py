@@ -86,6 +86,7 @@ def test_fields_follow_robustbench(store, site):
     assert extra["flag_reasons"]["masking:aa-gap"] == "AutoAttack 12.3 points below PGD-50"
     assert extra["hyperparameters"] == {"lr": "0.1", "trades_beta": "6.0"}
     assert extra["search_cost"] == {"trials": 4, "trial_epochs": 40, "device_hours": 0.25}
+    assert extra["training_cost"] == {"device_hours": 0.5, "epoch_device_s": 180.0, "images_per_s": 2800.0}
     assert extra["experiment"] == "golden-cifar" and extra["run_name"] == "trades-3-seeds"
 
     path, pgd = site.infos[store.runs["pgd_at"]]
@@ -187,17 +188,17 @@ def test_latex_layout(store, site):
     for cmd in ("\\toprule", "\\midrule", "\\bottomrule"):
         assert tex.count(cmd) == 2, cmd
     # No row of the Linf table is certified: its Certified column is left out, the L2 one keeps it.
-    assert re.findall(r"\\begin\{tabular\}\{(\w+)\}", tex) == ["rlrrrlrc", "rlrrrrlrc"]
+    assert re.findall(r"\\begin\{tabular\}\{(\w+)\}", tex) == ["rlrrrlrlc", "rlrrrrlrc"]
     labels = re.findall(r"\\label\{([^}]*)\}", tex)
     assert labels == ["tab:otarena-cifar10-Linf-8-255", "tab:otarena-digits-L2-0.5"]
     assert "\\caption{otarena leaderboard: cifar10, $\\ell_\\infty$, $\\varepsilon = 8/255$. " in tex
-    assert "Rank & Method & Clean & AutoAttack & PGD & Arch & Epochs & Flags \\\\" in tex
+    assert "Rank & Method & Clean & AutoAttack & PGD & Arch & Epochs & Train cost & Flags \\\\" in tex
     assert "Rank & Method & Clean & AutoAttack & PGD & Certified & Arch & Epochs & Flags \\\\" in tex
     assert [c.header for c in columns(TEX)][-1] == "Flags"
     # The Flags cell: the row's mark with the letters of its footnotes (warnings first).
     assert ("1 & trades & 81.0 $\\pm$ 0.5 & 47.0 $\\pm$ 1.2 & 50.0 $\\pm$ 2.0 & preact\\_resnet18 & 10 "
-            "& $\\dagger^{\\mathrm{a,c}}$ \\\\") in tex
-    assert "2 & pgd\\_at & 75.00 & 45.00 & 44.00 & preact\\_resnet18 & 10 & $\\ast^{\\mathrm{d}}$ \\\\" in tex
+            "& 0.5 h, 180 s/epoch, 2,800 img/s & $\\dagger^{\\mathrm{a,c}}$ \\\\") in tex
+    assert "2 & pgd\\_at & 75.00 & 45.00 & 44.00 & preact\\_resnet18 & 10 & – & $\\ast^{\\mathrm{d}}$ \\\\" in tex
     assert "1 & hkr & 75.00 & 45.00 & 47.00 & 38.00 & lipschitz\\_small & 3 &  \\\\" in tex
     assert "$^{\\mathrm{a}}$~$\\dagger$~masking:aa-gap (AutoAttack 12.3 points below PGD-50).\\par" in tex
     assert "$^{\\mathrm{c}}$~small-sample (only 1000 test images).\\par" in tex

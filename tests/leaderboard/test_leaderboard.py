@@ -222,7 +222,8 @@ def test_csv_round_trips(store, built):
         "certified_acc", "certified_acc_mean", "certified_acc_std", "certified_ci_low", "certified_ci_high",
         "default_clean_acc", "default_aa_acc", "default_pgd_acc", "tuning_gain", "tuning_p", "default_run_id",
         "reported", "reported_source", "arch", "epochs", "overfit_gap",
-        "hyperparameters", "trials", "trial_epochs", "n_ex", "n_seeds", "flags", "flag_reasons", "run_id",
+        "hyperparameters", "trials", "trial_epochs", "train_device_hours", "epoch_device_s", "images_per_s",
+        "n_ex", "n_seeds", "flags", "flag_reasons", "run_id",
         "experiment_id"]
     assert len(df) == sum(len(t.rows) for t in built.tables) == 12
     row = df[df.run_id == store.pgd2].iloc[0]
