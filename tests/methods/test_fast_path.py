@@ -176,11 +176,12 @@ def test_bf16_channels_last_checkpoint_is_a_plain_one(digits):
 
     fresh = methods.nets.build("small_cnn", in_channels=1, num_classes=10, mean=(0.306,), std=(0.385,))
     fresh.load_state_dict(fast.best_model)                                # strict: same keys and shapes
-    fast.model.eval()
+    best = fast.ema.model if fast.ema is not None else fast.model         # best_model: the averaged weights
+    best.eval()
     fresh.eval()
     x = digits[1].x[:32]
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x), fast.model(x))
+        torch.testing.assert_close(fresh(x), best(x))
 
     # Checkpoints cross over both ways: a plain run resumes a fast one's, and vice versa.
     for source, target in ((state, _run(digits, epochs=2)), (plain_state, _run(digits, epochs=2, **FAST))):
