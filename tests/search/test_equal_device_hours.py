@@ -49,3 +49,9 @@ def test_trials_in_inverse_proportion_to_the_cost_per_epoch(tmp_path, ray_local)
         assert metrics["cost/images_per_s"] == pytest.approx(1293 / epoch_s[0])  # digits' training split
         images_per_s = client.get_metric_history(trial.info.run_id, "epoch/train/images_per_s")
         assert [m.step for m in images_per_s] == [1]
+
+
+def test_the_rule_gives_the_cheapest_method_budget_trials_and_every_method_one_at_least():
+    trials = budget.equal_device_hours({"erm": 1.0, "pgd_at": 3.1, "got": 12.0, "slow": 100.0}, 6)
+    assert trials == {"erm": 6, "pgd_at": 2, "got": 1, "slow": 1}  # 6 / 3.1 = 1.9; 6 / 12 = 0.5 rounds to 0
+    assert budget.equal_device_hours({"erm": 2.0, "trades": 2.0}, 6) == {"erm": 6, "trades": 6}
