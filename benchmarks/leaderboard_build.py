@@ -5,12 +5,15 @@ A store of N trial runs (default 10,000) is generated as ``docs/mlflow-schema.md
 (experiments) x 2 threat models x 5 methods, each search a parent run with ``search/*`` metrics and
 its trials as child runs (completed, pruned by ASHA or failed, with per-epoch curves); the top ~5%
 of each search by validation PGD accuracy are evaluated (``test/*`` metrics, flags, eps sweep, and
-CIs, seed means and flag reasons in the three newer campaigns). The store is cached under the temp
+CIs, seed means, flag reasons and the per-point outcomes artifact ``evaluation/per_example.npz`` in the
+three newer campaigns). The store is cached under the temp
 dir, keyed by N and the MLflow version, so its creation is paid once and reported on its own.
 
 Each round times, side by side, :func:`leaderboard.collect_campaign` (the MLflow reads, with
 a bare ``MlflowClient.search_runs`` over the trial runs as the floor it cannot go below),
-:func:`leaderboard.tabulate`, each output format alone, and the whole :func:`leaderboard.build`.
+:func:`leaderboard.tabulate`, each output format alone, and the whole :func:`leaderboard.build`: with an
+empty cache of per-point outcomes (``build``: the tied groups download the compared rows' artifacts), then
+again with it filled (``build_warm``).
 Read the ratios (seconds per 1,000 runs, the share of the build spent reading MLflow), not the
 seconds: machines are noisy. A format that still raises ``NotImplementedError`` is skipped with a
 note, so new formats are covered as they land.
@@ -22,6 +25,7 @@ note, so new formats are covered as they land.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -35,12 +39,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._report import save  # noqa: E402
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import sqlalchemy  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import ViewType  # noqa: E402
@@ -48,9 +54,10 @@ from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, Sq
 
 from otarena import leaderboard  # noqa: E402
 from otarena.leaderboard.collect import TRIAL_FILTER  # noqa: E402
+from otarena.leaderboard import per_example  # noqa: E402
 from otarena.leaderboard import tags as tag  # noqa: E402
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 4
 """Bump when the generated store changes, so that cached stores are rebuilt."""
 
 CAMPAIGNS = [  # experiment name, dataset, arch, max epochs, threat models (norm, eps), logs the newer keys
@@ -173,6 +180,10 @@ def _search(rows: _Rows, rng, exp_id, artifact_root, campaign, threat, method, n
     for run in trials:
         rows.run(run["id"], exp_id, artifact_root, run["name"], run["status"], run["start"], run["end"],
                  run["tags"], run["params"], run["history"])
+        if "per_example" in run:
+            folder = Path(urlparse(artifact_root).path) / run["id"] / "artifacts" / "evaluation"
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(folder / "per_example.npz", **per_example.pack(run.pop("per_example")))
     parent_tags = {**place, tag.ROLE: "search"}
     parent_params = {"config.name": name, "config.dataset": dataset, "config.arch": arch,
                      "config.threat_model.norm": norm, "config.threat_model.eps": repr(eps),
@@ -220,9 +231,30 @@ def _evaluate(run, rng, eps, newer, seeds):
             {"eps": [round(r, 5) for r in radii], "pgd_acc": sweep_pgd, "robust_acc": [min(p, 0.9) for p in sweep_pgd],
              "chance_bound": 0.1, "steps": 50, "norm": run["tags"][tag.NORM]}, separators=(",", ":"))
         params |= {"eval.sweep_steps": "50", "eval.seeds": str(seeds), "eval.thresholds.aa_gap": "0.05"}
+        run["per_example"] = _per_example(rng, n_ex, clean, pgd, aa)
+        tags |= {tag.TEST_POINTS: f"{n_ex}:{run['per_example']['index_hash']}",
+                 tag.PER_EXAMPLE_HASH: _hash(run["per_example"])}
     run["tags"] |= tags
     run["params"] |= params
     run["history"] |= {k: [(0, t, v)] for k, v in metrics.items()}
+
+
+def _per_example(rng, n_ex: int, clean: float, pgd: float, aa: float) -> dict:
+    """Per-point outcomes at the run's accuracies, as search/evaluation.py stores them (docs/mlflow-schema.md)."""
+    draws = np.random.default_rng(rng.getrandbits(32)).random(n_ex)
+    index = np.arange(n_ex)
+    return {"index": index.astype(np.int32),
+            "index_hash": hashlib.sha256(index.astype("<i8").tobytes()).hexdigest()[:16],
+            "clean": draws < clean, "pgd": draws < pgd, "aa": draws < aa,
+            "aa_stage": np.where(draws < aa, 5, np.where(draws < clean, 1, 0)).astype(np.int8)}
+
+
+def _hash(points: dict) -> str:
+    """``otarena.per_example_hash``: SHA-256 of the arrays in name order (search/evaluation.py)."""
+    digest = hashlib.sha256()
+    for name in sorted(points):
+        digest.update(name.encode() + np.ascontiguousarray(points[name]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def generate(uri: str, n_trials: int, artifact_root: str, seed: int = 0) -> dict:
@@ -383,20 +415,28 @@ def main(argv=None) -> int:
             except NotImplementedError:
                 skipped.append(fmt)
                 print(f"note: format {fmt!r} is not implemented yet (NotImplementedError): skipped")
-        seconds: dict[str, list[float]] = {k: [] for k in ["search_runs", "collect", "tabulate", "build",
-                                                           *[f"render:{f}" for f in formats]]}
-        for _ in range(args.rounds):
+        seconds: dict[str, list[float]] = {k: [] for k in ["search_runs", "collect", "tabulate", "tied_groups", "build",
+                                                           "build_warm", *[f"render:{f}" for f in formats]]}
+        for round_ in range(args.rounds):
             with _timer(seconds["search_runs"]):
                 assert raw_search(uri) == meta["n_trials"]
             with _timer(seconds["collect"]):
                 campaign = leaderboard.collect_campaign(uri)
             with _timer(seconds["tabulate"]):
                 tables = leaderboard.tabulate(list(campaign.rows))
+            # The tied groups alone, from an empty cache: what reading the compared rows' outcomes costs.
+            os.environ["OTARENA_CACHE"] = str(out / f"cache-tied-{round_}")
+            with _timer(seconds["tied_groups"]):
+                per_example.with_standings(tables, uri)
             for fmt in formats:
                 with _timer(seconds[f"render:{fmt}"]):
                     render_only(out / "render", fmt, campaign, tables)
+            # A cold cache of per-point outcomes each round: the tied groups download what they compare.
+            os.environ["OTARENA_CACHE"] = str(out / f"cache-{round_}")
             with _timer(seconds["build"]):
                 built = leaderboard.build(uri, out / "site", formats=formats)
+            with _timer(seconds["build_warm"]):
+                leaderboard.build(uri, out / "site", formats=formats)
             assert len(built) == len(tables) > 0
 
     median = {k: statistics.median(v) for k, v in seconds.items()}
@@ -404,16 +444,20 @@ def main(argv=None) -> int:
     build_s = median["build"]
     print(f"\n{'phase':<34} {'median s':>9} {'% of build':>10}")
     labels = {"search_runs": "(bare MlflowClient.search_runs)", "collect": "collect_campaign (MLflow reads)",
-              "tabulate": "tabulate", "build": "build (end to end)"}
-    for key in ["collect", "search_runs", "tabulate", *[k for k in median if k.startswith("render:")], "build"]:
+              "tabulate": "tabulate", "tied_groups": "tied groups (cold cache)", "build": "build (end to end)",
+              "build_warm": "build (outcomes cached)"}
+    for key in ["collect", "search_runs", "tabulate", "tied_groups", *[k for k in median if k.startswith("render:")],
+                "build", "build_warm"]:
         label = labels[key] if key in labels else f"render {key.split(':', 1)[1]}"
         print(f"{label:<34} {median[key]:9.3f} {100 * median[key] / build_s:9.1f}%")
     ratios = {"build_s_per_1k_runs": build_s / n_runs * 1000, "collect_share_of_build": median["collect"] / build_s,
               "collect_over_bare_search_runs": median["collect"] / median["search_runs"],
-              "render_share_of_build": render_s / build_s}
+              "render_share_of_build": render_s / build_s,
+              "tied_groups_share_of_build": median["tied_groups"] / build_s}
     print(f"\nbuild: {ratios['build_s_per_1k_runs']:.3f} s per 1,000 runs ({n_runs:,} runs: {build_s:.2f} s); "
           f"MLflow reads {100 * ratios['collect_share_of_build']:.0f}% of it; collect_campaign = "
-          f"{ratios['collect_over_bare_search_runs']:.2f} x a bare search_runs over the trials")
+          f"{ratios['collect_over_bare_search_runs']:.2f} x a bare search_runs over the trials; the tied groups "
+          f"{100 * ratios['tied_groups_share_of_build']:.1f}% of it")
     print(f"formats timed: {', '.join(formats)}; skipped (not implemented): {', '.join(skipped) or 'none'}")
     report = {"benchmark": "leaderboard_build", "rounds": args.rounds,
               "store": {k: v for k, v in meta.items() if k != "expected"}, "formats": formats,

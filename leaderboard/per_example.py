@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
-from otarena.leaderboard import stats
+from otarena.leaderboard import reproductions, stats
 from otarena.leaderboard.schema import Row, Table
 
 ARTIFACT = "evaluation/per_example.npz"
@@ -34,6 +34,34 @@ RANDOMIZED = ("a randomized model, ranked by its expected AutoAttack accuracy ov
               "outcome: not compared")
 UNREADABLE = "its per-point outcomes could not be read (see the build's log): not compared"
 _log = logging.getLogger(__name__)
+
+
+PACKED = "packed_bits"
+"""The names of the arrays stored as bits (:func:`pack`): a boolean per point in an eighth of a byte."""
+
+
+INDEX_STEPS = "index_steps"
+"""The index list as its first value and steps (``np.diff``): the first ``n_ex`` points compress to nothing."""
+
+
+def pack(points: dict) -> dict[str, np.ndarray]:
+    """The arrays of ``evaluation/per_example.npz``: each boolean array packed to bits (``np.packbits``), named
+    in ``packed_bits``, and the index list as steps (``index_steps``); 10,000 points take a few kB."""
+    arrays = {name: np.asarray(value) for name, value in points.items()}
+    packed = sorted(name for name, value in arrays.items() if value.dtype == bool)
+    index = arrays.pop("index")
+    return {INDEX_STEPS: np.diff(index, prepend=0).astype(index.dtype),
+            **{name: np.packbits(value) if name in packed else value for name, value in arrays.items()},
+            PACKED: np.array(packed, dtype=str)}
+
+
+def unpack(arrays) -> dict[str, np.ndarray]:
+    """:func:`pack`'s inverse, from the arrays of a loaded ``.npz``: the index list and booleans per point again."""
+    index = np.cumsum(arrays[INDEX_STEPS]).astype(arrays[INDEX_STEPS].dtype) if INDEX_STEPS in arrays \
+        else arrays["index"]
+    packed = set(arrays[PACKED].tolist()) if PACKED in arrays else set()
+    return {"index": index, **{name: np.unpackbits(arrays[name], count=len(index)).astype(bool) if name in packed
+                               else arrays[name] for name in arrays if name not in (PACKED, INDEX_STEPS, "index")}}
 
 
 def cache_dir() -> Path:
@@ -57,7 +85,7 @@ def read(client: MlflowClient, row: Row, key: str, cache: Path) -> dict[str, np.
     if not cached.is_file() or not row.per_example_hash:
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as folder:
+            with tempfile.TemporaryDirectory(dir=cache) as folder, reproductions.no_progress_bar():
                 path = client.download_artifacts(row.run_id, ARTIFACT, folder)
                 shutil.move(path, cached)  # whole or not at all: a build that stops leaves no half file
         except Exception as e:  # a missing or unreadable artifact costs the row its comparison, never the build
@@ -65,7 +93,7 @@ def read(client: MlflowClient, row: Row, key: str, cache: Path) -> dict[str, np.
                          str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
             return None
     with np.load(cached) as arrays:
-        return {name: arrays[name] for name in arrays.files} if key in arrays.files else None
+        return unpack({name: arrays[name] for name in arrays.files}) if key in arrays.files else None
 
 
 def standings(table: Table, client: MlflowClient, cache: Path) -> list[stats.Standing]:

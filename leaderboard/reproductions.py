@@ -77,7 +77,7 @@ def _table(client: MlflowClient, run) -> dict | None:
         files = [f.path for f in client.list_artifacts(run_id, ARTIFACT_DIR) if f.path.endswith(".json")]
         if not files:
             raise FileNotFoundError(f"no {ARTIFACT_DIR}/*.json artifact")
-        with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
+        with tempfile.TemporaryDirectory() as folder, no_progress_bar():
             table = json.loads(Path(client.download_artifacts(run_id, files[0], folder)).read_text())
     except (MlflowException, OSError, ValueError) as err:
         _log.warning("reproduction run %s: its table cannot be read (%s); left out", run_id, err)
@@ -89,7 +89,7 @@ def _table(client: MlflowClient, run) -> dict | None:
 
 
 @contextmanager
-def _no_progress_bar() -> Iterator[None]:
+def no_progress_bar() -> Iterator[None]:
     """A download of a few kB needs no progress bar on the builder's terminal."""
     before = os.environ.get(_PROGRESS_BAR)
     os.environ[_PROGRESS_BAR] = "false"

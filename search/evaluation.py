@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from otarena import methods
+from otarena.leaderboard import per_example as per_example_format
 from otarena.leaderboard import stats
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import evaluate as stages
@@ -241,8 +242,9 @@ def per_example_hash(points: Mapping[str, Any]) -> str:
 
 
 def write_per_example(points: Mapping[str, Any], path: str) -> str:
-    """Write ``methods.evaluate``'s ``per_example`` as a compressed ``.npz`` (a few kB for 10,000 points)."""
-    np.savez_compressed(path, **{k: np.asarray(v) for k, v in points.items()})
+    """Write ``methods.evaluate``'s ``per_example`` as a compressed ``.npz``, its booleans as bits (a few kB for
+    10,000 points; ``leaderboard.per_example.unpack`` reads them back)."""
+    np.savez_compressed(path, **per_example_format.pack(dict(points)))
     return path
 
 

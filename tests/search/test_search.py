@@ -108,7 +108,19 @@ def test_best_trial_is_evaluated_with_checkpoint(searched):
     assert low <= run.data.metrics["test/aa_acc"] <= high
     assert run.data.metrics["test/aa/square"] == run.data.metrics["test/aa_acc"]
     report = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
-    assert report == ["evaluation/report.eps_sweep.json", "evaluation/report.eps_sweep.png", "evaluation/report.json"]
+    assert report == ["evaluation/per_example.npz", "evaluation/report.eps_sweep.json",
+                      "evaluation/report.eps_sweep.png", "evaluation/report.json"]
+    # The per-point outcomes: the test metrics are their means, on the points the tag names.
+    import numpy as np
+
+    from otarena.leaderboard.per_example import unpack
+
+    with np.load(client.download_artifacts(run.info.run_id, "evaluation/per_example.npz", str(tmp))) as stored:
+        points = unpack(dict(stored))
+    assert points["index"].tolist() == list(range(40))
+    assert run.data.tags["otarena.test_points"] == f"40:{points['index_hash']}"
+    for key in ("clean", "pgd", "aa"):
+        assert points[key].dtype == bool and points[key].sum() / 40 == run.data.metrics[f"test/{key}_acc"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
     assert artifacts == ["checkpoint/model.pt"]
     import torch
