@@ -39,7 +39,7 @@ def stats_hash(index: np.ndarray) -> str:
     return index_hash(index)
 
 
-def _row(c, exp, folder: Path, method: str, aa: float, points: dict | None):
+def _row(c, exp, folder: Path, method: str, aa: float, points: dict | None, metrics: dict | None = None):
     tags = {tag.ROLE: "trial", tag.METHOD: method, tag.DATASET: "mnist", tag.ARCH: "small_cnn", tag.NORM: "Linf",
             tag.EPS: "0.3", tag.OUTCOME: "completed", tag.EVALUATED: "true", tag.TRIAL_ID: method}
     if points is not None:
@@ -49,7 +49,7 @@ def _row(c, exp, folder: Path, method: str, aa: float, points: dict | None):
     n = N if points is None else len(points["index"])
     c.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in
                                  {"test/aa_acc": aa, "test/clean_acc": 0.9, "test/pgd_acc": aa + 0.01,
-                                  "test/n_ex": n, "val/best_pgd_acc": aa}.items()])
+                                  "test/n_ex": n, "val/best_pgd_acc": aa, **(metrics or {})}.items()])
     if points is not None:
         path = folder / f"{method}.npz"
         write_per_example(points, str(path))
@@ -78,6 +78,8 @@ def store(tmp_path_factory):
         "fourth": _row(c, exp, folder, "fourth", 0.400, _points(400)),  # 90 pairs below third: its own group
         "older": _row(c, exp, folder, "older", 0.300, None),  # evaluated before per-point outcomes
         "smaller": _row(c, exp, folder, "smaller", 0.200, _points(40, n=200)),  # other n_ex
+        # Ranked by AutoAttack rand's expected accuracy: its stored outcomes are the deterministic cascade's.
+        "randomized": _row(c, exp, folder, "randomized", 0.100, _points(100), {"test/aa_acc_deterministic": 0.3}),
     }
     return uri, runs, folder
 
@@ -88,12 +90,13 @@ def test_groups_in_every_format_and_rows_on_other_points_not_compared(store, tmp
     out = tmp_path / "site"
     (table,) = build(uri, out)
     tied = {r.method: r.standing for r in table.rows}
-    assert [r.method for r in table.rows] == ["first", "second", "third", "elsewhere", "fourth", "older", "smaller"]
+    assert [r.method for r in table.rows] == ["first", "second", "third", "elsewhere", "fourth", "older", "smaller",
+                                              "randomized"]
     assert {m: s.ranks for m, s in tied.items() if s.group is not None} == {
         "first": "1–3", "second": "1–3", "third": "1–3", "fourth": "5"}
     assert tied["third"].p_next == stats.mcnemar_exact(90, 0)
     assert tied["elsewhere"].why == "other test points" and tied["smaller"].why == "other test points"
-    assert tied["older"].why == "no per-point outcomes"
+    assert tied["older"].why == "no per-point outcomes" and tied["randomized"].why == "randomized model"
 
     md = (out / "leaderboard.md").read_text()
     assert "| Tied ranks |" in md.splitlines()[next(i for i, x in enumerate(md.splitlines()) if "| Rank" in x)]
