@@ -132,3 +132,34 @@ def test_a_store_without_per_point_outcomes_reads_no_artifact(tmp_path, monkeypa
     (table,) = build(uri, tmp_path / "site", formats="md")
     assert all(r.standing is None for r in table.rows) and not (tmp_path / "cache").exists()
     assert "Tied ranks" not in (tmp_path / "site" / "leaderboard.md").read_text().split("## ")[1]
+
+
+def test_the_new_columns_hover_text_and_plots_in_chromium(tmp_path, monkeypatch, chromium):
+    """What a reader sees: the tied ranks with the McNemar p-value on hover, what tuning bought, and the
+    arrow from the paper default to the tuned trial."""
+    monkeypatch.setenv("OTARENA_CACHE", str(tmp_path / "cache"))
+    uri, c, exp = _new_store(tmp_path)
+    runs = {
+        # Its search scored the paper default too (search/run.py): 'Default → tuned' and the arrow plot.
+        "first": _row(c, exp, tmp_path, "first", 0.500, _points(500),
+                      {"default/aa_acc": 0.42, "default/clean_acc": 0.95, "default/pgd_acc": 0.45,
+                       "default/epochs": 4, "default/mcnemar_p": 0.003}),
+        "second": _row(c, exp, tmp_path, "second", 0.495, _points(495)),
+        "elsewhere": _row(c, exp, tmp_path, "elsewhere", 0.450, _points(450, shift=N)),
+    }
+    build(uri, tmp_path / "site", formats="html")
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto((tmp_path / "site" / "index.html").as_uri())
+    board = page.locator("table.board").first
+    tied = board.locator("thead th", has_text="Tied ranks")
+    assert tied.count() == 1 and tied.get_attribute("title")
+    first = board.locator(f'tr[data-run="{runs["first"]}"]')
+    cell = first.locator("td span[title*='McNemar'], td[title*='McNemar']").first
+    assert "1–2" in cell.inner_text() and "exact McNemar p = 0.062" in cell.get_attribute("title")
+    assert board.locator(f'tr[data-run="{runs["elsewhere"]}"] td', has_text="not compared (other test points)").count()
+    assert board.locator("thead th", has_text="Default → tuned").count() == 1
+    assert first.locator("td", has_text="42.00 → 50.00 (+8.00, McNemar p 0.003)").count() == 1
+    arrows = page.locator('svg[data-plot="tuning"]')
+    assert arrows.count() == 1 and arrows.bounding_box()["width"] > 100
+    assert any("tuning bought +8.00 points" in t for t in arrows.locator("title").all_text_contents())
+    page.close()
