@@ -85,3 +85,19 @@ SEED_OF = "otarena.seed_of"
 """On a seed run: the trial run it replicates."""
 EVALUATES = "otarena.evaluates"
 """On an ``otarena evaluate`` run: the trial run it evaluates."""
+
+OBJECTIVES = "otarena.objectives"
+"""On a search's parent run and its trials: the comma-separated metrics the search maximized (``objectives``);
+absent on a single-objective search of ``val/pgd_acc``."""
+PARETO = "otarena.pareto"
+"""``true`` on a trial run in its multi-objective search's Pareto set (no other trial of the search at least as
+good on every objective and better on one); the parent run holds the set as ``search/pareto.json``."""
+SELECTION_RULE = "otarena.selection_rule"
+"""On a search's parent run and its evaluated trials: the rule, in words, that chose the leaderboard row on
+validation (``final_eval.select``), shown on the page."""
+OPTUNA_STUDY = "otarena.optuna_study"
+OPTUNA_STORAGE = "otarena.optuna_storage"
+"""On a search's parent run: its persistent Optuna study's name and the storage URL it lives in
+(``optuna-dashboard <storage>`` opens it; passwords are left out)."""
+IMPORTANCE_REASON = "otarena.importance_reason"
+"""On a search's parent run without ``importance/<param>`` metrics: why (e.g. too few completed trials)."""
