@@ -584,6 +584,34 @@ def cmd_ui(args) -> int:
         return 0
 
 
+# ---------------------------------------------------------------------------------------------- studies
+def cmd_studies(args) -> int:
+    import shlex
+
+    from otarena.search import studies
+
+    if args.config:
+        from otarena.search import config as config_lib
+
+        storage = studies.for_config(config_lib.load(args.config))
+    elif args.storage:
+        storage = studies.Storage(studies.absolute_sqlite(args.storage), "--storage")
+    else:
+        storage = studies.storage_url(args.tracking_uri, args.storage)
+    try:
+        rows = studies.list_studies(storage.url)
+    except studies.StudiesError as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(json.dumps({"storage": storage.public, "studies": [r.as_dict() for r in rows]}, indent=2))
+        return 0
+    print(f"Optuna studies in {storage.public} ({storage.why}): {len(rows)}")
+    for line in studies.format_rows(rows) if rows else []:
+        print(f"  {line}")
+    print(f"open them in a browser: optuna-dashboard {shlex.quote(storage.public)} (then http://127.0.0.1:8080/)")
+    return 0
+
+
 class _FormatsHelp(str):
     """The ``--format`` help, completed from the leaderboard's writer registry (``leaderboard.FORMATS``)
     only when help is printed: importing ``leaderboard`` imports mlflow, a second every command would pay."""
@@ -758,6 +786,16 @@ def build_parser() -> argparse.ArgumentParser:
     _threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no evaluation progress lines on stderr")
     p.set_defaults(func=cmd_reproduce)
+
+    p = command("studies", "list the searches' Optuna studies: trials by state, best values, MLflow parent runs")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="a search config: the studies of its searches (its optuna_storage, else "
+                                        "optuna.db beside its MLflow store)")
+    where.add_argument("--storage", help="an Optuna storage URL, e.g. sqlite:///optuna.db")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI,
+                   help="without --config or --storage: the MLflow store whose studies are listed (optuna.db beside it)")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON, for scripts")
+    p.set_defaults(func=cmd_studies)
 
     p = command("ui", "open the MLflow UI for a store, on 127.0.0.1")
     p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store to show")

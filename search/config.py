@@ -158,6 +158,9 @@ class SearchConfig(_Strict):
     final_eval: FinalEval = FinalEval()
     tracking_uri: str = "sqlite:///mlflow.db"
     storage_path: str = "ray_results"
+    optuna_storage: Optional[str] = Field(None, description="database URL of the searches' Optuna studies, e.g. "
+                                          "postgresql://user@host/optuna (default: optuna.db beside a sqlite MLflow "
+                                          "store; search/studies.py)")
     seed: int = 0
 
     def spaces(self) -> dict[str, dict[str, Any]]:
@@ -331,6 +334,12 @@ def validate(cfg: SearchConfig, *, local: bool = True) -> SearchConfig:
         reason = data_lib.missing(cfg.dataset, cfg.data_dir)
         if reason:
             raise ConfigError(reason)
+    if cfg.optuna_storage is not None:
+        from otarena.search.studies import check_url
+
+        problem = check_url(cfg.optuna_storage, local=local)
+        if problem:
+            raise ConfigError(problem)
     if local:
         check_local_resources(cfg.resources)
     return cfg

@@ -37,7 +37,7 @@ from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
-from otarena.search import budget, evaluation, fidelity, spaces
+from otarena.search import budget, evaluation, fidelity, spaces, studies
 from otarena.search.config import SearchConfig
 from otarena.search.tracking import Tracker, flatten, last_line
 from otarena.search.trainable import TrialSpec, load_state, train_trial
@@ -178,6 +178,18 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str):
+        """``Tuner.restore``: continue the stored study itself, read again from its database (search/studies.py)."""
+        super().restore(checkpoint_path)
+        if self._storage is None:   # a search started before studies were stored keeps its in-memory copy
+            return
+        self._ot_study, self._ot_trials, finished, orphans = studies.reconnect(
+            self._ot_study, self._ot_trials, self._ot_study.sampler)
+        self._completed_trials |= finished
+        log(f"Optuna study {self._ot_study.study_name} continued from its storage"
+            + (f"; {orphans} trials the stopped driver had started after Ray's last save marked FAIL" if orphans
+               else ""))
 
 
 @dataclass
@@ -468,16 +480,23 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.name}-{method}-{stamp}"
     storage = _storage(cfg.storage_path)
-    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {tag.RAY_PATH: _join(storage, name)}, {
+    # The method's Optuna study: one per search, named like its Ray experiment, in a storage it outlives.
+    optuna_storage = studies.for_config(cfg)
+    parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {
+        tag.RAY_PATH: _join(storage, name), tag.OPTUNA_STUDY: name, tag.OPTUNA_STORAGE: optuna_storage.public}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
         "search.algorithm": "optuna-tpe", "search.scheduler": cfg.budget.scheduler, "search.metric": METRIC,
         "search.space": {k: space[k].describe() for k in searched}} | budget_params)
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
+    log(f"{method}: Optuna study {name} in {optuna_storage.public} ({optuna_storage.why})"
+        + ("; set optuna_storage to keep it in a shared database (docs/cluster.md)" if optuna_storage.fallback else ""))
     sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials)
     searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
-                                       max_epochs=cfg.budget.max_epochs)
+                                       max_epochs=cfg.budget.max_epochs,
+                                       storage=studies.open_storage(optuna_storage.url), study_name=name)
+    studies.describe(searcher._ot_study, parent_id, cfg.name, cfg.tracking_uri, searcher.metric)
     scheduler = FIFOScheduler() if cfg.budget.scheduler == "fifo" else ASHAScheduler(
         time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
         grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)

@@ -16,6 +16,7 @@ from otarena.search import spaces
 from otarena.search.cli import main
 from otarena.search.run import PrunedAwareOptunaSearch, run_search
 from otarena.search.tracking import Tracker
+from stored_study import check_stored_study
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,17 @@ def test_one_parent_and_one_child_per_trial(searched):
     assert parent.data.metrics["search/n_trials"] == 3
     assert parent.data.metrics["search/trial_epochs"] == sum(c.data.metrics["train/epochs"] for c in children)
     assert parent.info.status == "FINISHED"
+
+
+def test_the_stored_optuna_study_has_each_trial_in_its_state(searched):
+    """The search's Optuna study outlives it, in optuna.db beside the MLflow store, named on the parent run: each
+    trial ASHA stopped is PRUNED there, each one that ran max_epochs COMPLETE (search/studies.py)."""
+    tmp, _, _, _, runs = searched
+    (parent,) = [r for r in runs if r.data.tags.get("otarena.role") == "search"]
+    assert parent.data.tags["otarena.optuna_storage"] == f"sqlite:///{tmp}/optuna.db"
+    assert parent.data.tags["otarena.optuna_study"] == parent.data.tags["otarena.ray_path"].rsplit("/", 1)[1]
+    outcomes = check_stored_study(parent, [r for r in runs if r.data.tags.get("otarena.role") == "trial"], "lr")
+    assert sum(outcomes.values()) == 3 and outcomes["pruned"] >= 1, outcomes
 
 
 def test_parent_run_says_why_it_has_no_rank_fidelity(searched):
