@@ -13,9 +13,9 @@ Where (``storage_url``):
 * else a sqlite MLflow store ``sqlite:///dir/mlflow.db`` gets ``sqlite:///dir/optuna.db`` beside it
   (two files: MLflow and Optuna each keep an ``alembic_version`` table, so they cannot share one database);
 * a file store ``./mlruns`` gets ``./optuna.db`` beside its folder;
-* a server (``http(s)://``) or any other store gets a sqlite file in the Ray storage folder (the working
-  folder when that is remote), said in the search's log: on a cluster, point ``optuna_storage`` at a
-  database every driver reaches (docs/cluster.md).
+* a server (``http(s)://``) or any other store gets a sqlite file in the Ray storage folder (``~/.otarena``
+  when that is remote, ``s3://``), said in the search's log: on a cluster, point ``optuna_storage`` at a
+  file on the head's disk or at a database server (docs/cluster.md).
 
 Paths are made absolute, so that a resumed search, or ``optuna-dashboard`` run from another folder,
 opens the same file. The searcher writes to the study from the driver only, so one sqlite file per
@@ -91,7 +91,8 @@ def storage_url(tracking_uri: str, optuna_storage: Optional[str] = None,
     if parsed.scheme in ("", "file"):
         folder = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else tracking_uri
         return Storage(_beside(folder.rstrip("/") or "/"), "beside the MLflow file store")
-    local = storage_path if "://" not in storage_path else "."
+    # A remote Ray storage (s3://) has no local folder, and a Ray job's working folder is deleted with the job.
+    local = storage_path if "://" not in storage_path else os.path.join(os.path.expanduser("~"), ".otarena")
     return Storage("sqlite:///" + os.path.join(os.path.abspath(local), FILE_NAME),
                    f"MLflow store {public(tracking_uri)} keeps no Optuna studies and the config sets no "
                    f"optuna_storage: a sqlite file on this machine", fallback=True)

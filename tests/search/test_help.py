@@ -20,7 +20,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_command_is_listed():
-    assert set(_commands()) == {"methods", "train", "search", "evaluate", "leaderboard", "claims", "reproduce", "ui"}
+    assert set(_commands()) == {"methods", "train", "search", "evaluate", "leaderboard", "claims", "reproduce",
+                                "studies", "ui"}
 
 
 @pytest.mark.parametrize("command", sorted(_commands()))

@@ -33,7 +33,9 @@ def test_studies_live_beside_the_mlflow_store_as_absolute_sqlite_files(tmp_path,
     # A server keeps no studies of its own: a file in the Ray storage folder, said loudly in the log.
     server = studies.storage_url("http://head:5000", None, "ray_results")
     assert server.fallback and server.url == f"sqlite:///{tmp_path}/ray_results/optuna.db"
-    assert studies.storage_url("http://head:5000", None, "s3://bucket/ray").url == f"sqlite:///{tmp_path}/optuna.db"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))   # a remote Ray storage: the driver's home
+    assert studies.storage_url("http://head:5000", None, "s3://bucket/ray").url == \
+        f"sqlite:///{tmp_path}/home/.otarena/optuna.db"
 
 
 @pytest.mark.parametrize("url, message", [
