@@ -185,7 +185,7 @@ def cmd_search(args) -> int:
 
     try:
         run_search(configs, address=args.address, out_dir=None if args.no_leaderboard else args.out,
-                   resume=args.resume)
+                   resume=args.resume, sequential=True if args.sequential else None)
     except Interrupted as stop:
         if stop.resumable:
             print(f"otarena: stopped by Ctrl-C; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
@@ -207,7 +207,8 @@ def _resume_command(args) -> str:
             words += [flag, value]
     for pair in args.set or []:
         words += ["--set", pair]
-    return shlex.join(words + ["--no-leaderboard"] * args.no_leaderboard + ["--resume"])
+    return shlex.join(words + ["--no-leaderboard"] * args.no_leaderboard + ["--sequential"] * args.sequential
+                      + ["--resume"])
 
 
 def _check_writable(path: str) -> None:
@@ -711,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished searches of these configs (after Ctrl-C, a crash or a kill)")
+    p.add_argument("--sequential", action="store_true",
+                   help="search the methods one after another (config orchestration: sequential) instead of all at "
+                        "once with a fair share of the trial slots (docs/cluster.md)")
     p.set_defaults(func=cmd_search)
 
     p = command("evaluate", "evaluate a logged trial (RUN_ID) or any checkpoint on the test split")

@@ -162,6 +162,9 @@ class SearchConfig(_Strict):
                                           "postgresql://user@host/optuna (default: optuna.db beside a sqlite MLflow "
                                           "store; search/studies.py)")
     seed: int = 0
+    orchestration: Literal["concurrent", "sequential"] = Field(
+        "concurrent", description="concurrent: every method search of the campaign at once, with a fair share of "
+        "the trial slots; sequential: one after another (docs/cluster.md)")
 
     def spaces(self) -> dict[str, dict[str, Any]]:
         """Per method: every hyperparameter's domain after the config's overrides."""

@@ -11,6 +11,10 @@ trials, and the trial's run gets the mean and standard deviation over all of the
 A parent run ends with its own search; the final evaluations write into its trials' runs later.
 A Ctrl-C stops the whole campaign, saved for ``--resume`` (``CtrlC``).
 
+Every method search of a campaign runs at once, each Tuner in its own Ray task with a fair share of the
+trial slots (``_search_at_once``, search/slots.py, docs/cluster.md), unless ``orchestration: sequential``
+(``otarena search --sequential``) runs them one after another as before.
+
 Two traps of Ray Tune 2.x are handled here. Its OptunaSearch tells Optuna that an ASHA-stopped trial
 is COMPLETE, with a partial-budget score; here it is PRUNED. Its MLflowLoggerCallback keeps the
 trial-to-run map in memory and opens a second run after ``Tuner.restore``; here a trial maps to
@@ -24,20 +28,20 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.tune.search.optuna import OptunaSearch
 
 from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
-from otarena.search import budget, evaluation, fidelity, spaces, studies
+from otarena.search import budget, evaluation, fidelity, slots, spaces, studies
 from otarena.search.config import SearchConfig
 from otarena.search.tracking import Tracker, flatten, last_line
 from otarena.search.trainable import TrialSpec, load_state, train_trial
@@ -46,8 +50,16 @@ METRIC, MODE = "val/pgd_acc", "max"
 """What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
 
 
+RELAY: Optional[Callable[[str], Any]] = None
+"""Inside a search task of a concurrent campaign: sends a log line to the driver, which prints it."""
+
+
 def log(message: str) -> None:
-    print(f"[otarena {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    line = f"[otarena {time.strftime('%H:%M:%S')}] {message}"
+    if RELAY is not None:
+        RELAY(line)
+    else:
+        print(line, flush=True)
 
 
 class Interrupted(Exception):
@@ -350,15 +362,20 @@ def search_tags(cfg: SearchConfig, method: str) -> dict[str, str]:
 
 
 def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, val_ref,
-                  resume: bool = False, budget_params: Optional[dict] = None) -> MethodSearch:
+                  resume: bool = False, budget_params: Optional[dict] = None,
+                  trial_fn: Optional[Callable] = None) -> MethodSearch:
+    """One method's search (``trial_fn``: what each trial runs, ``train_trial`` unless a benchmark swaps it)."""
     space = cfg.spaces()[method]
     searched = sorted(spaces.searched(space))
     spec = TrialSpec(method, cfg.dataset, cfg.arch, cfg.threat_model.norm, cfg.threat_model.eps,
                      fixed=spaces.fixed(space), cpus=cfg.resources.cpu)
     tags = search_tags(cfg, method)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
+        tune.with_parameters(trial_fn or train_trial, spec=spec, train_data=train_ref, val_data=val_ref),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    # Tune registers a trainable by name in a registry shared by the whole Ray job: two searches running at
+    # once under one name would start each other's trials. The name stays the same on --resume.
+    trainable.__name__ = trainable_name(cfg, method)
     previous = tracker.open_search(tags) if resume else None
     path = previous.data.tags.get(tag.RAY_PATH) if previous else None
     if path and tune.Tuner.can_restore(path) and previous.data.tags.get(tag.EVALUATED) == "false":
@@ -408,6 +425,12 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     for f in fidelities:
         log(f"{method}: {f.line()}")
     return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
+
+
+def trainable_name(cfg: SearchConfig, method: str) -> str:
+    """The name Tune registers a search's trainable under: one per config and method, and no ``_`` (Ray names a
+    trial's folder ``<trainable>_<trial_id>_...``, which ``_trial_ids`` splits)."""
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in f"train-{cfg.name}-{method}")
 
 
 def trial_budgets(cfg: SearchConfig, train_ref) -> dict[str, dict]:
@@ -504,7 +527,7 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
                             devices=devices_per_trial(cfg))
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, _max_concurrent(cfg)),
+        tune_config=tune.TuneConfig(search_alg=slots.limiter(searcher, _max_concurrent(cfg), cfg.budget.trials),
                                     scheduler=scheduler, num_samples=cfg.budget.trials,
                                     # One actor per slot for the whole search: no process start per trial.
                                     reuse_actors=True),
@@ -606,9 +629,9 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
                             surrogate=None) -> PendingEvaluation:
     """Start the test-split evaluation of the top-k trials (and their seed replicas) as Ray tasks.
 
-    They run while the next method is searched, filling the cores that ASHA's tail leaves idle.
-    ``surrogate``: the checkpoint of the campaign's best ERM trial, when ERM was searched before this
-    method: the transfer check crafts its examples on it (else on a quick ERM model of its own).
+    They run while other methods are searched, filling the cores that ASHA's tail leaves idle.
+    ``surrogate``: the checkpoint of the campaign's best ERM trial, when ERM's search ended before this
+    method's: the transfer check crafts its examples on it (else on a quick ERM model of its own).
     """
     train_ref, val_ref, test_ref = data_refs
     spec, eval_cfg = outcome.spec, cfg.final_eval.model_dump()
@@ -766,11 +789,15 @@ def _report_tracking(tracker: Tracker) -> None:
 
 
 def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[str] = None,
-               out_dir: Optional[str] = "site", resume: bool = False) -> list[dict]:
+               out_dir: Optional[str] = "site", resume: bool = False, sequential: Optional[bool] = None,
+               trial_fn: Optional[Callable] = None) -> list[dict]:
     """Search every method of each config, evaluate the best trials, and build the leaderboard.
 
-    Several configs share one Ray session, and every final evaluation runs while later searches
-    go on, so that a campaign of many configs keeps all its cores busy.
+    Several configs share one Ray session. Every method search of the campaign runs at once, each with a fair
+    share of the trial slots (search/slots.py), unless ``sequential`` (default: the first config's
+    ``orchestration``) asks for one after another; either way every final evaluation runs while the searches
+    still going on, so that a campaign keeps all its cores busy. ``trial_fn``: what each trial runs
+    (``search.trainable.train_trial`` unless a benchmark swaps in another).
     """
     from otarena import leaderboard
 
@@ -779,7 +806,9 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
     evaluations = []
     CTRL_C.install()
     try:
-        summaries = _search_and_evaluate(configs, evaluations, address, resume)
+        if sequential is None:
+            sequential = configs[0].orchestration == "sequential"
+        summaries = _search_and_evaluate(configs, evaluations, address, resume, sequential, trial_fn)
         for tracker in dict.fromkeys(t for _, t, _, _ in evaluations):
             _report_tracking(tracker)
         names = list(dict.fromkeys(cfg.name for cfg in configs))
@@ -802,34 +831,17 @@ def run_search(configs: SearchConfig | list[SearchConfig], *, address: Optional[
 
 
 def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address: Optional[str],
-                         resume: bool) -> list[dict]:
+                         resume: bool, sequential: bool = False, trial_fn: Optional[Callable] = None) -> list[dict]:
     """Every search of the campaign, then the recording of their final evaluations.
 
     On Ctrl-C: no further search starts, evaluations not yet recorded are cancelled, and every
     parent run without its final evaluation ends KILLED (``Tracker.interrupt_search``).
     """
     try:
-        for cfg in configs:
-            CTRL_C.check()
-            tracker = Tracker(cfg.tracking_uri, cfg.name)
-            log(f"{cfg.name}: loading {cfg.dataset}")
-            train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
-            val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
-            test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
-            log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
-            init_ray(address)
-            train_ref, val_ref, test_ref = ray.put(train), ray.put(val), ray.put(test)
-            surrogate = None   # the campaign's own ERM model, once ERM has been searched
-            budgets = trial_budgets(cfg, train_ref)
-            for i, method in enumerate(cfg.methods, 1):
-                CTRL_C.check()
-                log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
-                outcome = search_method(with_trials(cfg, budgets[method]), method, tracker, train_ref, val_ref,
-                                        resume=resume, budget_params=budgets[method])
-                evaluations.append((cfg, tracker, outcome,
-                                    submit_final_evaluation(cfg, outcome, (train_ref, val_ref, test_ref), surrogate)))
-                if method == "erm" and top_k(outcome.results, 1):
-                    surrogate = top_k(outcome.results, 1)[0].checkpoint
+        if sequential:
+            _search_one_after_another(configs, evaluations, address, resume, trial_fn)
+        else:
+            _search_at_once(configs, evaluations, address, resume, trial_fn)
         log("waiting for the final evaluations")
         summaries = []
         for done, (cfg, tracker, outcome, pending) in enumerate(evaluations):
@@ -845,3 +857,148 @@ def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address
                     ray.cancel(ref, force=True)
                 tracker.interrupt_search(outcome.parent_id)
         raise
+
+
+def _load(cfg: SearchConfig, address: Optional[str]) -> tuple[Tracker, tuple]:
+    """A config's tracker and its train, validation and test splits in Ray's object store."""
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    log(f"{cfg.name}: loading {cfg.dataset}")
+    train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download)
+    val = data_lib.load(cfg.dataset, "val", data_dir=cfg.data_dir, download=cfg.download)
+    test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download)
+    log(f"{cfg.dataset}: {len(train)} train / {len(val)} validation / {len(test)} test images")
+    init_ray(address)
+    return tracker, (ray.put(train), ray.put(val), ray.put(test))
+
+
+def _search_one_after_another(configs: list[SearchConfig], evaluations: list, address: Optional[str], resume: bool,
+                              trial_fn: Optional[Callable]) -> None:
+    """``orchestration: sequential``: method k+1's search starts when method k's Tuner returns."""
+    for cfg in configs:
+        CTRL_C.check()
+        tracker, data_refs = _load(cfg, address)
+        surrogate = None   # the campaign's own ERM model, once ERM has been searched
+        budgets = trial_budgets(cfg, data_refs[0])
+        for i, method in enumerate(cfg.methods, 1):
+            CTRL_C.check()
+            log(f"{cfg.name}: method {i}/{len(cfg.methods)}: {method}")
+            outcome = search_method(with_trials(cfg, budgets[method]), method, tracker, *data_refs[:2],
+                                    resume=resume, budget_params=budgets[method], trial_fn=trial_fn)
+            evaluations.append((cfg, tracker, outcome, submit_final_evaluation(cfg, outcome, data_refs, surrogate)))
+            if method == "erm" and top_k(outcome.results, 1):
+                surrogate = top_k(outcome.results, 1)[0].checkpoint
+
+
+def _search_at_once(configs: list[SearchConfig], evaluations: list, address: Optional[str], resume: bool,
+                    trial_fn: Optional[Callable]) -> None:
+    """``orchestration: concurrent``: every method search of the campaign at once, each a Tuner in its own Ray task.
+
+    The tasks hold no resources of their own (``num_cpus=0``), run on the driver's node as the Tuners did,
+    and share the trial slots through a :class:`search.slots.Campaign` actor, which also relays their log
+    lines here and carries a Ctrl-C to each of them. A search's final evaluation is submitted as soon as
+    its task returns. ERM's best trial is the transfer check's surrogate for the evaluations submitted
+    after ERM's search is done, and only those (docs/cluster.md).
+    """
+    prepared = []
+    for cfg in configs:
+        CTRL_C.check()
+        tracker, data_refs = _load(cfg, address)
+        prepared.append((cfg, tracker, data_refs, trial_budgets(cfg, data_refs[0])))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    campaign = slots.Campaign.options(scheduling_strategy=here).remote()
+    task = ray.remote(search_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
+    searches, launches = {}, []
+    for n, (cfg, tracker, data_refs, budgets) in enumerate(prepared):
+        pool = f"cpu={cfg.resources.cpu},gpu={cfg.resources.gpu}"
+        for method in cfg.methods:
+            one, name = with_trials(cfg, budgets[method]), f"{n}:{method}"
+            # Every search registered before any starts: the first Tuner up must not take every slot.
+            ray.get(campaign.register.remote(pool, _max_concurrent(one), name, one.budget.trials))
+            launches.append((n, one, method, pool, name))
+    for n, one, method, pool, name in launches:
+        cfg, tracker, data_refs, budgets = prepared[n]
+        log(f"{cfg.name}: method {cfg.methods.index(method) + 1}/{len(cfg.methods)}: {method} "
+            f"(searched alongside the others)")
+        ref = task.remote(one, method, list(data_refs[:2]), resume, budgets[method], campaign, pool, name, trial_fn)
+        searches[ref] = (n, cfg, tracker, data_refs)
+    surrogates = {}   # per config: its ERM model, once ERM's search is done
+    pending, stopping = list(searches), False
+    try:
+        while pending:
+            _print_relayed(campaign)
+            if CTRL_C.requested and not stopping:
+                stopping = True
+                campaign.stop.remote()
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+            if done:   # a search's last lines come before what the driver does with its outcome
+                _print_relayed(campaign)
+            for ref in done:
+                n, cfg, tracker, data_refs = searches[ref]
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, Interrupted):   # it saved its search and marked its runs
+                        continue
+                    raise
+                if stopping:   # its search ended as the Ctrl-C came: its evaluation is for --resume
+                    evaluations.append((cfg, tracker, outcome, PendingEvaluation([], [])))
+                    continue
+                evaluations.append((cfg, tracker, outcome,
+                                    submit_final_evaluation(cfg, outcome, data_refs, surrogates.get(n))))
+                if outcome.method == "erm" and top_k(outcome.results, 1):
+                    surrogates[n] = top_k(outcome.results, 1)[0].checkpoint
+    finally:
+        _print_relayed(campaign)
+    # Recorded in the campaign's order, whichever search ended first.
+    evaluations.sort(key=lambda e: (configs.index(e[0]), e[0].methods.index(e[2].method)))
+    CTRL_C.check()
+
+
+def _print_relayed(campaign) -> None:
+    for line in ray.get(campaign.lines.remote()):
+        print(line, flush=True)
+
+
+def search_task(cfg: SearchConfig, method: str, data: list, resume: bool, budget_params: dict, campaign,
+                pool: str, name: str, trial_fn: Optional[Callable] = None) -> MethodSearch:
+    """One method's search in a concurrent campaign, as a Ray task: ``search_method`` with its trial slots
+    shared through ``campaign``, its log lines relayed to the driver, and the driver's Ctrl-C carried in.
+
+    ``data``: the train and validation refs in a list, which Ray passes as they are (a ref given as an
+    argument of its own would arrive as the data).
+    """
+    global RELAY
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"   # a Ctrl-C reaches this search through the campaign
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    RELAY = campaign.say.remote
+    connection = slots.connect(campaign, pool, name)
+    CTRL_C.requested, CTRL_C.tune_stop = False, None
+    finished = threading.Event()
+    threading.Thread(target=_stop_on_request, args=(campaign, finished), daemon=True).start()
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    try:
+        return search_method(cfg, method, tracker, *data, resume=resume, budget_params=budget_params,
+                             trial_fn=trial_fn)
+    finally:
+        finished.set()
+        _report_tracking(tracker)
+        # Its slots go to the others; a call that returns after every line this task relayed is printed.
+        connection.finished()
+        slots.disconnect()
+        RELAY = None
+        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _stop_on_request(campaign, finished: threading.Event) -> None:
+    """In a search task: when the driver got a Ctrl-C, stop this task's Tuner as a Ctrl-C would (``CtrlC``).
+
+    Tune's stop handler runs in the main thread, so it is reached by a SIGUSR1 to this process, and only once
+    Tune has installed it (``CtrlC.tune_started`` stops a Tuner still being built)."""
+    while not finished.wait(0.5):
+        if ray.get(campaign.stopping.remote()):
+            CTRL_C.requested = True
+            if CTRL_C.tune_stop is not None:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return
