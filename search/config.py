@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 from dataclasses import replace
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
@@ -23,6 +23,7 @@ from otarena.methods.common.attacks import check_eps
 from otarena.methods.common.evaluate import CHECKS, EvalSettings, Thresholds
 from otarena.methods.common.nets import ARCHS, input_size_error
 from otarena.methods.space import RANGE_KEYS, Choice, Fixed, Float, Int, as_number, narrow
+from otarena.search.objectives import DEFAULT_OBJECTIVES, Condition, Selection, check_metric
 
 COMMON = "common"
 """Key of ``space`` whose overrides apply to every method."""
@@ -59,8 +60,11 @@ class Budget(_Strict):
     max_epochs: int = Field(10, ge=1, description="epochs of a trial that is never pruned (ASHA max_t)")
     grace_epochs: int = Field(2, ge=1, description="epochs before ASHA may prune (grace_period)")
     reduction_factor: int = Field(3, ge=2)
-    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha prunes weak trials; fifo trains every trial "
-                                               "max_epochs (a baseline for what pruning costs)")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha prunes weak trials (MO-ASHA when there are "
+                                               "several objectives); fifo trains every trial max_epochs (a baseline "
+                                               "for what pruning costs)")
+    sampler: Literal["tpe", "nsga2"] = Field("tpe", description="Optuna's sampler: TPE (multi-objective TPE with "
+                                             "several objectives) or NSGA-II")
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; default: as resources allow")
     max_failures: int = Field(0, ge=0, description="retries of a trial that raised, from its last checkpoint")
     compare: Literal["trials", "equal_device_hours"] = Field(
@@ -123,7 +127,12 @@ _EVAL = EvalSettings()
 class FinalEval(_Strict):
     """The test-split evaluation; the defaults of its attack settings are methods.common.evaluate.EvalSettings'."""
 
-    top_k: int = Field(1, ge=1, description="trials per method evaluated on the test split")
+    top_k: Union[int, Literal["pareto"]] = Field(
+        1, description="trials per method evaluated on the test split, chosen by select; pareto: every trial of the "
+        "search's Pareto set (docs/mlflow-schema.md, search/pareto.json)")
+    select: Optional[str] = Field(None, description="the rule choosing the evaluated trials and the leaderboard row "
+                                  "on validation, e.g. 'max val/pgd_acc where val/clean_acc >= 0.8' (default: the "
+                                  "first objective under the constraints, ties by the other objectives)")
     autoattack: Optional[Literal["standard", "plus"]] = Field(_EVAL.aa_version, description="null: no AutoAttack")
     eot_iters: int = Field(_EVAL.eot_iters, ge=1, description="a randomized model's EOT draws: AutoAttack's rand "
                            "version, and the draws scoring each point's expected accuracy (docs/metrics.md)")
@@ -142,6 +151,20 @@ class FinalEval(_Strict):
     batch_size: int = Field(_EVAL.batch_size, ge=1)
     thresholds: FlagThresholds = FlagThresholds()
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _count_or_pareto(cls, top_k: Any) -> Any:
+        if top_k != "pareto" and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"expected a whole number >= 1 or 'pareto', got {top_k!r}")
+        return top_k
+
+    @field_validator("select")
+    @classmethod
+    def _rule(cls, select: Optional[str]) -> Optional[str]:
+        if select is not None:
+            Selection.parse(select, DEFAULT_OBJECTIVES)
+        return select
+
 
 class SearchConfig(_Strict):
     name: str = Field(..., min_length=1, description="the MLflow experiment")
@@ -156,6 +179,10 @@ class SearchConfig(_Strict):
     budget: Budget = Budget()
     resources: Resources = Resources()
     final_eval: FinalEval = FinalEval()
+    objectives: list[str] = Field(list(DEFAULT_OBJECTIVES), min_length=1, description="validation metrics the search "
+                                  "maximizes; several make a multi-objective search (search/objectives.py)")
+    constraints: list[str] = Field(default_factory=list, description="'<metric> >= <number>' or '<= <number>' a "
+                                   "trial should meet, for the sampler (Optuna's constraints) and the selection")
     tracking_uri: str = "sqlite:///mlflow.db"
     storage_path: str = "ray_results"
     optuna_storage: Optional[str] = Field(None, description="database URL of the searches' Optuna studies, e.g. "
@@ -165,6 +192,26 @@ class SearchConfig(_Strict):
     orchestration: Literal["concurrent", "sequential"] = Field(
         "concurrent", description="concurrent: every method search of the campaign at once, with a fair share of "
         "the trial slots; sequential: one after another (docs/cluster.md)")
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, objectives: list[str]) -> list[str]:
+        for metric in objectives:
+            check_metric(metric)
+        if len(set(objectives)) < len(objectives):
+            raise ValueError(f"an objective is listed twice: {objectives}")
+        return objectives
+
+    @field_validator("constraints")
+    @classmethod
+    def _parsed_constraints(cls, constraints: list[str]) -> list[str]:
+        for text in constraints:
+            Condition.parse(text)
+        return constraints
+
+    def selection(self) -> Selection:
+        """The rule that chooses the evaluated trials on validation (``final_eval.select``)."""
+        return Selection.parse(self.final_eval.select, self.objectives, self.constraints)
 
     def spaces(self) -> dict[str, dict[str, Any]]:
         """Per method: every hyperparameter's domain after the config's overrides."""

@@ -22,9 +22,11 @@ exactly one MLflow run through the ``otarena.trial_id`` tag.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,11 +45,13 @@ from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
 from otarena.search import budget, evaluation, fidelity, slots, spaces, studies
 from otarena.search.config import SearchConfig
+from otarena.search.moasha import MOASHAScheduler
+from otarena.search.objectives import DEFAULT_OBJECTIVES, Condition, Selection, best_key, pareto_front
 from otarena.search.tracking import Tracker, flatten, last_line
 from otarena.search.trainable import TrialSpec, load_state, train_trial
 
 METRIC, MODE = "val/pgd_acc", "max"
-"""What ASHA prunes on and TPE optimizes: validation PGD accuracy, higher is better."""
+"""What ASHA prunes on and TPE optimizes by default (``objectives``): validation PGD accuracy, higher is better."""
 
 
 RELAY: Optional[Callable[[str], Any]] = None
@@ -176,14 +180,24 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     Ray's OptunaSearch reports any trial that ended without error as COMPLETE with its last,
     partial-budget value, so TPE would treat a 2-epoch score as a final result. A trial that
     stopped before ``max_epochs`` is pruned: Optuna keeps its intermediate values and ranks it
-    below completed trials, so TPE learns from final results.
+    below completed trials, so TPE learns from final results. A multi-objective study gets PRUNED the same
+    way (it has no intermediate values, and Optuna keeps a pruned trial out of its Pareto front).
+
+    ``constraint_metrics``: the metrics of the config's ``constraints``, put on the Optuna trial as user
+    attributes before it is told, where the sampler's ``constraints_func`` reads them
+    (``spaces.ConstraintValues``).
     """
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+    def __init__(self, *args, max_epochs: int, constraint_metrics: tuple = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
+        self.constraint_metrics = tuple(constraint_metrics)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        if result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            for metric in self.constraint_metrics:
+                if result.get(metric) is not None:
+                    self._ot_trials[trial_id].set_user_attr(metric, float(result[metric]))
         stopped_early = bool(result) and not error and result.get("training_iteration", 0) < self.max_epochs
         if stopped_early and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
@@ -358,6 +372,8 @@ def search_tags(cfg: SearchConfig, method: str) -> dict[str, str]:
             tag.PAPER_AUTHORS: cls.paper.authors, tag.PAPER_VENUE: cls.paper.venue}
     if cfg.final_eval.rank_certified and cls.certified:
         tags[tag.RANK_BY] = "certified_acc"
+    if list(cfg.objectives) != list(DEFAULT_OBJECTIVES):
+        tags[tag.OBJECTIVES] = ",".join(cfg.objectives)
     return tags
 
 
@@ -419,12 +435,46 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall}
                         | {f.metric: f.rho for f in fidelities if f.rho is not None})
     tracker.set_tags(parent_id, {f"{tag.FIDELITY_REASON}{f.epoch}": f.reason for f in fidelities if f.rho is None})
+    run_ids = _run_ids(tracker, parent_id)
+    record_selection(cfg, method, tracker, parent_id, results, run_ids)
     # The parent run lasts as long as its search; the final evaluation writes into its trials' runs later.
     tracker.end_search(parent_id)
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
     for f in fidelities:
         log(f"{method}: {f.line()}")
-    return MethodSearch(method, spec, parent_id, results, _run_ids(tracker, parent_id))
+    return MethodSearch(method, spec, parent_id, results, run_ids)
+
+
+def record_selection(cfg: SearchConfig, method: str, tracker: Tracker, parent_id: str, results: list,
+                     run_ids: dict) -> None:
+    """What the search found, on validation (docs/mlflow-schema.md): with several objectives (or ``top_k:
+    pareto``), the Pareto set of its completed trials (``otarena.pareto`` on their runs, ``search/pareto.json``
+    and ``search/pareto_size`` on the parent); for every search, the rule choosing the evaluated trials
+    (``otarena.selection_rule`` on the parent and on them)."""
+    if len(cfg.objectives) > 1 or cfg.final_eval.top_k == "pareto":
+        front = pareto_set(cfg, results)
+        points = [{"trial_id": r.metrics["trial_id"], "run_id": run_ids.get(r.metrics["trial_id"]),
+                   **{o: r.metrics.get(best_key(o)) for o in cfg.objectives}} for r in front]
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "pareto.json")
+            with open(path, "w") as f:
+                json.dump(points, f, indent=1)
+            tracker.log_artifact(parent_id, path, "search")
+        tracker.log_metrics(parent_id, {"search/pareto_size": len(points)})
+        for point in points:
+            if point["run_id"]:
+                tracker.set_tags(point["run_id"], {tag.PARETO: "true"})
+        shown = "; ".join(f"{p['trial_id']} (" + ", ".join(f"{o.removeprefix('val/')} {p[o]:.1%}"
+                                                           for o in cfg.objectives) + ")" for p in points)
+        log(f"{method}: Pareto set of {len(points)} completed trials on {', '.join(cfg.objectives)}: "
+            f"{shown or 'empty (no trial completed)'}")
+    chosen, rule = choose(results, cfg)
+    if rule.endswith("the closest to it"):
+        log(f"{method}: no trial met the selection rule ({cfg.selection().describe()}): evaluating the closest")
+    tracker.set_tags(parent_id, {tag.SELECTION_RULE: rule})
+    for r in chosen:
+        if run_ids.get(r.metrics["trial_id"]):
+            tracker.set_tags(run_ids[r.metrics["trial_id"]], {tag.SELECTION_RULE: rule})
 
 
 def trainable_name(cfg: SearchConfig, method: str) -> str:
@@ -508,21 +558,33 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     parent_id = tracker.start_search(f"{method}-search-{stamp}", tags | {
         tag.RAY_PATH: _join(storage, name), tag.OPTUNA_STUDY: name, tag.OPTUNA_STORAGE: optuna_storage.public}, {
         **{f"config.{k}": v for k, v in flatten(cfg.model_dump(exclude={"methods", "space"})).items()},
-        "search.algorithm": "optuna-tpe", "search.scheduler": cfg.budget.scheduler, "search.metric": METRIC,
+        **search_algorithm(cfg),
         "search.space": {k: space[k].describe() for k in searched}} | budget_params)
     log(f"{method}: searching {cfg.budget.trials} trials x up to {cfg.budget.max_epochs} epochs over "
         f"{', '.join(searched) or 'nothing (fixed config)'}; MLflow parent run {parent_id}")
     log(f"{method}: Optuna study {name} in {optuna_storage.public} ({optuna_storage.why})"
         + ("; set optuna_storage to keep it in a shared database (docs/cluster.md)" if optuna_storage.fallback else ""))
-    sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials)
-    searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=METRIC, mode=MODE, sampler=sampler,
+    several = len(cfg.objectives) > 1
+    constraints = spaces.ConstraintValues(Condition.parse(c) for c in cfg.constraints)
+    sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials, kind=cfg.budget.sampler,
+                             constraints=constraints)
+    # Ray's OptunaSearch makes a multi-objective study from a list of metrics and modes.
+    searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=list(cfg.objectives) if several
+                                       else cfg.objectives[0], mode=[MODE] * len(cfg.objectives) if several else MODE,
+                                       sampler=sampler, constraint_metrics=constraints.metrics(),
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
                                        max_epochs=cfg.budget.max_epochs,
                                        storage=studies.open_storage(optuna_storage.url), study_name=name)
     studies.describe(searcher._ot_study, parent_id, cfg.name, cfg.tracking_uri, searcher.metric)
-    scheduler = FIFOScheduler() if cfg.budget.scheduler == "fifo" else ASHAScheduler(
-        time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.budget.max_epochs,
-        grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
+    if cfg.budget.scheduler == "fifo":
+        scheduler = FIFOScheduler()
+    elif several:   # Ray's ASHA ranks by one metric: MO-ASHA ranks by Pareto fronts (search/moasha.py)
+        scheduler = MOASHAScheduler(metrics=cfg.objectives, max_t=cfg.budget.max_epochs,
+                                    grace_period=cfg.budget.grace_epochs, reduction_factor=cfg.budget.reduction_factor)
+    else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.objectives[0], mode=MODE,
+                                  max_t=cfg.budget.max_epochs, grace_period=cfg.budget.grace_epochs,
+                                  reduction_factor=cfg.budget.reduction_factor)
     callback = MlflowTrials(tracker, parent_id, spec, tags, searched, cfg.budget.max_epochs,
                             devices=devices_per_trial(cfg))
     tuner = tune.Tuner(
@@ -554,12 +616,49 @@ def _storage(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def top_k(results: list, k: int) -> list:
-    """The k best trials by *validation* PGD accuracy (ties: validation clean accuracy)."""
-    scored = [r for r in results if r.error is None and r.checkpoint is not None and r.metrics]
-    scored.sort(key=lambda r: (r.metrics.get("val/best_pgd_acc", -1), r.metrics.get("val/best_clean_acc", -1)),
-                reverse=True)
-    return scored[:k]
+def search_algorithm(cfg: SearchConfig) -> dict[str, str]:
+    """The parent run's params naming how it searched: sampler, scheduler, objectives."""
+    several = len(cfg.objectives) > 1
+    algorithm = "optuna-nsga2" if cfg.budget.sampler == "nsga2" else "optuna-tpe-mo" if several else "optuna-tpe"
+    scheduler = "mo-asha" if several and cfg.budget.scheduler == "asha" else cfg.budget.scheduler
+    return {"search.algorithm": algorithm, "search.scheduler": scheduler, "search.metric": cfg.objectives[0],
+            "search.objectives": ",".join(cfg.objectives)}
+
+
+def _scored(results: list) -> list:
+    """The trials that can be evaluated: no error, a checkpoint and metrics."""
+    return [r for r in results if r.error is None and r.checkpoint is not None and r.metrics]
+
+
+def pareto_set(cfg: SearchConfig, results: list) -> list:
+    """The completed (not pruned) trials no other completed trial dominates on the objectives' best-epoch validation
+    values; with ``constraints``, among the trials that meet them when any does."""
+    done = [r for r in _scored(results) if int(r.metrics.get("training_iteration", 0)) >= cfg.budget.max_epochs]
+    constrained = Selection.parse(None, cfg.objectives, cfg.constraints)
+    pool = [r for r in done if constrained.missed_by(r.metrics) == 0] or done
+    front = pareto_front([[r.metrics.get(best_key(o), math.nan) for o in cfg.objectives] for r in pool])
+    return [pool[i] for i in front]
+
+
+def choose(results: list, cfg: Optional[SearchConfig] = None, k=None) -> tuple[list, str]:
+    """The trials to evaluate on the test split, best first by the config's rule (``final_eval.select``; default:
+    the first objective, ties by the others), and the rule in words: ``k`` of them (``final_eval.top_k``), or the
+    whole Pareto set. A rule no trial meets picks the trials closest to meeting it, and says so."""
+    rule = cfg.selection() if cfg is not None else Selection.parse(None, DEFAULT_OBJECTIVES)
+    k = cfg.final_eval.top_k if k is None and cfg is not None else (k or 1)
+    pool = pareto_set(cfg, results) if k == "pareto" else _scored(results)
+    order, met = rule.order([r.metrics for r in pool])
+    chosen = [pool[i] for i in order] if k == "pareto" else [pool[i] for i in order[:k]]
+    text = rule.describe(met or not pool)
+    if k == "pareto":
+        text = f"the Pareto set of {', '.join(cfg.objectives)}; first: {text}"
+    return chosen, text
+
+
+def top_k(results: list, k, cfg: Optional[SearchConfig] = None) -> list:
+    """The k best trials on *validation* by the config's rule (without a config: validation PGD accuracy, ties by
+    validation clean accuracy), or the Pareto set for ``k = "pareto"``."""
+    return choose(results, cfg, k)[0]
 
 
 def _aa_state_path(cfg: SearchConfig, name: str) -> Optional[str]:
@@ -636,7 +735,7 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
     train_ref, val_ref, test_ref = data_refs
     spec, eval_cfg = outcome.spec, cfg.final_eval.model_dump()
     options = {"num_cpus": cfg.resources.cpu, "num_gpus": 1 if cfg.resources.gpu > 0 else 0}
-    chosen = top_k(outcome.results, cfg.final_eval.top_k)
+    chosen = top_k(outcome.results, cfg.final_eval.top_k, cfg)
     attacks = f"PGD-{cfg.final_eval.pgd_steps}" + (f", AutoAttack {cfg.final_eval.autoattack}"
                                                    if cfg.final_eval.autoattack else "")
     pending = PendingEvaluation(chosen, [])
