@@ -26,7 +26,8 @@ from mlflow.exceptions import MlflowException
 
 from otarena.leaderboard import reproductions
 from otarena.leaderboard import tags as tag
-from otarena.leaderboard.schema import ACCURACIES, NO_AUTOATTACK, Campaign, EpsSweep, Fidelity, Row, TrialPoint
+from otarena.leaderboard.schema import (ACCURACIES, NO_AUTOATTACK, Campaign, EpsSweep, Fidelity, Importance, Row,
+                                        TrialPoint)
 
 TRIAL_FILTER = f"tags.`{tag.ROLE}` = 'trial'"
 SEARCH_FILTER = f"tags.`{tag.ROLE}` = 'search'"
@@ -196,7 +197,7 @@ def collect_campaign(tracking_uri: str, experiments: Iterable[str] | None = None
                      len(candidates) - len(rows))
     points = tuple(p for p in (_to_point(r) for r in chosen) if p is not None)
     return Campaign(tuple(rows), points, reproductions.collect(client, search(client, ids, reproductions.FILTER)),
-                    fidelity=_fidelity(parents.values()))
+                    fidelity=_fidelity(parents.values()), importance=_importance(parents.values()))
 
 
 def _place(tags: dict) -> tuple[str, str, float, str] | None:
@@ -225,7 +226,8 @@ def _to_point(run: Run) -> TrialPoint | None:
         outcome=tags.get(tag.OUTCOME, ""), val_pgd_acc=_metric(run, "val/best_pgd_acc"),
         epochs=_metric(run, "train/epochs"), end_time=run.info.end_time, hparams=_searched(run),
         clean_acc=_metric(run, "test/clean_acc") if evaluated else None,
-        aa_acc=_metric(run, "test/aa_acc") if evaluated else None)
+        aa_acc=_metric(run, "test/aa_acc") if evaluated else None,
+        val_clean_acc=_metric(run, "val/best_clean_acc"), pareto=tags.get(tag.PARETO, "").lower() == "true")
 
 
 FIDELITY_METRIC = "fidelity/rung_"
@@ -243,6 +245,26 @@ def _fidelity(parents: Iterable[Run]) -> tuple[Fidelity, ...]:
                     rho = value if prefix == FIDELITY_METRIC else None
                     found.append(Fidelity(run.info.run_id, int(epoch), rho, "" if rho is not None else str(value)))
     return tuple(sorted(found, key=lambda f: (f.parent_id, f.epoch)))
+
+
+IMPORTANCE_METRIC = "importance/"
+"""A search parent's ``importance/<param>`` metrics; ``otarena.importance_reason`` says why there are none."""
+IMPORTANCE_EVALUATOR = "search.importance_evaluator"
+
+
+def _importance(parents: Iterable[Run]) -> tuple[Importance, ...]:
+    """Each search's hyperparameter importances, largest first, or the reason it has none; nothing for a search
+    logged before importances were."""
+    found = []
+    for run in parents:
+        values = sorted(((k.removeprefix(IMPORTANCE_METRIC), v) for k, v in run.data.metrics.items()
+                         if k.startswith(IMPORTANCE_METRIC) and math.isfinite(v)), key=lambda kv: (-kv[1], kv[0]))
+        reason = run.data.tags.get(tag.IMPORTANCE_REASON, "")
+        if values or reason:
+            found.append(Importance(run.info.run_id, run.data.tags.get(tag.METHOD, ""), run.data.tags.get(tag.ARCH, ""),
+                                    tuple(values), "" if values else reason,
+                                    run.data.params.get(IMPORTANCE_EVALUATOR, "")))
+    return tuple(sorted(found, key=lambda i: i.parent_id))
 
 
 def _eps_sweep(run: Run) -> EpsSweep | None:
@@ -328,6 +350,8 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         default_p=_metric(run, "default/mcnemar_p"),
         run_name=run.info.run_name or "",
         experiment_name=(names or {}).get(run.info.experiment_id, ""),
+        selection_rule=tags.get(tag.SELECTION_RULE) or (parents[parent_id].data.tags.get(tag.SELECTION_RULE, "")
+                                                        if parent_id in parents else ""),
         **spread,
     )
 

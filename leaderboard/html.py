@@ -61,6 +61,10 @@ _CAPTIONS = {
     "cost": ("AutoAttack accuracy of each entry against the training device-hours of its configuration alone "
              "(its search cost more: the Device hours column). The step line joins the Pareto front of cost against "
              "robustness, the entries no other entry beats with both less training and more AutoAttack accuracy."),
+    "validation-pareto": ("Each search's completed trials on validation, at their best epoch's clean and PGD accuracy. "
+                          "The step line joins the Pareto set of each multi-objective search, the trials no other "
+                          "trial of that search beats on both; the black rings are the leaderboard entries, chosen "
+                          "on validation by the rule stated under the table."),
     "progress": ("Best validation PGD accuracy found so far against the epochs spent over the search's trials, "
                  "trials in the order they finished; one line per search, a dot at each improvement."),
 }
@@ -119,17 +123,44 @@ def _table(k: int, t: Table, campaign: Campaign, color: dict[str, str], log_axes
                      "first": c.first, "tip": c.tip} for c in cols],
         "rows": [{"rank": i, "run_id": row.run_id, "warned": bool(row.warnings),
                   "cells": [_cell(c, i, row, run_url, notes) for c in cols]} for i, row in enumerate(t.rows, 1)],
-        "notes": notes, "certified_note": fmt.certified_note(t),
+        "notes": notes, "certified_note": fmt.certified_note(t), "selection": _selection(t),
         "plots": [(Markup(plots.pareto_plot(t, trials, color)), _CAPTIONS["pareto"]),
+                  *([(Markup(plots.validation_pareto_plot(t, trials, color)), _CAPTIONS["validation-pareto"])]
+                    if any(p.pareto and p.method in {r.method for r in t.rows} for p in trials) else []),
                   *([(Markup(plots.tuning_plot(t, color)), _CAPTIONS["tuning"])] if any(r.tuning for r in t.rows)
                     else []),
                   (Markup(plots.eps_plot(t, color)), eps_caption),
                   (Markup(plots.progress_plot(t, trials, color, campaign.fidelity)),
                    " ".join(filter(None, [_CAPTIONS["progress"], plots.fidelity_text(t, trials, campaign.fidelity)]))),
                   (Markup(plots.cost_plot(t, color)), _CAPTIONS["cost"])],
-        "sensitivity": [(m, [Markup(s) for s in svgs])
+        "sensitivity": [{"method": m, "svgs": [Markup(s) for s in svgs], **_knobs(m, trials, campaign, color)}
                         for m, svgs in plots.sensitivity_plots(t, trials, color, log_axes)],
     }
+
+
+def _selection(t: Table) -> list[tuple[str, str]]:
+    """How the table's rows were chosen on validation: (rule, the rows it chose), in the order rows show them."""
+    ranks: dict[str, list[int]] = {}
+    for i, r in enumerate(t.rows, 1):
+        if r.selection_rule:
+            ranks.setdefault(r.selection_rule, []).append(i)
+    every = sum(len(v) for v in ranks.values()) == len(t.rows) and len(ranks) == 1
+    return [(rule, "every row" if every else fmt.rank_list(rows)) for rule, rows in ranks.items()]
+
+
+def _knobs(method: str, trials: list, campaign: Campaign, color: dict[str, str]) -> dict:
+    """Which knobs matter for ``method``'s searches in this table: a bar plot per search with importances, and the
+    reason for each without (a search logged before importances were has neither)."""
+    parents = {p.parent_id for p in trials if p.method == method}
+    found = [i for i in campaign.importance if i.parent_id in parents]
+    labelled = len(found) > 1  # a method searched twice in one table: say which search (architecture, run)
+
+    def label(i) -> str:
+        return f"{i.arch or '?'} · {i.parent_id[:8]}" if labelled else ""
+
+    return {"knobs": [Markup(plots.importance_plot(i, color[method], label(i))) for i in found if i.values],
+            "knob_evaluators": list(dict.fromkeys(i.evaluator for i in found if i.values and i.evaluator)),
+            "knob_reasons": [(label(i), i.reason) for i in found if not i.values]}
 
 
 def _default_reason(flag: str) -> str:

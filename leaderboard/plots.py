@@ -8,11 +8,15 @@ Per leaderboard table the site shows:
    which also draws the PNG that ``search/evaluation.py`` writes beside a report);
 3. the search progress: best validation robust accuracy against trial-epochs spent, with each search's
    rank fidelity per ASHA rung (:func:`fidelity_text`);
-4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method;
+4. hyperparameter sensitivity: validation robust accuracy against each searched value, per method, beside
+   which knobs matter: the importance of each searched value for the search's selection metric
+   (:func:`importance_plot`);
 5. the cost: AutoAttack accuracy against each entry's training device-hours, with the Pareto front of cost
    against robustness (:func:`cost_plot`).
 
-Where the final evaluation scored a search's paper-default trial, the table also shows what tuning bought: an
+Where a search had several objectives, the table also shows each search's trials on the validation trade-off
+(clean against PGD accuracy) with its Pareto set joined (:func:`validation_pareto_plot`). Where the final
+evaluation scored a search's paper-default trial, the table also shows what tuning bought: an
 arrow per entry from the default to the tuned trial on the clean-vs-AutoAttack plane (:func:`tuning_plot`).
 
 The figures become inline SVG the page's Content-Security-Policy allows in :mod:`leaderboard.svg`.
@@ -27,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from otarena.leaderboard import formatting as fmt
-from otarena.leaderboard.schema import Fidelity, Row, Table, TrialPoint
+from otarena.leaderboard.schema import Fidelity, Importance, Row, Table, TrialPoint
 from otarena.leaderboard.svg import RC, Series, finish, new_figure, plot_series, to_svg
 
 if TYPE_CHECKING:
@@ -143,6 +147,52 @@ def pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> st
             _empty(ax, "no AutoAttack run: ranked by PGD" if t.ranking == "pgd_acc" else "no evaluated trials")
         finish(ax, "Clean vs AutoAttack accuracy", "clean accuracy (%)", "AutoAttack accuracy (%)")
     return to_svg(fig, "pareto", "Clean vs AutoAttack accuracy", tips)
+
+
+def validation_pareto_plot(t: Table, trials: list[TrialPoint], color: dict[str, str]) -> str:
+    """The searches' trade-off on validation: every completed trial's best-epoch clean against PGD accuracy, each
+    multi-objective search's Pareto set (``otarena.pareto``) joined by its step line, and the leaderboard entries
+    (black rings), chosen among them on validation by the rule the page states."""
+    import matplotlib
+
+    searches, keys, labels = _searches(t, [p for p in trials if p.outcome == "completed" and p.val_pgd_acc is not None
+                                           and p.val_clean_acc is not None])
+    pts = [p for key in keys for p in searches[key]]
+    series = []
+    for key in keys:
+        mine = searches[key]
+        label, front = labels[key], sorted((p for p in mine if p.pareto),
+                                           key=lambda p: (p.val_clean_acc, -p.val_pgd_acc))
+        series.append(Series(label, [100 * p.val_clean_acc for p in mine], [100 * p.val_pgd_acc for p in mine],
+                             color[key[0]], size=4.5,
+                             tips=[f"{label}{': Pareto set' if p.pareto else ''}\nval clean "
+                                   f"{100 * p.val_clean_acc:.2f}, val PGD {100 * p.val_pgd_acc:.2f}\nrun {p.run_id}"
+                                   for p in mine]))
+        if front:
+            xs, ys = pareto_staircase([(100 * p.val_clean_acc, 100 * p.val_pgd_acc) for p in front])
+            series.append(Series(None, xs, ys, color[key[0]], marker="", line="-"))
+    if any(p.pareto for p in pts):  # a neutral legend entry for the step lines, whatever their method's colour
+        series.append(Series("Pareto set", [], [], "#555555", marker="", line="-"))
+    chosen = [r for r in t.rows if r.val_pgd_acc is not None and r.val_clean_acc is not None]
+    if chosen:
+        series.append(Series("leaderboard", [100 * r.val_clean_acc for r in chosen],
+                             [100 * r.val_pgd_acc for r in chosen], "#000000", marker="ring", size=8,
+                             tips=[f"leaderboard entry: {r.method} · {r.arch}, chosen on validation by "
+                                   f"{r.selection_rule or 'the highest val PGD accuracy'}\nrun {r.run_name or r.run_id}"
+                                   for r in chosen]))
+    with matplotlib.rc_context(RC):
+        fig = new_figure(400, 300)
+        ax = fig.add_subplot()
+        tips: list = []
+        plot_series(ax, series, tips)
+        xy = [(100 * p.val_clean_acc, 100 * p.val_pgd_acc) for p in pts]
+        if xy:
+            _percent_axis(ax, "x", [x for x, _ in xy])
+            _percent_axis(ax, "y", [y for _, y in xy])
+        else:
+            _empty(ax, "no completed trials")
+        finish(ax, "Validation trade-off: clean vs PGD", "val clean accuracy (%)", "val PGD accuracy (%)")
+    return to_svg(fig, "validation-pareto", "Validation trade-off: clean vs PGD accuracy", tips)
 
 
 def cost_plot(t: Table, color: dict[str, str]) -> str:
@@ -417,6 +467,33 @@ def sensitivity_plots(t: Table, trials: list[TrialPoint], color: dict[str, str],
             svgs.append(to_svg(fig, "sensitivity", name, tips, attrs={"data-method": method, "data-param": name}))
         out.append((method, svgs))
     return out
+
+
+def importance_plot(importance: Importance, color: str, label: str = "") -> str:
+    """Which knobs matter for one search: a bar per searched hyperparameter, its share of the importance for the
+    search's selection metric (``importance/<param>``), largest on top."""
+    import matplotlib
+
+    names = [fmt.short(name, 16) for name, _ in importance.values]
+    shares = [100 * value for _, value in importance.values]
+    with matplotlib.rc_context(RC):
+        fig = new_figure(250, max(200, 82 + 18 * len(names)))
+        ax = fig.add_subplot()
+        ax.barh(range(len(names)), shares, color=color, height=0.6)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()  # the largest on top
+        ax.set_xlim(0, 100)
+        ax.grid(axis="y", visible=False)
+        for k, share in enumerate(shares):
+            ax.text(share + 2 if share < 70 else share - 2, k, f"{share:.0f}%", va="center",
+                    ha="left" if share < 70 else "right", fontsize=7.5, color="#111111" if share < 70 else "#ffffff")
+        finish(ax, "Which knobs matter" + (f": {label}" if label else ""), "share of importance (%)", "",
+               legend="none")
+        width = fig.get_size_inches()[0] * 96
+        # Room for the names left of the bars (up to ~6.5 px a character at 8.5 pt), never less than the usual
+        # margin; measuring the labels instead would cost more than drawing the plot.
+        fig.subplots_adjust(left=max(50, 14 + 6.5 * max((len(n) for n in names), default=0)) / width)
+    return to_svg(fig, "importance", "Which knobs matter", attrs={"data-method": importance.method})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -146,6 +146,9 @@ class Row:
     run_name: str = ""
     """The MLflow run name: user text, escaped in every output."""
     experiment_name: str = ""
+    selection_rule: str = ""
+    """The rule, in words, that chose this row among its search's trials on validation
+    (``otarena.selection_rule``, the trial's or else its search's); empty in stores written before it."""
 
     def headline(self, metric: str) -> float | None:
         """The number a reader should take for ``metric`` (one of :data:`ACCURACIES`).
@@ -223,6 +226,10 @@ class TrialPoint:
     clean_acc: float | None = None
     """Test numbers, only for evaluated trials (the Pareto plot)."""
     aa_acc: float | None = None
+    val_clean_acc: float | None = None
+    """Best-epoch validation clean accuracy: with ``val_pgd_acc``, the trial on the validation trade-off plot."""
+    pareto: bool = False
+    """In its multi-objective search's Pareto set on validation (``otarena.pareto``)."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,21 @@ class Fidelity:
 
 
 @dataclass(frozen=True)
+class Importance:
+    """Which knobs matter for one search: each searched hyperparameter's importance for its selection metric, from
+    its parent run (``importance/<param>``, docs/mlflow-schema.md), or the reason it has none."""
+
+    parent_id: str
+    method: str
+    arch: str
+    values: tuple[tuple[str, float], ...] = ()
+    """(hyperparameter, fraction), the fractions summing to 1, largest first."""
+    reason: str = ""
+    evaluator: str = ""
+    """How they were computed (``search.importance_evaluator``)."""
+
+
+@dataclass(frozen=True)
 class Campaign:
     """Everything a leaderboard build read: the candidate rows and every trial of their searches."""
 
@@ -247,6 +269,8 @@ class Campaign:
     """The claimed-against-measured tables of ``otarena reproduce`` (:mod:`leaderboard.reproductions`)."""
     fidelity: tuple[Fidelity, ...] = ()
     """Every search's rank fidelity per rung, shown with its search-progress line."""
+    importance: tuple[Importance, ...] = ()
+    """Every search's hyperparameter importances (or why it has none), shown beside its sensitivity plots."""
 
 
 def is_warning(flag: str) -> bool:

@@ -27,7 +27,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from otarena.leaderboard import build, formatting, html, plots, svg
+from otarena.leaderboard import build, collect_campaign, formatting, html, plots, svg
 from otarena.leaderboard.schema import Campaign, Row, Table, TrialPoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,18 +39,30 @@ HOSTILE_VALUE = "</script><script>alert(4)</script>"
 HOSTILE_REASON = '"><script>alert(3)</script> & more'
 HOSTILE_FLAG = "<i>masking:odd</i>"
 HOSTILE_METHOD = "mart<svg onload=alert(6)>"
+IMPORTANCE_EVALUATOR = "optuna PED-ANOVA (target_quantile=0.25, maximize val/best_pgd_acc)"
+TOO_FEW = "too few completed trials: 2 of 3 trials, the rest pruned or failed, at least 15 needed"
+CONSTRAINED_RULE = "max val/pgd_acc where val/clean_acc >= 0.8"
 _ids = itertools.count()
 
 
-def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", paper=None, link=None, fidelity=None):
-    """A search's parent run; ``fidelity`` maps a rung epoch to its rho, or to the reason it has none."""
+def _parent(c, exp, method, *, dataset="digits", norm="Linf", eps="0.2", paper=None, link=None, fidelity=None,
+            importance=None, rule=None):
+    """A search's parent run; ``fidelity`` maps a rung epoch to its rho, or to the reason it has none;
+    ``importance`` maps a hyperparameter to its share of the importance, or is the reason there are none;
+    ``rule``: the selection rule it tags (otarena.selection_rule)."""
     tags = {"otarena.role": "search", "otarena.method": method, "otarena.dataset": dataset,
             "otarena.arch": "small_cnn", "otarena.norm": norm, "otarena.eps": eps}
     if paper:
         tags |= {"otarena.paper": paper, "otarena.paper_link": link or ""}
     reasons = {f"otarena.fidelity.rung_{e}": v for e, v in (fidelity or {}).items() if isinstance(v, str)}
-    run_id = c.create_run(exp, tags=tags | reasons, run_name=f"{method}-search").info.run_id
+    if isinstance(importance, str):
+        reasons["otarena.importance_reason"] = importance
+    run_id = c.create_run(exp, tags=tags | reasons | ({"otarena.selection_rule": rule} if rule else {}),
+                          run_name=f"{method}-search").info.run_id
     c.log_metric(run_id, "search/device_hours", 0.25)
+    if isinstance(importance, dict):
+        c.log_batch(run_id, metrics=[Metric(f"importance/{k}", v, 0, 0) for k, v in importance.items()],
+                    params=[Param("search.importance_evaluator", IMPORTANCE_EVALUATOR)])
     for epoch, rho in (fidelity or {}).items():
         if not isinstance(rho, str):
             c.log_metric(run_id, f"fidelity/rung_{epoch}", rho)
@@ -96,30 +108,38 @@ def store(tmp_path_factory):
     r = SimpleNamespace(uri=uri, tmp=tmp, exp=exp)
 
     p = _parent(c, exp, "pgd_at", paper="Towards Deep Learning Models Resistant to Adversarial Attacks", link=PAPER,
-                fidelity={2: 0.9, 6: 0.25})
+                fidelity={2: 0.9, 6: 0.25}, importance={"lr": 0.72, "attack_steps": 0.28},
+                rule="highest val/pgd_acc")
     r.pgd = _trial(c, p, val=0.55, params={"lr": "0.1", "attack_steps": "10"}, aa=0.45, clean=0.95,
                    tags={"otarena.eps_sweep": _sweep([0.95, 0.7, 0.45, 0.2, 0.05])}, flags="small-sample",
                    metrics=_cost(0.02))
     _trial(c, p, val=0.35, params={"lr": "0.001", "attack_steps": "5"}, outcome="pruned", epochs=1)
     _trial(c, p, val=0.50, params={"lr": "0.01", "attack_steps": "7"}, aa=0.40, clean=0.90)
 
+    # A two-objective search (val PGD and clean accuracy): its two completed trials are its Pareto set, and the
+    # leaderboard row was chosen among them by a constrained rule, tagged on the trial itself.
     p = _parent(c, exp, "trades", paper="TRADES <b>", link="javascript:alert(5)",
-                fidelity={2: "too few trials: 2 reached max_epochs, at least 4 needed"})
+                fidelity={2: "too few trials: 2 reached max_epochs, at least 4 needed"}, importance=TOO_FEW,
+                rule=CONSTRAINED_RULE)
+    pareto = {"otarena.pareto": "true", "otarena.objectives": "val/pgd_acc,val/clean_acc"}
     r.trades = _trial(
         c, p, val=0.60, params={"trades_beta": "6.0", "note": HOSTILE_VALUE}, aa=0.50, clean=0.85,
         run_name=RUN_NAME, flags=f"masking:aa-gap,single-seed,{HOSTILE_FLAG}",
         tags={"otarena.flag_reasons": json.dumps({"masking:aa-gap": HOSTILE_REASON}),
-              "otarena.eps_sweep": _sweep([0.85, 0.75, 0.5, 0.3, 0.1])},
+              "otarena.eps_sweep": _sweep([0.85, 0.75, 0.5, 0.3, 0.1]), "otarena.selection_rule": CONSTRAINED_RULE,
+              **pareto},
         metrics={"test/n_seeds": 3, "test/aa_acc_mean": 0.49, "test/aa_acc_std": 0.01,
-                 "test/aa_acc_ci_low": 0.46, "test/aa_acc_ci_high": 0.54} | _cost(0.05))
-    _trial(c, p, val=0.20, params={"trades_beta": "1.0", "note": "x"}, outcome="pruned", epochs=1)
-    _trial(c, p, val=0.58, params={"trades_beta": "3.0", "note": "y"}, aa=0.47, clean=0.97)
+                 "test/aa_acc_ci_low": 0.46, "test/aa_acc_ci_high": 0.54, "val/best_clean_acc": 0.82} | _cost(0.05))
+    _trial(c, p, val=0.20, params={"trades_beta": "1.0", "note": "x"}, outcome="pruned", epochs=1,
+           tags={"otarena.objectives": pareto["otarena.objectives"]})
+    r.trades_front = _trial(c, p, val=0.58, params={"trades_beta": "3.0", "note": "y"}, aa=0.47, clean=0.97,
+                            tags=pareto, metrics={"val/best_clean_acc": 0.93})
 
     p = _parent(c, exp, HOSTILE_METHOD)
     r.mart = _trial(c, p, val=0.50, params={"mart_beta": "5.0"}, aa=0.30, clean=0.99, metrics=_cost(0.01))
     _trial(c, p, val=0.10, params={"mart_beta": "50.0"}, outcome="failed", epochs=2)
 
-    p = _parent(c, exp, "pgd_at", dataset="mnist", norm="L2", eps="1.5")
+    p = _parent(c, exp, "pgd_at", dataset="mnist", norm="L2", eps="1.5", importance={"optimizer": 1.0})
     r.l2 = _trial(c, p, val=0.7, params={"optimizer": "sgd"}, aa=0.65, clean=0.98)
     _trial(c, p, val=0.6, params={"optimizer": "adam"}, outcome="pruned", epochs=1)
     return r
@@ -186,6 +206,51 @@ def test_rank_fidelity_is_shown_with_the_search_progress(store, site):
     assert "pgd_at: epoch 2 +0.90, epoch 6 +0.25 (below 0.5: pruning there may drop the best trials)" in caption
     assert "trades: epoch 2 none (too few trials: 2 reached max_epochs, at least 4 needed)" in caption
     assert "mart" not in caption
+
+
+def test_which_knobs_matter_beside_the_sensitivity_plots(store, site):
+    """Per method, the importance bars of its search come first among its sensitivity plots, largest on top with
+    their shares; a search with too few trials says so instead; one logged before importances shows neither."""
+    campaign = collect_campaign(store.uri)
+    assert {(i.method, i.values, i.reason) for i in campaign.importance} == {
+        ("pgd_at", (("lr", 0.72), ("attack_steps", 0.28)), ""), ("trades", (), TOO_FEW),
+        ("pgd_at", (("optimizer", 1.0),), "")}
+    doc = _Tags(site.text)
+    assert [a["data-method"] for a in doc.find("svg", data_plot="importance")] == ["pgd_at", "pgd_at"]
+    first = site.text.split('<details class="sensitivity"')[1].split("</details>")[0]
+    pgd = first.split("<h4>pgd_at</h4>")[1].split("<h4>")[0]
+    assert pgd.index('data-plot="importance"') < pgd.index('data-plot="sensitivity"')
+    bars = pgd.split('data-plot="importance"')[1].split("</svg>")[0]
+    assert bars.index(">lr<") < bars.index(">attack_steps<") and ">72%<" in bars and ">28%<" in bars
+    assert f"Importances: {IMPORTANCE_EVALUATOR}." in pgd
+    trades = first.split("<h4>trades</h4>")[1].split("<h4>")[0]
+    assert 'data-plot="importance"' not in trades and f"Which knobs matter: not computed: {TOO_FEW}." in trades
+    mart = first.split("<h4>mart")[1]
+    assert "Which knobs matter" not in mart and 'data-plot="importance"' not in mart
+
+
+def test_pareto_sets_on_the_validation_trade_off_and_the_selection_rule(store, site):
+    """The trades search had two objectives: its Pareto set is joined on the validation clean-vs-PGD plot, shown
+    only in the table that has one; each row's selection rule (the trial's tag, else its search's) is stated
+    under the table, escaped."""
+    campaign = collect_campaign(store.uri)
+    assert {p.run_id for p in campaign.trials if p.pareto} == {store.trades, store.trades_front}
+    front = {p.run_id: (p.val_clean_acc, p.val_pgd_acc) for p in campaign.trials if p.pareto}
+    assert front == {store.trades: (0.82, 0.60), store.trades_front: (0.93, 0.58)}
+    first, second = site.text.split('id="table-1"')[1].split('id="table-2"')
+    assert first.count('data-plot="validation-pareto"') == 1 and 'data-plot="validation-pareto"' not in second
+    plot = first.split('data-plot="validation-pareto"')[1].split("</figure>")[0]
+    assert "Pareto set" in plot and "the Pareto set of each multi-objective search" in plot
+    tips = re.findall(r"<title>([^<]*)</title>", plot)
+    assert len([t for t in tips if "trades: Pareto set" in t]) == 2
+    assert any("val clean 82.00, val PGD 60.00" in t for t in tips)
+    assert any(t.startswith("leaderboard entry: trades") and "max val/pgd_acc where val/clean_acc &gt;= 0.8" in t
+               for t in tips)
+    rows = {r.run_id: r.selection_rule for r in site.tables[0].rows}
+    assert rows == {store.trades: CONSTRAINED_RULE, store.pgd: "highest val/pgd_acc", store.mart: ""}
+    assert ('<p class="note selection">Chosen on validation by: <b>max val/pgd_acc where val/clean_acc &gt;= 0.8</b> '
+            '(row 1); <b>highest val/pgd_acc</b> (row 2).</p>') in first
+    assert "Chosen on validation by" not in second  # the mnist search tagged no rule (a store from before)
 
 
 def test_cells_show_headline_numbers_and_sort_values(store, site):
@@ -454,7 +519,8 @@ def test_in_chromium(store, site, browser):
     assert _order(first) == ranked
 
     plots = page.locator("svg.plot[data-plot]")
-    assert plots.count() == 2 * 4 + 6
+    # Per table 4, 6 sensitivity plots, the trades search's validation trade-off, pgd_at's two importance plots.
+    assert plots.count() == 2 * 4 + 6 + 1 + 2
     for k in range(plots.count()):
         box = plots.nth(k).bounding_box()
         assert box and box["width"] > 100 and box["height"] > 100
@@ -471,6 +537,24 @@ def test_in_chromium(store, site, browser):
     assert "Pareto front" in page.locator('svg[data-plot="cost"]').first.inner_html()
     assert "no training cost logged" in page.locator('svg[data-plot="cost"]').nth(1).inner_html()
     assert page.evaluate("() => window.__pwned === undefined && !document.querySelector('img, iframe, i')")
+
+    # Which knobs matter: pgd_at's bars on the same line as its sensitivity plots, just left of them; trades says
+    # why it has none, in words on the page.
+    knobs = page.locator('#table-1 svg[data-plot="importance"]')
+    beside = page.locator('#table-1 svg[data-plot="sensitivity"][data-method="pgd_at"]').first
+    assert knobs.count() == 1 and knobs.is_visible() and beside.is_visible()
+    k, b = knobs.bounding_box(), beside.bounding_box()
+    assert abs(k["y"] - b["y"]) < 2 and k["x"] + k["width"] <= b["x"]
+    assert knobs.locator("text", has_text="72%").count() == 1
+    reason = page.locator("#table-1 p.importance-reason")
+    assert reason.count() == 1 and reason.is_visible() and TOO_FEW in reason.inner_text()
+    # The Pareto set on the validation trade-off, with its hover texts, and the rule that chose each row.
+    trade_off = page.locator('#table-1 svg[data-plot="validation-pareto"]')
+    assert trade_off.is_visible() and "Pareto set" in trade_off.inner_html()
+    assert len([t for t in trade_off.locator("use title").all_text_contents() if "Pareto set" in t]) == 2
+    rule = page.locator("#table-1 p.selection")
+    assert rule.is_visible() and rule.inner_text() == (f"Chosen on validation by: {CONSTRAINED_RULE} (row 1); "
+                                                       "highest val/pgd_acc (row 2).")
 
     _screenshot(page, "leaderboard.png")
     page.close()
