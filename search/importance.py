@@ -27,6 +27,7 @@ import optuna
 from otarena.leaderboard import tags as tag
 from otarena.methods.space import Choice, Float, Int
 from otarena.search import spaces
+from otarena.search.objectives import best_key
 
 MIN_TOP = 5
 """Trials the top quantile holds at least: Optuna's PED-ANOVA documentation asks for at least 5 above the
@@ -40,12 +41,6 @@ that knob ranked first for both directions in 82% of random tables of 10 trials,
 (measured over 40 and 200 tables): with fewer, the bars would too often name a knob that decides nothing."""
 METRIC_PREFIX = "importance/"
 EVALUATOR_PARAM = "search.importance_evaluator"
-
-
-def trial_value(objective: str) -> str:
-    """The per-trial value of an objective: its best epoch's, ``val/pgd_acc`` -> ``val/best_pgd_acc``."""
-    split, _, name = objective.partition("/")
-    return f"{split}/best_{name}" if name and not name.startswith("best_") else objective
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ def of_search(results: list, space: Mapping[str, Any], *, max_epochs: int,
     """The importances of one search from Ray's results (every trial of a resumed search too): the completed
     trials, those that trained ``max_epochs`` without error, with their best-epoch value of ``objective``
     (maximized, as every objective otarena searches)."""
-    metric = trial_value(objective)
+    metric = best_key(objective)
     table = [(r.config or {}, r.metrics.get(metric)) for r in results
              if r.error is None and r.metrics and int(r.metrics.get("training_iteration", 0)) >= max_epochs]
     rest = len(results) - len(table)

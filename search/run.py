@@ -43,7 +43,7 @@ from otarena import methods
 from otarena.leaderboard import tags as tag
 from otarena.methods.common import data as data_lib
 from otarena.methods.common.train import set_threads
-from otarena.search import budget, evaluation, fidelity, slots, spaces, studies
+from otarena.search import budget, evaluation, fidelity, importance, slots, spaces, studies
 from otarena.search.config import SearchConfig
 from otarena.search.moasha import MOASHAScheduler
 from otarena.search.objectives import DEFAULT_OBJECTIVES, Condition, Selection, best_key, pareto_front
@@ -404,7 +404,8 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
         parent_id = previous.info.run_id
         log(f"{method}: resuming the search of MLflow parent run {parent_id} from {path}")
         tracker.reopen(previous, "RUNNING")
-        # The searcher (Optuna's history), ASHA's rungs, the trials and their checkpoints all come back.
+        # The searcher (Optuna's history), the trials and their checkpoints come back. Tune restores the scheduler as
+        # the Tuner built it: Ray's ASHA starts its rungs afresh, MO-ASHA reads its records back (search/moasha.py).
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         if resume:
@@ -435,6 +436,9 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
                                     "search/device_hours": trial_seconds * devices / 3600, "search/wall_s": wall}
                         | {f.metric: f.rho for f in fidelities if f.rho is not None})
     tracker.set_tags(parent_id, {f"{tag.FIDELITY_REASON}{f.epoch}": f.reason for f in fidelities if f.rho is None})
+    # Which knobs matter for the selection metric, from every completed trial (a resumed search's too).
+    knobs = importance.of_search(results, space, max_epochs=cfg.budget.max_epochs, objective=cfg.objectives[0])
+    knobs.record(tracker, parent_id)
     run_ids = _run_ids(tracker, parent_id)
     record_selection(cfg, method, tracker, parent_id, results, run_ids)
     # The parent run lasts as long as its search; the final evaluation writes into its trials' runs later.

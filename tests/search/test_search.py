@@ -79,6 +79,16 @@ def test_parent_run_says_why_it_has_no_rank_fidelity(searched):
     assert reasons["otarena.fidelity.rung_1"].startswith("too few trials: ")
 
 
+def test_parent_run_says_why_it_has_no_importances(searched):
+    """Three trials are far fewer than hyperparameter importance needs: a reason instead of importance/* metrics
+    (the numbers: tests/search/test_importance.py)."""
+    _, _, _, _, runs = searched
+    parent = next(r for r in runs if r.data.tags.get("otarena.role") == "search")
+    assert not any(key.startswith("importance/") for key in parent.data.metrics)
+    assert "search.importance_evaluator" not in parent.data.params
+    assert parent.data.tags["otarena.importance_reason"].startswith("too few completed trials: ")
+
+
 def test_child_runs_carry_params_curves_and_outcome(searched):
     _, _, _, client, runs = searched
     children = [r for r in runs if r.data.tags.get("otarena.role") == "trial"]
