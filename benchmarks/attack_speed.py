@@ -90,11 +90,12 @@ def digits_model(device: torch.device, quick: bool):
     return run.model.eval(), test.x.to(device), test.y.to(device), 0.2
 
 
-def resnet_model(device: torch.device, batch: int):
-    """PreAct-ResNet-18 with random weights, random CIFAR-shaped inputs and its own predictions as labels."""
+def resnet_model(device: torch.device, batch: int, arch: str = "preact_resnet18"):
+    """PreAct-ResNet-18 (or ``arch``) with random weights, random CIFAR-shaped inputs and its own predictions as
+    labels: every point starts classified correctly, so an attack has all of them to work on."""
     info = INFO["cifar10"]
     torch.manual_seed(0)
-    model = methods.nets.build("preact_resnet18", in_channels=3, num_classes=10, mean=info.mean,
+    model = methods.nets.build(arch, in_channels=3, num_classes=10, mean=info.mean,
                                std=info.std).to(device).eval()
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():

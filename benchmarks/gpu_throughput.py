@@ -106,11 +106,13 @@ def machine(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "load_average_at_end": load_average()}
 
 
-def build(method: str, knobs: dict, spec: dict, data: TensorData, device: torch.device):
+def build(method: str, knobs: dict, spec: dict, data: TensorData, device: torch.device,
+          threat: Optional[methods.ThreatModel] = None):
+    """The run of ``method`` on ``data`` with ``knobs`` on, under ``threat`` (default: CIFAR's Linf 8/255)."""
     hparams = {"batch_size": spec["batch_size"], "attack_steps": spec["attack_steps"], "optimizer": "sgd",
                "lr": 0.01, **knobs}
     run = methods.build_run(method, hparams, dataset="cifar10", arch=spec["arch"], device=device,
-                            threat=methods.ThreatModel("Linf", 8 / 255), train=data, val=data)
+                            threat=threat or methods.ThreatModel("Linf", 8 / 255), train=data, val=data)
     prepare(run)
     return run
 

@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Every benchmark script runs in its --quick mode (a smoke test: correctness, never time)."""
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -16,3 +18,41 @@ def test_benchmark_quick(script, tmp_path):
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
+
+
+GPU_CHECK = SCRIPTS[0].parent / "gpu_check.py"
+CPU_PARTS = ["pgd_at_epoch", "method_steps", "gpu_throughput", "attack_speed", "autoattack"]
+"""gpu_check's parts that run in seconds on a CPU. The packed search starts Ray and MLflow (about two minutes on 2
+busy cores; tests/search covers that path) and the compiled epoch waits on the C++ compiler: both run on a GPU."""
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("no CUDA GPU here: "), proc.stdout
+    assert not list(tmp_path.iterdir()), "it must stop before any work"
+
+
+def test_gpu_check_runs_its_parts_tiny_on_cpu(tmp_path):
+    from otarena import methods
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--quick", "--parts", ",".join(CPU_PARTS),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    errors = {part: record.get("error") for part, record in report["parts"].items() if record["status"] != "ok"}
+    assert not errors and list(report["summary"]) == CPU_PARTS, errors
+    assert report["device"].startswith("CPU") and report["quick"]
+    steps = report["parts"]["method_steps"]["result"]["rows"]
+    assert {(r["method"], r["precision"]) for r in steps if r["ok"]} == {
+        (name, precision) for name in methods.REGISTRY for precision in ("fp32", "bf16")}
+    assert all(r["step_s"] > 0 for r in steps)
+    assert set(report["pgd_at_epoch_s"]) == {"fp32", "fast"} and all(s > 0 for s in report["pgd_at_epoch_s"].values())
+    throughput = report["parts"]["gpu_throughput"]["result"]["rows"]
+    assert {r["method"] for r in throughput} == {"erm", "pgd_at"} and all(r["images_per_s"] > 0 for r in throughput)
+    assert {m["model"] for m in report["parts"]["attack_speed"]["result"]["models"]} == {"digits", "resnet"}
+    assert report["parts"]["autoattack"]["result"]["points"] == 8
