@@ -49,14 +49,28 @@ class StudiesError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- where
+def _sqlite_file(url: str) -> Optional[str]:
+    """The absolute path of a sqlite URL's file (``sqlite:///rel.db`` is relative to the working folder);
+    ``None`` for another database, an in-memory one, or text that is no database URL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return os.path.abspath(parsed.database)
+
+
 def absolute_sqlite(url: str) -> str:
-    """``sqlite:///rel.db`` (relative to the working folder) as ``sqlite:////abs/rel.db``; other URLs unchanged."""
-    if not url.startswith("sqlite:///"):
-        return url
-    path, _, query = url[len("sqlite:///"):].partition("?")
-    if path in ("", ":memory:"):
-        return url
-    return "sqlite:///" + os.path.abspath(urllib.parse.unquote(path)) + (f"?{query}" if query else "")
+    """``sqlite:///rel.db`` as ``sqlite:////abs/rel.db``, so that every process opens the same file; other URLs
+    unchanged."""
+    from sqlalchemy.engine import make_url
+
+    path = _sqlite_file(url)
+    return url if path is None else make_url(url).set(database=path).render_as_string(hide_password=False)
 
 
 def _beside(path: str) -> str:
@@ -83,11 +97,10 @@ def storage_url(tracking_uri: str, optuna_storage: Optional[str] = None,
     """Where the Optuna studies of a search logged to ``tracking_uri`` live (module docstring)."""
     if optuna_storage:
         return Storage(absolute_sqlite(optuna_storage), "optuna_storage in the config")
-    parsed = urllib.parse.urlparse(tracking_uri)
-    if tracking_uri.startswith("sqlite:///") and tracking_uri[len("sqlite:///"):].split("?")[0] not in ("",
-                                                                                                       ":memory:"):
-        database = urllib.parse.unquote(tracking_uri[len("sqlite:///"):].split("?")[0])
+    database = _sqlite_file(tracking_uri)
+    if database is not None:
         return Storage(_beside(database), "beside the MLflow store")
+    parsed = urllib.parse.urlparse(tracking_uri)
     if parsed.scheme in ("", "file"):
         folder = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else tracking_uri
         return Storage(_beside(folder.rstrip("/") or "/"), "beside the MLflow file store")
@@ -227,13 +240,6 @@ class StudyRow:
         return {"study": self.name, "objectives": self.objectives, "directions": self.directions,
                 "trials": self.counts, "best": self.best, "pareto_size": self.pareto_size,
                 "parent_run": self.parent_run, "experiment": self.experiment}
-
-
-def _sqlite_file(url: str) -> Optional[str]:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    return os.path.abspath(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
 
 
 def connect_existing(url: str):

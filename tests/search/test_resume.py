@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 from processes import count_rows
+from stored_study import check_stored_study
 
 OTARENA = str(Path(sys.executable).parent / "otarena")
 TRIALS, EPOCHS = 6, 3
@@ -81,6 +82,11 @@ def test_sigkill_then_resume_reaches_the_budget_once(tmp_path):
             assert run.info.run_id == done_before[trial_id].info.run_id
             assert len(steps) == int(done_before[trial_id].data.metrics["train/epochs"])
     assert parents[0].data.metrics["search/n_trials"] == TRIALS
+    # One Optuna study across the kill and the resume: the restored searcher wrote into the stored study (no second
+    # one, nothing left RUNNING), and each finished trial is there in its MLflow outcome's state.
+    assert parents[0].data.tags["otarena.optuna_storage"] == f"sqlite:///{tmp_path}/optuna.db"
+    assert sum(check_stored_study(parents[0], trials, "lr").values()) == TRIALS
+    assert f"Optuna study {parents[0].data.tags['otarena.optuna_study']} continued from its storage" in resumed.stdout
     # Rank fidelity at ASHA's rungs (epochs 1 and 2), from Ray's results of the resumed search: each rung a
     # number or the reason it has none, over every completed trial, those the killed driver saw finish included.
     completed = sum(1 for r in trials if r.data.tags.get("otarena.outcome") == "completed")
