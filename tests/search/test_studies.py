@@ -102,19 +102,38 @@ def _stored_study(tmp_path):
     return url, study.study_name
 
 
+def _two_objective_study(url: str) -> str:
+    study = optuna.create_study(storage=studies.open_storage(url), study_name="digits-trades-20260101-000001",
+                                directions=["maximize", "maximize"])
+    studies.describe(study, "4567cdef", "digits", "sqlite:///mlflow.db", ["val/pgd_acc", "val/clean_acc"])
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for values in ([0.5, 0.9], [0.6, 0.8], [0.4, 0.7]):   # the third is dominated: a Pareto set of 2
+        study.add_trial(optuna.trial.create_trial(values=values, params={"x": 0.5}, distributions={"x": x}))
+    study.add_trial(optuna.trial.create_trial(state=S.PRUNED, params={"x": 0.5}, distributions={"x": x}))
+    return study.study_name
+
+
 def test_otarena_studies_lists_trials_by_state_best_value_and_parent_run(tmp_path, capsys):
     url, name = _stored_study(tmp_path)
+    two = _two_objective_study(url)
     assert main(["studies", "--storage", url]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"Optuna studies in {url} (--storage): 1"
+    assert lines[0] == f"Optuna studies in {url} (--storage): 2"
     assert lines[1].split() == ["study", "objectives", "complete", "pruned", "fail", "running", "best", "MLflow",
                                 "parent", "run"]
     assert lines[2].split() == [name, "max", "val/pgd_acc", "2", "1", "1", "0", "0.61", "0123abcd"]
+    assert lines[3].split() == [two, "max", "val/pgd_acc,", "max", "val/clean_acc", "3", "1", "0", "0", "0.6,", "0.9",
+                                "(Pareto", "set:", "2)", "4567cdef"]
     assert lines[-1].startswith(f"open them in a browser: optuna-dashboard {url}")
-    # Beside the MLflow store by default, and as JSON for scripts.
-    assert main(["studies", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--json"]) == 0
+    # Beside a config's MLflow store, and as JSON for scripts.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "c", "threat_model": {"norm": "Linf", "eps": 0.2}, "methods": ["erm"],
+                                      "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+    assert main(["studies", "--config", str(config), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
+    assert listing["storage"] == url
     assert listing["studies"][0]["trials"] == {"complete": 2, "pruned": 1, "fail": 1, "running": 0, "waiting": 0}
+    assert listing["studies"][1]["best"] == [0.6, 0.9] and listing["studies"][1]["pareto_size"] == 2
 
 
 def test_otarena_studies_refuses_a_storage_without_studies_and_creates_nothing(tmp_path, capsys):
