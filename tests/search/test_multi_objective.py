@@ -19,7 +19,7 @@ from otarena.search.moasha import STATE_FILE, MOASHAScheduler
 from otarena.search.objectives import dominates
 from otarena.search.run import PrunedAwareOptunaSearch, run_search
 
-TRIALS, EPOCHS = 4, 2
+TRIALS, EPOCHS = 3, 2
 OBJECTIVES = ["val/pgd_acc", "val/clean_acc"]
 
 
@@ -30,7 +30,7 @@ def searched(tmp_path_factory, ray_local):
     cfg = config_lib.parse({
         "name": "mo-search", "objectives": OBJECTIVES, "methods": ["trades"], "threat_model": {"eps": 0.2},
         "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "val_n_ex": 32, "attack_steps": 2},
-        "budget": {"trials": TRIALS, "max_epochs": EPOCHS, "grace_epochs": 1, "reduction_factor": 2,
+        "budget": {"trials": TRIALS, "max_epochs": EPOCHS, "grace_epochs": 1, "reduction_factor": 3,
                    "max_concurrent": 2},
         "final_eval": {"top_k": "pareto", "n_ex": 16, "pgd_steps": 2, "pgd_targets": 0, "autoattack": None,
                        "eps_sweep": False, "checks": []},
@@ -114,7 +114,7 @@ def test_a_restored_mo_search_goes_on_with_its_rungs_and_its_study(tmp_path, ray
     every trial MO-ASHA stopped is PRUNED there."""
     def toy(config):   # nested, so Ray pickles it by value for its workers
         for epoch in range(1, 4):
-            time.sleep(0.2)
+            time.sleep(0.1)
             tune.report({"val/pgd_acc": config["x"] * epoch / 3, "val/clean_acc": (1 - config["x"]) * epoch / 3})
 
     class StopOnce(tune.Callback):
