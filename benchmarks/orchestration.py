@@ -116,14 +116,17 @@ class TuneWith:
         return tune.TuneConfig(**{**kwargs, "reuse_actors": self.reuse_actors})
 
 
-def sleeping_trainable(epoch_s: float):
+def sleeping_trainable(epoch_s: float | dict, on_epoch=None):
     """``train_trial`` with each epoch's training and validation replaced by ``epoch_s`` of sleep.
 
     Everything else is as in ``search.trainable.train_trial``: the run is built (model, optimizer,
     method), restored from a checkpoint if any, and every epoch reports the same keys with a
     checkpoint of ``run.state_dict()``. The score depends on ``lr`` only, so TPE has a signal.
+    ``epoch_s`` may map each method to its own epoch length (benchmarks/campaign.py's campaign);
+    ``on_epoch(method, trial_id, start, end)``, if given, is told each epoch's sleep, in wall-clock time.
     """
     def sleeping_trial(config, *, spec, train_data, val_data):
+        sleep_s = epoch_s[spec.method] if isinstance(epoch_s, dict) else epoch_s
         entered, entered_perf = time.time(), time.perf_counter()
         torch.set_num_threads(max(1, int(spec.cpus)))
         hparams = {**spec.fixed, **config}
@@ -138,8 +141,10 @@ def sleeping_trainable(epoch_s: float):
         # which MlflowTrials does not log (it logs train/, val/ and time/epoch_s).
         timing = {"bench/enter_ts": entered, "bench/setup_s": time.perf_counter() - entered_perf}
         while run.epoch < run.cfg.epochs:
-            start = time.perf_counter()
-            time.sleep(epoch_s)
+            start, slept_from = time.perf_counter(), time.time()
+            time.sleep(sleep_s)
+            if on_epoch is not None:
+                on_epoch(spec.method, tune.get_context().get_trial_id(), slept_from, time.time())
             run.epoch += 1
             score = max(0.0, 0.6 - 0.1 * abs(math.log10(hparams["lr"] / 2e-3))) * run.epoch / run.cfg.epochs
             metrics = {"train/loss": 1.0 - score, "val/clean_acc": min(1.0, score + 0.3), "val/pgd_acc": score,
