@@ -609,8 +609,17 @@ def cmd_studies(args) -> int:
     print(f"Optuna studies in {storage.public} ({storage.why}): {len(rows)}")
     for line in studies.format_rows(rows) if rows else []:
         print(f"  {line}")
-    print(f"open them in a browser: optuna-dashboard {shlex.quote(storage.public)} (then http://127.0.0.1:8080/)")
+    print(f"open them in a browser: {_dashboard_command()} {shlex.quote(storage.public)} (then http://127.0.0.1:8080/)")
     return 0
+
+
+def _dashboard_command() -> str:
+    """``optuna-dashboard``, or its path in this environment when the shell's PATH does not find it (a virtual
+    environment that is not activated)."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+    return "optuna-dashboard" if shutil.which("optuna-dashboard") or not os.path.exists(beside) else beside
 
 
 class _FormatsHelp(str):
