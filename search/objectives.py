@@ -7,7 +7,7 @@ trial is "the best": the Pareto set is every trial that no other beats on one ob
 on another (docs/mlflow-schema.md, ``search/pareto.json``). Here are the pure pieces: dominance,
 non-dominated sorting into fronts and crowding distance (Deb et al., "A fast and elitist multiobjective
 genetic algorithm: NSGA-II", IEEE TEC 2002, Sections III-A and III-B), constraints in Optuna's form (a
-value <= 0 is feasible), and the selection rule of ``final_eval.select``.
+value <= 0 is feasible: ``Trial.set_constraint``), and the selection rule of ``final_eval.select``.
 """
 from __future__ import annotations
 
@@ -136,10 +136,16 @@ class Condition:
         check_metric(match["metric"], where)
         return cls(match["metric"], match["op"], bound)
 
-    def violation(self, metrics: dict) -> float:
-        """Optuna's constraint value (``constraints_func``): <= 0 when met, else by how much it is missed."""
-        value = _value(metrics.get(best_key(self.metric), math.nan))
+    def excess(self, value: Optional[float]) -> float:
+        """Optuna's constraint value for a metric's value: <= 0 when met, else by how much it is missed; a value
+        that is missing or NaN misses it by 1 (a whole accuracy range)."""
+        if value is None or math.isnan(value):
+            return 1.0
         return (self.bound - value) if self.op == ">=" else (value - self.bound)
+
+    def violation(self, metrics: dict) -> float:
+        """:meth:`excess` of a trial's best-epoch value (``val/best_*``)."""
+        return self.excess(metrics.get(best_key(self.metric)))
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.bound:g}"

@@ -183,21 +183,20 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     below completed trials, so TPE learns from final results. A multi-objective study gets PRUNED the same
     way (it has no intermediate values, and Optuna keeps a pruned trial out of its Pareto front).
 
-    ``constraint_metrics``: the metrics of the config's ``constraints``, put on the Optuna trial as user
-    attributes before it is told, where the sampler's ``constraints_func`` reads them
-    (``spaces.ConstraintValues``).
+    ``constraints``: the config's (``objectives.Condition``), set on the Optuna trial before it is told from
+    the trial's last result, like the objectives' values (``Trial.set_constraint``: TPE and NSGA-II prefer
+    the trials that meet them).
     """
 
-    def __init__(self, *args, max_epochs: int, constraint_metrics: tuple = (), **kwargs):
+    def __init__(self, *args, max_epochs: int, constraints: tuple = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
-        self.constraint_metrics = tuple(constraint_metrics)
+        self.constraints = tuple(constraints)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
         if result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            for metric in self.constraint_metrics:
-                if result.get(metric) is not None:
-                    self._ot_trials[trial_id].set_user_attr(metric, float(result[metric]))
+            for condition in self.constraints:
+                self._ot_trials[trial_id].set_constraint(str(condition), condition.excess(result.get(condition.metric)))
         stopped_early = bool(result) and not error and result.get("training_iteration", 0) < self.max_epochs
         if stopped_early and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
@@ -569,13 +568,11 @@ def _new_search(cfg: SearchConfig, method: str, tracker: Tracker, tags: dict, sp
     log(f"{method}: Optuna study {name} in {optuna_storage.public} ({optuna_storage.why})"
         + ("; set optuna_storage to keep it in a shared database (docs/cluster.md)" if optuna_storage.fallback else ""))
     several = len(cfg.objectives) > 1
-    constraints = spaces.ConstraintValues(Condition.parse(c) for c in cfg.constraints)
-    sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials, kind=cfg.budget.sampler,
-                             constraints=constraints)
+    sampler = spaces.sampler(space, seed=cfg.seed, method=method, trials=cfg.budget.trials, kind=cfg.budget.sampler)
     # Ray's OptunaSearch makes a multi-objective study from a list of metrics and modes.
     searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=list(cfg.objectives) if several
                                        else cfg.objectives[0], mode=[MODE] * len(cfg.objectives) if several else MODE,
-                                       sampler=sampler, constraint_metrics=constraints.metrics(),
+                                       sampler=sampler, constraints=[Condition.parse(c) for c in cfg.constraints],
                                        points_to_evaluate=[spaces.defaults(space)] if searched else None,
                                        max_epochs=cfg.budget.max_epochs,
                                        storage=studies.open_storage(optuna_storage.url), study_name=name)

@@ -88,9 +88,9 @@ class StartupAwayFromDefault(optuna.samplers.TPESampler):
     ``n_startup_trials`` trials have finished, TPE samples as usual.
     """
 
-    def __init__(self, space: dict[str, Any], *, seed: int, n_startup_trials: int, constraints_func=None):
+    def __init__(self, space: dict[str, Any], *, seed: int, n_startup_trials: int):
         # TPE is multi-objective by itself when the study has several directions (MOTPE, Ozaki et al., GECCO 2020).
-        super().__init__(seed=seed, n_startup_trials=n_startup_trials, constraints_func=constraints_func)
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
         self.n_startup_trials, self.domains = n_startup_trials, searched(space)
         self.startup = optuna.samplers.RandomSampler(seed=seed)
 
@@ -111,38 +111,13 @@ class StartupAwayFromDefault(optuna.samplers.TPESampler):
         return value
 
 
-class ConstraintValues:
-    """Optuna's ``constraints_func`` for the config's ``constraints``: per condition, by how much a finished trial
-    misses it (<= 0: met). The values come from the trial's user attributes, where ``PrunedAwareOptunaSearch``
-    puts the trial's last reported value of each constrained metric (Optuna sees only the objectives).
-    A class, not a closure, so that Ray can pickle the sampler with its searcher."""
-
-    def __init__(self, conditions):
-        self.conditions = tuple(conditions)
-
-    def metrics(self) -> list[str]:
-        return list(dict.fromkeys(c.metric for c in self.conditions))
-
-    def __call__(self, trial) -> list[float]:
-        values = []
-        for c in self.conditions:
-            value = trial.user_attrs.get(c.metric)
-            if value is None or math.isnan(value):
-                values.append(1.0)   # never scored: as far from any accuracy bound as can be
-            else:
-                values.append(c.bound - value if c.op == ">=" else value - c.bound)
-        return values
-
-
-def sampler(space: dict[str, Any], *, seed: int, method: str, trials: int, kind: str = "tpe",
-            constraints: ConstraintValues | None = None) -> optuna.samplers.BaseSampler:
+def sampler(space: dict[str, Any], *, seed: int, method: str, trials: int,
+            kind: str = "tpe") -> optuna.samplers.BaseSampler:
     """The sampler of one method's search, with its own seed: TPE whose start-up draws keep away from the default
     (multi-objective when the study has several objectives), or NSGA-II (``budget.sampler: nsga2``, Deb et al.,
-    IEEE TEC 2002) whose generations are as large as TPE's start-up, so that a small budget sees several of them."""
+    IEEE TEC 2002) whose generations are as large as TPE's start-up, so that a small budget sees several of them.
+    Both read the config's constraints from each finished trial (``Trial.set_constraint``, by the searcher)."""
     n_startup = max(2, min(10, trials // 2))
-    constraints_func = constraints if constraints and constraints.conditions else None
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=n_startup, seed=method_seed(seed, method),
-                                             constraints_func=constraints_func)
-    return StartupAwayFromDefault(space, seed=method_seed(seed, method), n_startup_trials=n_startup,
-                                  constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(population_size=n_startup, seed=method_seed(seed, method))
+    return StartupAwayFromDefault(space, seed=method_seed(seed, method), n_startup_trials=n_startup)

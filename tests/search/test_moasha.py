@@ -148,3 +148,30 @@ def test_config_errors_are_one_line(extra, message):
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.parse(raw)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_samplers_and_the_constraints_they_read():
+    """budget.sampler picks TPE (multi-objective by itself on a two-direction study) or NSGA-II; the searcher sets
+    the config's constraints on each finished trial from its last result (Optuna's constraint values, <= 0: met),
+    where both samplers read them."""
+    import optuna
+
+    from otarena.search import spaces
+    from otarena.search.objectives import Condition
+    from otarena.search.run import PrunedAwareOptunaSearch
+
+    space = _cfg().spaces()["trades"]
+    assert isinstance(spaces.sampler(space, seed=0, method="trades", trials=8), spaces.StartupAwayFromDefault)
+    nsga = spaces.sampler(space, seed=0, method="trades", trials=8, kind="nsga2")
+    assert isinstance(nsga, optuna.samplers.NSGAIISampler) and nsga._population_size == 4
+    searcher = PrunedAwareOptunaSearch(space=spaces.DefineByRun(space), metric=["val/pgd_acc", "val/clean_acc"],
+                                       mode=["max", "max"], sampler=nsga, max_epochs=2,
+                                       constraints=[Condition.parse("val/clean_acc >= 0.8")])
+    for trial_id, clean in (("a", 0.9), ("b", 0.5), ("c", None)):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, {"training_iteration": 2, "val/pgd_acc": 0.3, "val/clean_acc": clean})
+    trials = searcher._ot_study.get_trials()
+    # Met by 0.1, missed by 0.3, and a trial that reported no clean accuracy misses it by a whole range.
+    assert [t.constraints for t in trials] == [{"val/clean_acc >= 0.8": pytest.approx(-0.1)},
+                                               {"val/clean_acc >= 0.8": pytest.approx(0.3)},
+                                               {"val/clean_acc >= 0.8": 1.0}]

@@ -29,6 +29,7 @@ def searched(tmp_path_factory, ray_local):
     # TRADES' beta alone is searched: the knob that trades clean accuracy for robustness.
     cfg = config_lib.parse({
         "name": "mo-search", "objectives": OBJECTIVES, "methods": ["trades"], "threat_model": {"eps": 0.2},
+        "constraints": ["val/clean_acc >= 0.5"],
         "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "val_n_ex": 32, "attack_steps": 2},
         "budget": {"trials": TRIALS, "max_epochs": EPOCHS, "grace_epochs": 1, "reduction_factor": 3,
                    "max_concurrent": 2},
@@ -84,7 +85,7 @@ def test_recorded_pareto_set_is_dominated_by_no_trial(searched):
 
 def test_the_pareto_set_is_evaluated_under_its_rule(searched):
     _, _, summaries, _, parent, trials = searched
-    rule = "the Pareto set of val/pgd_acc, val/clean_acc; first: highest val/pgd_acc"
+    rule = "the Pareto set of val/pgd_acc, val/clean_acc; first: highest val/pgd_acc with val/clean_acc >= 0.5"
     assert parent.data.tags["otarena.selection_rule"] == rule
     evaluated = {t.info.run_id for t in trials if t.data.tags.get("otarena.evaluated") == "true"}
     assert evaluated == {t.info.run_id for t in trials if t.data.tags.get("otarena.pareto") == "true"}
@@ -102,6 +103,8 @@ def test_its_pruned_trials_are_pruned_in_the_stored_study(searched):
     S = optuna.trial.TrialState
     assert states.count(S.COMPLETE) == outcomes.count("completed")
     assert states.count(S.PRUNED) == outcomes.count("pruned")
+    # The config's constraint, on every told trial from its last clean accuracy (<= 0: met).
+    assert all(list(t.constraints) == ["val/clean_acc >= 0.5"] for t in study.trials if t.state in (S.COMPLETE, S.PRUNED))
     # MO-ASHA's rung records, in the experiment's folder: every trial reached epoch 1.
     (experiment,) = [p for p in (tmp / "ray").iterdir() if p.is_dir() and p.name.startswith("mo-search-trades")]
     rungs = json.loads((experiment / STATE_FILE).read_text())["rungs"]
