@@ -467,8 +467,9 @@ def record_selection(cfg: SearchConfig, method: str, tracker: Tracker, parent_id
         for point in points:
             if point["run_id"]:
                 tracker.set_tags(point["run_id"], {tag.PARETO: "true"})
-        shown = "; ".join(f"{p['trial_id']} (" + ", ".join(f"{o.removeprefix('val/')} {p[o]:.1%}"
-                                                           for o in cfg.objectives) + ")" for p in points)
+        values = [", ".join(f"{o.removeprefix('val/')} {math.nan if p[o] is None else p[o]:.1%}"
+                            for o in cfg.objectives) for p in points]
+        shown = "; ".join(f"{p['trial_id']} ({v})" for p, v in zip(points, values))
         log(f"{method}: Pareto set of {len(points)} completed trials on {', '.join(cfg.objectives)}: "
             f"{shown or 'empty (no trial completed)'}")
     chosen, rule = choose(results, cfg)

@@ -104,7 +104,8 @@ def test_its_pruned_trials_are_pruned_in_the_stored_study(searched):
     assert states.count(S.COMPLETE) == outcomes.count("completed")
     assert states.count(S.PRUNED) == outcomes.count("pruned")
     # The config's constraint, on every told trial from its last clean accuracy (<= 0: met).
-    assert all(list(t.constraints) == ["val/clean_acc >= 0.5"] for t in study.trials if t.state in (S.COMPLETE, S.PRUNED))
+    told = [t for t in study.trials if t.state in (S.COMPLETE, S.PRUNED)]
+    assert told and all(list(t.constraints) == ["val/clean_acc >= 0.5"] for t in told)
     # MO-ASHA's rung records, in the experiment's folder: every trial reached epoch 1.
     (experiment,) = [p for p in (tmp / "ray").iterdir() if p.is_dir() and p.name.startswith("mo-search-trades")]
     rungs = json.loads((experiment / STATE_FILE).read_text())["rungs"]
