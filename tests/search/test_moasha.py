@@ -175,3 +175,19 @@ def test_samplers_and_the_constraints_they_read():
     assert [t.constraints for t in trials] == [{"val/clean_acc >= 0.8": pytest.approx(-0.1)},
                                                {"val/clean_acc >= 0.8": pytest.approx(0.3)},
                                                {"val/clean_acc >= 0.8": 1.0}]
+
+
+def test_the_example_trade_off_config():
+    """configs/digits-trade-off.yaml, the README's multi-objective example, is valid and says what it runs."""
+    from pathlib import Path
+
+    from otarena.search.run import search_algorithm
+
+    cfg = config_lib.load(str(Path(__file__).resolve().parents[2] / "configs" / "digits-trade-off.yaml"))
+    assert cfg.objectives == ["val/pgd_acc", "val/clean_acc"] and cfg.final_eval.top_k == "pareto"
+    assert cfg.selection().describe() == "highest val/pgd_acc with val/clean_acc >= 0.9"
+    assert search_algorithm(cfg) == {"search.algorithm": "optuna-tpe-mo", "search.scheduler": "mo-asha",
+                                     "search.metric": "val/pgd_acc", "search.objectives": "val/pgd_acc,val/clean_acc"}
+    nsga = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"sampler": "nsga2", "scheduler": "fifo"})})
+    params = search_algorithm(nsga)
+    assert params["search.algorithm"] == "optuna-nsga2" and params["search.scheduler"] == "fifo"
