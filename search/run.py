@@ -1097,8 +1097,10 @@ def _stop_on_request(campaign, finished: threading.Event) -> None:
 
     Tune's stop handler runs in the main thread, so it is reached by a SIGUSR1 to this process, and only once
     Tune has installed it (``CtrlC.tune_started`` stops a Tuner still being built)."""
-    while not finished.wait(0.5):
+    while not finished.wait(0.25):
         if ray.get(campaign.stopping.remote()):
+            if slots.CONNECTION is not None:
+                slots.CONNECTION.stopped = True
             CTRL_C.requested = True
             if CTRL_C.tune_stop is not None:
                 os.kill(os.getpid(), signal.SIGUSR1)

@@ -108,6 +108,8 @@ class Connection:
     def __init__(self, campaign, pool: str, search: str):
         self.campaign, self.pool, self.search = campaign, pool, search
         self.asked: Optional[tuple[int, float, int]] = None   # (demand, when, share)
+        self.stopped = False
+        """Set when the driver got a Ctrl-C: the search suggests no further trial while Tune stops."""
 
     def share(self, demand: int) -> int:
         now = time.monotonic()
@@ -150,6 +152,8 @@ class FairShareLimiter(ConcurrencyLimiter):
     def suggest(self, trial_id: str) -> Optional[dict]:
         if CONNECTION is None:
             self.max_concurrent = self.slots
+        elif CONNECTION.stopped:
+            return None
         else:
             demand = len(self.live_trials) + max(self.trials - self.suggested, 0)
             self.max_concurrent = CONNECTION.share(demand)

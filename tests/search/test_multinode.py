@@ -12,6 +12,7 @@ of the user's).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,68 @@ def test_search_spreads_over_both_nodes_and_logs_to_the_server(cluster):
 
 def test_processes_are_ours_and_alive(cluster):
     assert all(p.poll() is None for p in cluster["processes"])
+
+
+def test_a_two_method_campaign_searches_both_at_once_and_resumes_both_after_sigkill(cluster):
+    """Both searches at once on the two nodes (one slot each: the fair share of two), their trials overlapping in
+    time; the driver killed with SIGKILL mid-campaign; ``--resume`` continues both (a search caught mid-way resumes,
+    one that had just ended gets its final evaluation): one parent per method, one run per trial."""
+    tmp, env = cluster["tmp"], cluster["env"]
+    methods, trials = ["pgd_at", "trades"], 3
+    config = tmp / "campaign.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "concurrent", "dataset": "digits", "arch": "small_cnn", "threat_model": {"norm": "Linf", "eps": 0.2},
+        "methods": methods, "train": {"optimizer": "adam", "batch_size": 64, "val_n_ex": 32, "attack_steps": 1},
+        "space": {"common": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}},
+        "budget": {"trials": trials, "max_epochs": 3, "grace_epochs": 1, "max_concurrent": 2, "scheduler": "fifo"},
+        "final_eval": {"n_ex": 16, "pgd_steps": 2, "pgd_targets": 0, "autoattack": None, "eps_sweep": False},
+    }))
+    command = [str(BIN / "otarena"), "search", str(config), "--address", cluster["address"], "--tracking-uri",
+               cluster["tracking_uri"], "--storage", str(tmp / "shared" / "campaign"), "--no-leaderboard"]
+    log = tmp / "campaign-first.log"
+    driver = start(command, log, env, cwd=tmp)
+    client = MlflowClient(cluster["tracking_uri"])
+
+    def completed() -> dict:
+        experiment = client.get_experiment_by_name("concurrent")
+        runs = client.search_runs([experiment.experiment_id], "tags.`otarena.outcome` = 'completed'") \
+            if experiment else []
+        return {m: [r for r in runs if r.data.tags["otarena.method"] == m] for m in methods}
+
+    try:
+        # Each search has finished a trial and is training the next: SIGKILL the driver there.
+        wait_for(lambda: min(map(len, completed().values())) >= 1 or driver.poll() is not None,
+                 "a trial of each search", timeout=300)
+        assert driver.poll() is None, log.read_text()[-3000:]
+    finally:
+        stop(driver, signal.SIGKILL)
+    # Both searches at once: a trial of one ran while a trial of the other did (MLflow's start and end times
+    # of the trials the killed driver saw complete).
+    spans = {m: [(r.info.start_time, r.info.end_time) for r in runs] for m, runs in completed().items()}
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in spans["pgd_at"] for b0, b1 in spans["trades"]), spans
+    first = log.read_text()
+    assert any(f"{m}: search done" not in first for m in methods), first[-3000:]
+
+    resumed = subprocess.run(command + ["--resume"], env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    experiment = client.get_experiment_by_name("concurrent")
+    parents = client.search_runs([experiment.experiment_id], "tags.`otarena.role` = 'search'")
+    assert sorted(p.data.tags["otarena.method"] for p in parents) == methods   # one parent per method
+    runs = client.search_runs([experiment.experiment_id], "tags.`otarena.role` = 'trial'")
+    continued = {}
+    for parent in parents:
+        method = parent.data.tags["otarena.method"]
+        # A search still going continues; one that had ended (the faster one may have) gets its final evaluation.
+        continued[method] = f"{method}: resuming the search of MLflow parent run {parent.info.run_id}" in resumed.stdout
+        assert continued[method] or f"{method}: the search of MLflow parent run {parent.info.run_id} had ended" in \
+            resumed.stdout, resumed.stdout[-3000:]
+        assert parent.info.status == "FINISHED" and parent.data.tags["otarena.evaluated"] == "true"
+        own = [r for r in runs if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        ids = [r.data.tags["otarena.trial_id"] for r in own]
+        assert len(ids) == len(set(ids)) == trials, method   # one run per trial, none twice after the restore
+        for run in own:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val/pgd_acc")]
+            assert steps == list(range(1, len(steps) + 1)), (method, steps)
+    assert any(continued.values())   # the search the SIGKILL caught mid-way (both, unless one had ended)
+    # Their progress lines name their method, relayed from the searches' tasks to the driver's terminal.
+    assert all(f"{m}: trial " in first for m in methods)
