@@ -29,6 +29,19 @@ regret meaningful.
     python benchmarks/search_efficiency.py --quick    # CI smoke test: 1 seed, 3 trials x 2 epochs
     python benchmarks/search_efficiency.py --reanalyze benchmarks/results/search_efficiency-mnist.json
     python benchmarks/search_efficiency.py --add-arms benchmarks/results/search_efficiency-mnist.json --options cosine+ema
+    python benchmarks/search_efficiency.py --hypervolume          # multi- against single-objective (digits)
+    python benchmarks/search_efficiency.py --hypervolume --quick  # its smoke test
+
+``--hypervolume`` compares, per seed, a two-objective search (``objectives: [val/pgd_acc,
+val/clean_acc]``: multi-objective TPE and MO-ASHA, ``search/moasha.py``) with today's single-objective
+one (TPE and ASHA on ``val/pgd_acc``), TRADES on digits with its trade-off knob ``trades_beta`` and
+``lr`` searched, the same trial budget, seed and data. The measure is the hypervolume, exact in 2-D
+(``benchmarks/_hypervolume.py``), of the (validation clean, validation PGD) accuracies with reference point (0, 0):
+
+- **at the same trial-epochs**: every epoch a trial reports is a model with its validation point;
+  each arm's epochs in the order they were reported, cut at the smaller arm's total trial-epochs;
+- **recorded**: the points a search's Pareto set is taken from (``search/pareto.json``): each completed
+  trial's best-epoch clean and PGD accuracy, over the whole search.
 """
 from __future__ import annotations
 
@@ -47,6 +60,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._hypervolume import hypervolume  # noqa: E402
 from benchmarks._report import save  # noqa: E402
 
 import optuna  # noqa: E402
@@ -58,6 +72,7 @@ from otarena import search  # noqa: E402
 from otarena.methods.common import data as data_lib  # noqa: E402
 from otarena.search import config as config_lib  # noqa: E402
 from otarena.search.fidelity import rank_fidelity, rungs  # noqa: E402
+from otarena.search.objectives import pareto_front  # noqa: E402
 from otarena.search.tracking import Tracker  # noqa: E402
 
 METHOD = "pgd_at"
@@ -74,16 +89,19 @@ def machine() -> dict:
             "load_avg_at_start": list(os.getloadavg())}
 
 
-def build_config(args, seed: int, scheduler: str, schedule: str, ema_decay: float, tmp: str) -> config_lib.SearchConfig:
-    """The search config of one arm: MNIST, pgd_at, lr and weight_decay searched."""
-    name = f"search-efficiency-{scheduler}-{schedule}-ema{ema_decay:g}-s{seed}"
+def build_config(args, seed: int, scheduler: str, schedule: str, ema_decay: float, tmp: str, *,
+                 method: str = METHOD, dataset: str = "mnist",
+                 objectives: tuple[str, ...] = ("val/pgd_acc",)) -> config_lib.SearchConfig:
+    """The search config of one arm: MNIST, pgd_at, lr and weight_decay searched (or ``method``'s own space
+    on ``dataset``, for ``objectives``)."""
+    name = f"search-efficiency-{scheduler}-{schedule}-ema{ema_decay:g}-{len(objectives)}obj-s{seed}"
     return config_lib.parse({
-        "name": name, "dataset": "mnist", "arch": "small_cnn",
-        "threat_model": {"norm": "Linf", "eps": args.eps}, "methods": [METHOD],
+        "name": name, "dataset": dataset, "arch": "small_cnn", "objectives": list(objectives),
+        "threat_model": {"norm": "Linf", "eps": args.eps}, "methods": [method],
         "train": {"optimizer": "adam", "batch_size": args.batch_size, "schedule": schedule, "ema_decay": ema_decay,
                   "attack_steps": args.attack_steps, "val_n_ex": args.val_n_ex, "val_pgd_steps": args.val_pgd_steps},
         # demo.yaml's lr range; weight_decay keeps TRAIN_SPACE's (pgd_at's SEARCH_SPACE) range.
-        "space": {METHOD: {"lr": {"low": 3.0e-4, "high": 1.0e-2, "default": 2.0e-3, "log": True}}},
+        "space": {method: {"lr": {"low": 3.0e-4, "high": 1.0e-2, "default": 2.0e-3, "log": True}}},
         "budget": {"trials": args.trials, "max_epochs": args.max_epochs, "grace_epochs": args.grace,
                    "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent, "scheduler": scheduler},
         "resources": {"cpu": 1, "gpu": 0},
@@ -97,18 +115,25 @@ def curves(result, key: str) -> dict[int, float]:
     return {int(epoch): float(value) for epoch, value in zip(frame["training_iteration"], frame[key])}
 
 
-def run_arm(args, seed: int, scheduler: str, schedule: str, ema: bool, tmp: str, refs) -> dict:
-    """One search; its trials' curves of both the averaged (``ema``) and training (``raw``) weights."""
-    ema_decay = args.ema_decay if ema else 0.0
-    cfg = build_config(args, seed, scheduler, schedule, ema_decay, tmp)
+def search_once(args, cfg: config_lib.SearchConfig, method: str, refs):
+    """otarena's search of ``method`` (quiet unless ``--verbose``), its parent run finished, no trial failed:
+    its tracker, outcome and wall seconds."""
     tracker = Tracker(cfg.tracking_uri, cfg.name)
     quiet = mock.patch.object(search.run, "log", search.run.log if args.verbose else (lambda message: None))
     start = time.perf_counter()
     with quiet:
-        outcome = search.run.search_method(cfg, METHOD, tracker, *refs)
+        outcome = search.run.search_method(cfg, method, tracker, *refs)
     wall = time.perf_counter() - start
     tracker.finish(outcome.parent_id)
     assert all(r.error is None for r in outcome.results), [str(r.error) for r in outcome.results if r.error]
+    return tracker, outcome, wall
+
+
+def run_arm(args, seed: int, scheduler: str, schedule: str, ema: bool, tmp: str, refs) -> dict:
+    """One search; its trials' curves of both the averaged (``ema``) and training (``raw``) weights."""
+    ema_decay = args.ema_decay if ema else 0.0
+    cfg = build_config(args, seed, scheduler, schedule, ema_decay, tmp)
+    tracker, outcome, wall = search_once(args, cfg, METHOD, refs)
     epochs = [int((r.metrics or {}).get("training_iteration", 0)) for r in outcome.results]
     logged = tracker.client.get_run(outcome.parent_id).data.metrics
     # The numbers below must be what otarena logged: one MLflow run per trial, the same trial-epochs.
@@ -174,7 +199,16 @@ def main(argv=None) -> int:
     parser.add_argument("--reanalyze", metavar="JSON", help="recompute the analysis of a saved report, run nothing")
     parser.add_argument("--add-arms", metavar="JSON", help="run the ASHA arms of --options that a saved report "
                         "lacks, with its settings, and add them to it")
+    parser.add_argument("--hypervolume", action="store_true", help="multi- against single-objective search: "
+                        "hypervolume on the (val clean, val PGD) plane (TRADES on digits; settings: HV_DEFAULTS)")
+    parser.add_argument("--dataset", default="mnist")
     args = parser.parse_args(argv)
+    if args.hypervolume:
+        parser.set_defaults(**HV_DEFAULTS)    # what the command line says still wins
+        args = parser.parse_args(argv)
+        if args.quick:
+            vars(args).update(HV_QUICK)
+        return hypervolume_main(args)
     if args.reanalyze:
         return analyze(load(args.reanalyze), args.reanalyze)
     if args.add_arms:
@@ -219,8 +253,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_arms(args, arms: list[tuple], train, val) -> list[dict]:
-    """Every arm for every seed, in one Ray session; the arms' order rotated between seeds."""
+def run_arms(args, arms: list[tuple], train, val, run_one=None) -> list[dict]:
+    """Every arm for every seed, in one Ray session; the arms' order rotated between seeds. ``run_one(seed, arm,
+    tmp, refs)`` runs an arm of another kind (and says what it found)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="otarena-search-efficiency-") as tmp:
         search.run.init_ray()
@@ -228,7 +263,11 @@ def run_arms(args, arms: list[tuple], train, val) -> list[dict]:
             refs = (ray.put(train), ray.put(val))
             for seed in range(args.seeds):
                 shift = seed % len(arms)
-                for scheduler, schedule, ema in arms[shift:] + arms[:shift]:
+                for arm in arms[shift:] + arms[:shift]:
+                    if run_one:
+                        rows.append(run_one(seed, arm, tmp, refs))
+                        continue
+                    scheduler, schedule, ema = arm
                     rows.append(run_arm(args, seed, scheduler, schedule, ema, tmp, refs))
                     r = rows[-1]
                     print(f"seed {seed} {scheduler} {schedule} ema {r['ema_decay']:g}: {r['trial_epochs']} "
@@ -338,6 +377,116 @@ def analyze(report: dict, path: str) -> int:
     report.update(summarize(report["runs"], options, seeds, report["budget"]["rungs"]))
     show(report)
     save(report, path)
+    return 0
+
+
+# ------------------------------------------------------------------ multi- against single-objective search
+
+HV_METHOD = "trades"
+"""TRADES: its beta is the knob that moves a model along the clean-robust trade-off."""
+HV_OBJECTIVES = {"multi": ("val/pgd_acc", "val/clean_acc"), "single": ("val/pgd_acc",)}
+HV_DEFAULTS = {"dataset": "digits", "seeds": 3, "trials": 10, "max_epochs": 6, "grace": 1, "reduction_factor": 3,
+               "eps": 0.2, "batch_size": 64, "attack_steps": 3, "val_n_ex": 144, "val_pgd_steps": 5, "train_n": None,
+               "out": os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "search_efficiency-hypervolume-digits.json")}
+"""The hypervolume comparison's settings: the whole of digits (1,293 training and 144 validation images), eps 0.2
+as the demo, PGD-3 training and PGD-5 validation, 10 trials of up to 6 epochs, rungs at epochs 1 and 3."""
+HV_QUICK = {"seeds": 1, "trials": 3, "max_epochs": 2, "reduction_factor": 2, "attack_steps": 1, "val_n_ex": 32,
+            "val_pgd_steps": 2, "train_n": 128}
+
+
+def run_objectives_arm(args, seed: int, arm: str, tmp: str, refs) -> dict:
+    """One TRADES search for the objectives of ``arm`` (``multi`` or ``single``): every trial's (clean, PGD) validation
+    point at each epoch, in the order the epochs were reported, and each trial's best-epoch point."""
+    objectives = HV_OBJECTIVES[arm]
+    cfg = build_config(args, seed, "asha", "cosine", args.ema_decay, tmp, method=HV_METHOD, dataset=args.dataset,
+                       objectives=objectives)
+    tracker, outcome, wall = search_once(args, cfg, HV_METHOD, refs)
+    params = tracker.client.get_run(outcome.parent_id).data.params
+    trials, reported = {}, []
+    for i, result in enumerate(outcome.results):
+        frame = result.metrics_dataframe
+        epochs = [int(e) for e in frame["training_iteration"]]
+        curve = {e: [float(c), float(p)] for e, c, p in zip(epochs, frame["val/clean_acc"], frame["val/pgd_acc"])}
+        reported += [(float(t), i, e) for t, e in zip(frame["timestamp"], epochs)]
+        metrics = result.metrics or {}
+        trials[str(i)] = {"config": {k: result.config[k] for k in cfg.spaces()[HV_METHOD] if k in result.config},
+                          "epochs": max(epochs), "curve": curve, "completed": max(epochs) >= args.max_epochs,
+                          "best": [metrics["val/best_clean_acc"], metrics["val/best_pgd_acc"]]}
+    order = [[str(i), e] for _, i, e in sorted(reported)]
+    row = {"seed": seed, "arm": arm, "objectives": list(objectives), "algorithm": params.get("search.algorithm"),
+           "scheduler": params.get("search.scheduler"), "trials": len(outcome.results), "trial_epochs": len(order),
+           "completed": sum(t["completed"] for t in trials.values()), "wall_s": wall,
+           "mlflow_parent_run": outcome.parent_id, "per_trial": trials, "order": order}
+    print(f"seed {seed} {arm}-objective ({row['algorithm']}, {row['scheduler']}): {row['trial_epochs']} trial-epochs, "
+          f"hypervolume {hypervolume(recorded_points(row)):.4f} (recorded), {wall:.0f}s", flush=True)
+    return row
+
+
+def recorded_points(row: dict) -> list:
+    """What a search's Pareto set is taken from: each completed trial's best-epoch (clean, PGD) point."""
+    return [t["best"] for t in row["per_trial"].values() if t["completed"]]
+
+
+def points_within(row: dict, trial_epochs: int) -> list:
+    """Every (clean, PGD) point of the first ``trial_epochs`` epochs the search's trials reported."""
+    return [row["per_trial"][trial]["curve"][epoch] for trial, epoch in row["order"][:trial_epochs]]
+
+
+def summarize_hypervolume(rows: list[dict]) -> dict:
+    per_seed = []
+    for seed in sorted({r["seed"] for r in rows}):
+        arms = {r["arm"]: r for r in rows if r["seed"] == seed}
+        budget = min(r["trial_epochs"] for r in arms.values())
+        entry = {"seed": seed, "equal_trial_epochs": budget}
+        for name, row in arms.items():
+            points = recorded_points(row)
+            entry[name] = {"hv_at_equal_trial_epochs": hypervolume(points_within(row, budget)),
+                           "hv_recorded": hypervolume(points), "trial_epochs": row["trial_epochs"],
+                           "completed": row["completed"], "pareto_size": len(pareto_front(points))}
+        per_seed.append(entry)
+
+    def mean(arm, key):
+        return statistics.mean(s[arm][key] for s in per_seed)
+
+    summary = {key: {arm: mean(arm, key) for arm in HV_OBJECTIVES} for key in ("hv_at_equal_trial_epochs", "hv_recorded")}
+    for key in summary:
+        summary[key]["multi_minus_single"] = summary[key]["multi"] - summary[key]["single"]
+        summary[key]["seeds_multi_ahead"] = sum(s["multi"][key] > s["single"][key] for s in per_seed)
+    return {"per_seed": per_seed, "summary": summary}
+
+
+def hypervolume_main(args) -> int:
+    torch.set_num_threads(1)
+    train = data_lib.load(args.dataset, "train").subset(args.train_n)
+    val = data_lib.load(args.dataset, "val")
+    rows = run_arms(args, list(HV_OBJECTIVES), train, val,
+                    run_one=lambda seed, arm, tmp, refs: run_objectives_arm(args, seed, arm, tmp, refs))
+    analysis = summarize_hypervolume(rows)
+    report = {"benchmark": "search_efficiency/hypervolume", "method": HV_METHOD, "dataset": args.dataset,
+              "arch": "small_cnn", "threat_model": {"norm": "Linf", "eps": args.eps},
+              "objectives": {arm: list(o) for arm, o in HV_OBJECTIVES.items()}, "reference_point": [0.0, 0.0],
+              "plane": ["val/clean_acc", "val/pgd_acc"],
+              "budget": {"trials": args.trials, "max_epochs": args.max_epochs, "grace_epochs": args.grace,
+                         "reduction_factor": args.reduction_factor, "max_concurrent": args.concurrent},
+              "train": {"optimizer": "adam", "batch_size": args.batch_size, "attack_steps": args.attack_steps,
+                        "val_n_ex": args.val_n_ex, "val_pgd_steps": args.val_pgd_steps, "ema_decay": args.ema_decay,
+                        "train_n": len(train)},
+              "searched": sorted(search.spaces.searched(build_config(args, 0, "asha", "cosine", args.ema_decay, "/tmp",
+                                                                     method=HV_METHOD, dataset=args.dataset)
+                                                        .spaces()[HV_METHOD])),
+              "machine": machine(), **analysis, "runs": rows}
+    s = analysis["summary"]
+    print(f"\nhypervolume of (val clean, val PGD) above (0, 0), mean over {args.seeds} seeds "
+          f"({HV_METHOD} on {args.dataset}, {args.trials} trials x <= {args.max_epochs} epochs):")
+    for key, label in (("hv_at_equal_trial_epochs", "at equal trial-epochs"), ("hv_recorded", "recorded sets")):
+        print(f"  {label:<22} multi {s[key]['multi']:.4f}  single {s[key]['single']:.4f}  "
+              f"difference {s[key]['multi_minus_single']:+.4f}  (multi ahead on {s[key]['seeds_multi_ahead']} of "
+              f"{args.seeds} seeds)")
+    for r in rows:
+        assert r["trial_epochs"] >= r["trials"] and r["completed"] >= 1
+    if not args.quick:
+        save(report, args.out)
     return 0
 
 

@@ -56,3 +56,37 @@ def test_gpu_check_runs_its_parts_tiny_on_cpu(tmp_path):
     assert {r["method"] for r in throughput} == {"erm", "pgd_at"} and all(r["images_per_s"] > 0 for r in throughput)
     assert {m["model"] for m in report["parts"]["attack_speed"]["result"]["models"]} == {"digits", "resnet"}
     assert report["parts"]["autoattack"]["result"]["points"] == 8
+
+
+def test_hypervolume_is_exact_in_2d():
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("_hypervolume", SCRIPTS[0].parent / "_hypervolume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hypervolume = module.hypervolume
+    assert hypervolume([]) == 0.0
+    assert hypervolume([(0.5, 0.4)]) == 0.5 * 0.4
+    assert hypervolume([(1.0, 0.5), (0.5, 1.0)]) == 0.75                  # two boxes less their overlap
+    assert hypervolume([(1.0, 0.5), (0.5, 1.0), (0.4, 0.4), (1.0, 0.5)]) == 0.75   # dominated and repeated points add nothing
+    assert hypervolume([(-0.2, 0.9), (0.6, -1.0)]) == 0.0                 # below the reference point (0, 0)
+
+    def slabs(points):
+        """The same area another way: between consecutive x, the tallest point at least that wide."""
+        xs = sorted({0.0, *(x for x, _ in points)})
+        return sum((right - left) * max([y for x, y in points if x >= right] + [0.0])
+                   for left, right in zip(xs, xs[1:]))
+
+    rng = random.Random(0)
+    for _ in range(200):
+        points = [(rng.random(), rng.random()) for _ in range(rng.randint(1, 12))]
+        assert abs(hypervolume(points) - slabs(points)) < 1e-12
+
+
+def test_search_efficiency_hypervolume_quick(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS[0].parent / "search_efficiency.py"), "--hypervolume", "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multi-objective (optuna-tpe-mo, mo-asha)" in proc.stdout and "single-objective (optuna-tpe, asha)" in proc.stdout
+    assert "at equal trial-epochs" in proc.stdout
