@@ -352,6 +352,7 @@ def _to_row(run: Run, parents: dict[str, Run], siblings: dict[str, list[Run]],
         experiment_name=(names or {}).get(run.info.experiment_id, ""),
         selection_rule=tags.get(tag.SELECTION_RULE) or (parents[parent_id].data.tags.get(tag.SELECTION_RULE, "")
                                                         if parent_id in parents else ""),
+        selection_rank=int(tags.get(tag.SELECTION_RANK, "1")),
         **spread,
     )
 

@@ -149,6 +149,9 @@ class Row:
     selection_rule: str = ""
     """The rule, in words, that chose this row among its search's trials on validation
     (``otarena.selection_rule``, the trial's or else its search's); empty in stores written before it."""
+    selection_rank: int = 1
+    """Its place in that rule's order among its search's evaluated trials (``otarena.selection_rank``), 1 for
+    the rule's pick."""
 
     def headline(self, metric: str) -> float | None:
         """The number a reader should take for ``metric`` (one of :data:`ACCURACIES`).
@@ -304,10 +307,12 @@ def _desc(x: float | None) -> float:
 def selection_key(row: Row) -> tuple:
     """Which trial represents its (method, arch): smallest key wins.
 
-    Best validation PGD accuracy, then best validation clean accuracy, then run id so that the
-    choice is deterministic. Never a test metric.
+    Only a search's pick by its own selection rule competes (``selection_rank`` 1: with ``top_k > 1`` or the
+    Pareto set evaluated, the rule may prefer a trial of lower validation PGD accuracy, e.g. one meeting a
+    clean-accuracy condition); then best validation PGD accuracy, then best validation clean accuracy, then
+    run id so that the choice is deterministic. Never a test metric.
     """
-    return (_desc(row.val_pgd_acc), _desc(row.val_clean_acc), row.run_id)
+    return (row.selection_rank > 1, _desc(row.val_pgd_acc), _desc(row.val_clean_acc), row.run_id)
 
 
 def rank_key(row: Row, ranking: str = "aa_acc") -> tuple:

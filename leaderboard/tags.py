@@ -95,6 +95,10 @@ good on every objective and better on one); the parent run holds the set as ``se
 SELECTION_RULE = "otarena.selection_rule"
 """On a search's parent run and its evaluated trials: the rule, in words, that chose the leaderboard row on
 validation (``final_eval.select``), shown on the page."""
+SELECTION_RANK = "otarena.selection_rank"
+"""On each evaluated trial: its place in the selection rule's order, ``1`` for the rule's pick. Only a search's
+pick competes for its leaderboard row, so that ``top_k > 1`` or ``top_k: pareto`` never puts a trial the rule
+ranks lower on the board."""
 OPTUNA_STUDY = "otarena.optuna_study"
 OPTUNA_STORAGE = "otarena.optuna_storage"
 """On a search's parent run: its persistent Optuna study's name and the storage URL it lives in

@@ -476,9 +476,9 @@ def record_selection(cfg: SearchConfig, method: str, tracker: Tracker, parent_id
     if rule.endswith("the closest to it"):
         log(f"{method}: no trial met the selection rule ({cfg.selection().describe()}): evaluating the closest")
     tracker.set_tags(parent_id, {tag.SELECTION_RULE: rule})
-    for r in chosen:
+    for rank, r in enumerate(chosen, 1):
         if run_ids.get(r.metrics["trial_id"]):
-            tracker.set_tags(run_ids[r.metrics["trial_id"]], {tag.SELECTION_RULE: rule})
+            tracker.set_tags(run_ids[r.metrics["trial_id"]], {tag.SELECTION_RULE: rule, tag.SELECTION_RANK: str(rank)})
 
 
 def trainable_name(cfg: SearchConfig, method: str) -> str:

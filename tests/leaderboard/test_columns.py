@@ -136,3 +136,17 @@ def test_every_tag_name_is_documented():
     names = [v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"]
     assert len(names) == len(set(names)) and all(n.startswith(tags.PREFIX) for n in names)
     assert [n for n in names if f"`{n}" not in doc] == []
+
+
+def test_only_the_selection_rules_pick_competes_for_a_row():
+    """With top_k > 1 or the Pareto set evaluated, a rule such as 'highest val/pgd_acc with val/clean_acc >= 0.8'
+    may rank a trial of lower validation PGD accuracy first: the board shows that pick, not the other."""
+    from otarena.leaderboard.schema import tabulate
+
+    rule = "highest val/pgd_acc with val/clean_acc >= 0.8"
+    pick = Row(**{**vars(ROW), "run_id": "pick", "val_pgd_acc": 0.5, "val_clean_acc": 0.85,
+                  "selection_rule": rule, "selection_rank": 1})
+    more_robust = Row(**{**vars(ROW), "run_id": "second", "val_pgd_acc": 0.6, "val_clean_acc": 0.7,
+                         "selection_rule": rule, "selection_rank": 2})
+    (table,) = tabulate([more_robust, pick])
+    assert [r.run_id for r in table.rows] == ["pick"]

@@ -91,6 +91,9 @@ def test_the_pareto_set_is_evaluated_under_its_rule(searched):
     assert evaluated == {t.info.run_id for t in trials if t.data.tags.get("otarena.pareto") == "true"}
     assert {s["run_id"] for s in summaries} == evaluated
     assert all(t.data.tags["otarena.selection_rule"] == rule for t in trials if t.info.run_id in evaluated)
+    # The rule's order (the pick first): only the pick competes for the leaderboard row.
+    ranks = sorted(int(t.data.tags["otarena.selection_rank"]) for t in trials if t.info.run_id in evaluated)
+    assert ranks == list(range(1, len(evaluated) + 1))
 
 
 def test_its_pruned_trials_are_pruned_in_the_stored_study(searched):
