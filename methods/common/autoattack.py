@@ -228,7 +228,8 @@ def _perturb(adversary, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.
 def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
                        version: str = "standard", batch_size: int = 500, seed: int = 0, eot_iters: int = 20,
                        state_path: Optional[str] = None,
-                       progress: Optional[Callable[[CascadeProgress], None]] = None) -> CascadeResult:
+                       progress: Optional[Callable[[CascadeProgress], None]] = None,
+                       check_points: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> CascadeResult:
     """Run AutoAttack's cascade batch by batch, checkpointing each batch to ``state_path``.
 
     Args:
@@ -242,6 +243,9 @@ def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
             data and settings): another one refuses it rather than mixing results.
         progress: called with a :class:`CascadeProgress` after each attack of each batch, and after
             each batch, with the time left estimated.
+        check_points: the points (and labels) the checks before the first batch look at; ``None``: the first
+            batch. A shard of a larger evaluation passes that evaluation's first batch, so that every shard
+            finds what the unsharded cascade would (``methods.common.evaluate.evaluate_shard``).
     """
     from pyautoattack import AutoAttack
 
@@ -263,7 +267,8 @@ def autoattack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
                         "batch_size": batch_size, "attacks": attacks, **({"eot_iters": draws} if draws > 1 else {})}
             state = _load_state(state_path, _fingerprint(model, x, y, settings) if state_path else "")
             found = state.setdefault("checks", {})  # our own checks, kept with the batches they ran on
-            found.update(_run_checks(adversary, x[:batch_size], y[:batch_size], attacks, threat, seed, logger))
+            head_x, head_y = check_points if check_points is not None else (x[:batch_size], y[:batch_size])
+            found.update(_run_checks(adversary, head_x, head_y, attacks, threat, seed, logger))
             stages = torch.zeros(len(y), dtype=torch.long)
             counts = torch.zeros(len(y), len(attacks) + 1, dtype=torch.long) if draws > 1 else None
             n_batches = (len(y) + batch_size - 1) // batch_size

@@ -19,6 +19,22 @@ leaderboard column shows. ``evaluate()`` runs the stages asked for, in table ord
 Every accuracy is an exact count over the number of points (:func:`share`): 132 of 200 is the
 double nearest 0.66, as ``132 / 200`` is, and flags compare those counts exactly.
 
+Sharding (multi-GPU AutoAttack, fra31/auto-attack#94; docs/cluster.md). The costly per-point stages,
+those with a :attr:`Stage.measure` (clean, PGD, the AutoAttack cascade), can run split over workers:
+:func:`evaluate_shard` measures one contiguous slice of whole batches of the evaluated points
+(:func:`shard_bounds`), and ``evaluate(..., shards=...)`` merges the slices (:func:`merge_shards`) and
+runs the rest once on the whole set. The result equals the unsharded one point for point, for a
+deterministic model: PGD's random starts are seeded per batch from the batch's place among all the
+points (:func:`batch_seed`), AutoAttack seeds each batch's attacks itself, and the checks that look at
+"the first batch" (the randomness checks, pyautoattack's checks) look at the whole set's first batch in
+every shard. What needs the whole set runs once, after the merge: the steps check and the eps sweep,
+the checks of [4]'s checklist (the transfer check's quick surrogate trains on all the points, the
+unbounded check compares every point's class; each check's "only" share reads the merged PGD and
+AutoAttack outcomes), the certificate (one forward pass), the flags with the aa-gap rule, the
+confidence intervals (from the merged counts) and, for a randomized model, AutoAttack's ``rand`` run
+on the points the merged cascade left standing. A randomized model's own draws are not seeded, so its
+numbers agree between sharded and unsharded runs only in distribution.
+
 References:
     [1] Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
         parameter-free attacks", ICML 2020 (AutoAttack; we use the pyautoattack package).
@@ -41,7 +57,7 @@ import math
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -163,7 +179,7 @@ def _randomized(run: "StageInput") -> Optional[str]:
     logits twice), or None: checked afresh for every evaluation."""
     from otarena.methods.common.autoattack import eps_ball_points, randomness
 
-    x = run.x[:run.settings.batch_size]
+    x = run.first_batch()[0]
     with eval_mode(run.model):
         return randomness(run.model, {"clean": x, "random eps-ball": eps_ball_points(x, run.threat, run.seed)})
 
@@ -455,6 +471,14 @@ class StageInput:
     per_example: dict = dataclasses.field(default_factory=dict)
     """Per point, what the stages measured (``clean``, ``aa_stage``, ...): the result's ``per_example``
     (:func:`per_example`)."""
+    offset: int = 0
+    """Where ``x`` starts among the evaluated points: a shard's first index (:func:`evaluate_shard`), else 0."""
+    head: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """The whole evaluation's first batch, where the randomness checks look (``None``: ``x``'s own first batch),
+    so that every shard decides as the unsharded evaluation does."""
+    measured: dict = dataclasses.field(default_factory=dict)
+    """Per sharded stage (one with a :attr:`Stage.measure`), its per-point measurements: measured here, or
+    merged from the shards (:func:`merge_shards`); the stage's ``run`` reads them."""
 
     @property
     def pgd_step_size(self) -> float:
@@ -464,6 +488,27 @@ class StageInput:
     def generator(self) -> torch.Generator:
         """A generator seeded afresh, so that every attack starts from the same random state."""
         return torch.Generator(device=self.x.device).manual_seed(self.seed)
+
+    def first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole evaluation's first batch (:attr:`head`), where the randomness checks look."""
+        size = self.settings.batch_size
+        return self.head if self.head is not None else (self.x[:size], self.y[:size])
+
+    def per_batch(self, attack: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]) -> torch.Tensor:
+        """``attack(x, y, generator)`` batch by batch, concatenated; each batch's generator is seeded from the
+        batch's place among all the evaluated points (:func:`batch_seed`), so that a point meets the same random
+        starts whichever shard attacks it."""
+        size = self.settings.batch_size
+        return torch.cat([attack(self.x[i:i + size], self.y[i:i + size], torch.Generator(
+            device=self.x.device).manual_seed(batch_seed(self.seed, self.offset + i))) for i in range(0, len(self.y), size)])
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch that starts at point ``start``: ``seed`` for the first batch, else one drawn from both
+    (SHA-256), so that no two batches share their random starts."""
+    if start == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{start}".encode()).digest()[:7], "little")
 
 
 def _no_metrics(result: Mapping) -> dict[str, float]:
@@ -494,6 +539,10 @@ class Stage:
     names the same key (the leaderboard never imports methods/)."""
     default: bool = True
     """Run when ``evaluate`` is not told which stages to run."""
+    measure: Optional[Callable[[StageInput], dict]] = None
+    """A sharded stage's per-point measurement (:func:`evaluate_shard`): per point tensors, and facts of the
+    whole slice, that :func:`merge_shards` joins; ``run`` then reads them from :attr:`StageInput.measured`.
+    A stage without one runs once on the whole set (:func:`evaluate`)."""
 
     def metrics(self, result: Mapping) -> dict[str, float]:
         """Its MLflow metrics: the accuracy and its 95% interval, then the details."""
@@ -511,29 +560,42 @@ def metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_./" else "_" for c in name.lower())
 
 
-def _clean(run: StageInput) -> dict:
+def _measure_clean(run: StageInput) -> dict:
     with eval_mode(run.model):
-        run.per_example["clean"] = _correct(run.model, run.x, run.y, run.settings.batch_size)
+        return {"clean": _correct(run.model, run.x, run.y, run.settings.batch_size)}
+
+
+def _clean(run: StageInput) -> dict:
+    run.per_example["clean"] = run.measured["clean"]["clean"]
     return {"clean_acc": share(run.per_example["clean"])}
 
 
-def _pgd(run: StageInput) -> dict:
+def _measure_pgd(run: StageInput) -> dict:
+    """Per point: ``pgd`` (still correct), or for a randomized model ``pgd_counts`` (correct draws); each batch
+    with its own random starts (:meth:`StageInput.per_batch`)."""
     cfg = run.settings
+    attack = dict(steps=cfg.pgd_steps, step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
+                  targets=cfg.pgd_targets, batch_size=cfg.batch_size)
     randomized = _randomized(run)
     if randomized:
         run.say(f"randomized model: each PGD start's last iterate scored by its expected accuracy over "
                 f"{cfg.eot_iters} draws")
-        counts = expected_pgd_correct(run.model, run.x, run.y, run.threat, draws=cfg.eot_iters, steps=cfg.pgd_steps,
-                                      step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
-                                      targets=cfg.pgd_targets, batch_size=cfg.batch_size, generator=run.generator())
+        return {"pgd_randomized": randomized, "pgd_counts": run.per_batch(lambda x, y, generator: expected_pgd_correct(
+            run.model, x, y, run.threat, draws=cfg.eot_iters, generator=generator, **attack))}
+    return {"pgd_randomized": "", "pgd": run.per_batch(lambda x, y, generator: pgd_correct(
+        run.model, x, y, run.threat, generator=generator, **attack))}
+
+
+def _pgd(run: StageInput) -> dict:
+    cfg, found = run.settings, run.measured["pgd"]
+    if found["pgd_randomized"]:
+        counts = found["pgd_counts"]
         # Standing for the checks: the points most draws still answer (one lucky draw is not robustness).
         run.survivors["pgd"] = 2 * counts > cfg.eot_iters
         return {"pgd_acc": int(counts.sum()) / (len(counts) * cfg.eot_iters),
                 "pgd_scoring": f"expected accuracy of each run's last iterate over {cfg.eot_iters} draws "
-                               f"({randomized})"}
-    run.survivors["pgd"] = pgd_correct(run.model, run.x, run.y, run.threat, steps=cfg.pgd_steps,
-                                       step_size=run.pgd_step_size, restarts=cfg.pgd_restarts,
-                                       targets=cfg.pgd_targets, batch_size=cfg.batch_size, generator=run.generator())
+                               f"({found['pgd_randomized']})"}
+    run.survivors["pgd"] = found["pgd"]
     return {"pgd_acc": share(run.survivors["pgd"])}
 
 
@@ -553,10 +615,8 @@ def _steps_check_metrics(result: Mapping) -> dict[str, float]:
     return {f"{METRIC_PREFIX}pgd_check/{metric_key(k)}": v for k, v in result.get("pgd_steps_check", {}).items()}
 
 
-def _autoattack(run: StageInput) -> dict:
-    from otarena.methods.common.autoattack import RANDOMIZED, autoattack_cascade
-
-    cfg = run.settings
+def _cascade_progress(run: StageInput) -> Callable:
+    """The AutoAttack cascade's progress lines, through ``run.say``."""
     last_line = [-math.inf]
 
     def progress(step):
@@ -569,10 +629,27 @@ def _autoattack(run: StageInput) -> dict:
         left = f", about {_duration(step.left)} left" if step.left is not None and not final else ""
         run.say(f"AutoAttack batch {step.batch}/{step.batches} {where}: {step.robust}/{step.seen} robust so far "
                 f"({_duration(step.elapsed)}{left})")
+    return progress
 
+
+def _measure_autoattack(run: StageInput) -> dict:
+    """Per point, the cascade's ``aa_stage``; and its attacks, checks and batches read back from its state file."""
+    from otarena.methods.common.autoattack import autoattack_cascade
+
+    cfg = run.settings
     cascade = autoattack_cascade(run.model, run.x, run.y, run.threat, version=cfg.aa_version,
                                  batch_size=cfg.batch_size, seed=run.seed, state_path=run.state_path,
-                                 progress=progress)
+                                 progress=_cascade_progress(run), check_points=run.first_batch())
+    return {"aa_stage": cascade.stages, "aa_attacks": cascade.attacks, "aa_checks": cascade.checks,
+            "aa_resumed_batches": cascade.resumed_batches}
+
+
+def _autoattack(run: StageInput) -> dict:
+    from otarena.methods.common.autoattack import RANDOMIZED, CascadeResult, autoattack_cascade
+
+    cfg, found = run.settings, run.measured["autoattack"]
+    cascade = CascadeResult(tuple(found["aa_attacks"]), found["aa_stage"].cpu(), dict(found["aa_checks"]),
+                            found["aa_resumed_batches"])
     run.per_example["aa_stage"] = cascade.stages
     run.per_example["aa"] = cascade.stages > len(cascade.attacks)
     written = {"aa_acc": cascade.robust_acc, "aa_per_attack": cascade.per_attack(),
@@ -592,7 +669,8 @@ def _autoattack(run: StageInput) -> dict:
     if standing.any():
         eot = autoattack_cascade(run.model, run.x[standing], run.y[standing], run.threat, version="rand",
                                  eot_iters=cfg.eot_iters, batch_size=cfg.batch_size, seed=run.seed,
-                                 state_path=f"{run.state_path}.rand" if run.state_path else None, progress=progress)
+                                 state_path=f"{run.state_path}.rand" if run.state_path else None,
+                                 progress=_cascade_progress(run))
         # Expected accuracy over all the points: the fallen ones count 0.
         eot_per_attack = {name: int(eot.correct_draws[:, i + 1].sum()) / (len(run.y) * eot.draws)
                           for i, name in enumerate(eot.attacks)}
@@ -810,15 +888,16 @@ def _in_order(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
 
 
 STAGES: tuple[Stage, ...] = _in_order((
-    Stage("clean", "clean", _clean, writes=("clean_acc",), accuracy="clean_acc", column="test/clean_acc"),
+    Stage("clean", "clean", _clean, writes=("clean_acc",), accuracy="clean_acc", column="test/clean_acc",
+          measure=_measure_clean),
     Stage("pgd", "PGD-{pgd_steps} ({pgd_restarts} random + {pgd_targets} targeted starts)", _pgd,
-          writes=("pgd_acc", "pgd_scoring"), accuracy="pgd_acc", column="test/pgd_acc"),
+          writes=("pgd_acc", "pgd_scoring"), accuracy="pgd_acc", column="test/pgd_acc", measure=_measure_pgd),
     Stage("steps-check", "PGD steps check", _steps_check, writes=("pgd_steps_check",), needs=("pgd",),
           details=_steps_check_metrics),
     Stage("autoattack", "AutoAttack {aa_version}", _autoattack,
           writes=("aa_acc", "aa_per_attack", "aa_blackbox_only", "aa_checks", "aa_resumed_batches",
                   "aa_acc_deterministic", "aa_eot_per_attack", "aa_ranking"),
-          accuracy="aa_acc", details=_autoattack_metrics, column="test/aa_acc"),
+          accuracy="aa_acc", details=_autoattack_metrics, column="test/aa_acc", measure=_measure_autoattack),
     Stage("eps-sweep", "eps sweep (PGD-{sweep_steps})", _eps_sweep, writes=("eps_sweep",)),
     # The cheap checks of [4]'s checklist, each with its flag (docs/metrics.md: the checks).
     Stage("fgsm", "FGSM check", _fgsm, writes=("fgsm_acc",), needs=("pgd",),
@@ -849,7 +928,7 @@ ACCURACIES = tuple(stage.accuracy for stage in STAGES if stage.accuracy)
 def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = DEFAULT_ATTACKS,
              settings: EvalSettings = EvalSettings(), *, seed: int = 0, device: Optional[torch.device | str] = None,
              state_path: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
-             surrogate: Optional[nn.Module] = None, **changes) -> dict:
+             surrogate: Optional[nn.Module] = None, shards: Sequence[Mapping] = (), **changes) -> dict:
     """Evaluate any classifier on [0, 1] inputs, the way RobustBench's ``benchmark()`` does, and flag it.
 
     Args:
@@ -868,6 +947,9 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         log: called with one line per stage and per AutoAttack batch (progress).
         surrogate: the model the ``transfer`` check crafts its examples on (a campaign's ERM model);
             ``None``: the check trains a quick ERM one on the evaluated points.
+        shards: the results of :func:`evaluate_shard` for every shard of this evaluation (same model,
+            data, attacks, settings and seed): the sharded stages read their measurements from them
+            instead of attacking, and the rest runs here on the whole set (:func:`merge_shards`).
 
     Returns:
         ``{"n_ex", "settings"}``, the keys the stages asked for write (``clean_acc``, ``pgd_acc``,
@@ -879,20 +961,10 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         check is stated beside its result.
     """
     settings = dataclasses.replace(settings, **changes)
-    attacks, known = tuple(attacks), tuple(stage.name for stage in STAGES)
-    unknown = set(attacks) - set(known)
-    if unknown:
-        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {known}")
-    say = log or (lambda line: None)
-    x, y = (data.x, data.y) if hasattr(data, "x") else data
-    if settings.n_ex is not None:
-        x, y = x[:settings.n_ex], y[:settings.n_ex]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    x, y = x.to(device), y.to(device)
-    attacked = model.inference() if hasattr(model, "inference") else model
-    run = StageInput(attacked, model, x, y, threat_model, settings, seed, state_path, say, _Stopwatch(say, len(y)),
-                     result={}, surrogate=surrogate)
-    result = run.result
+    attacks = _known(attacks)
+    run = _stage_input(model, data, threat_model, settings, seed, device, state_path, log, surrogate)
+    x, y, result = run.x, run.y, run.result
+    merged = merge_shards(shards, len(y), x.device) if shards else None
     result["n_ex"] = len(y)
     result["settings"] = {"norm": threat_model.norm, "eps": threat_model.eps, "pgd_steps": settings.pgd_steps,
                           "pgd_restarts": settings.pgd_restarts, "pgd_targets": settings.pgd_targets,
@@ -903,8 +975,16 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
         if stage.name in attacks:
             began = time.time()
             with run.stopwatch(stage.label.format_map(vars(settings))):
+                if stage.measure is not None and merged is not None:
+                    if stage.name not in merged["measured"]:
+                        raise ValueError(f"the shards did not run stage {stage.name!r}")
+                    run.measured[stage.name] = merged["measured"][stage.name]
+                elif stage.measure is not None:
+                    run.measured[stage.name] = stage.measure(run)
                 written = stage.run(run)
-            seconds[stage.name] = round(time.time() - began, 2)
+            # A sharded stage's time is its shards' (the work it cost, not the wait).
+            seconds[stage.name] = round(time.time() - began, 2) if merged is None or stage.measure is None \
+                else merged["stage_seconds"].get(stage.name, 0.0)
             undeclared = set(written) - set(stage.writes)
             if undeclared:
                 raise RuntimeError(f"stage {stage.name!r} wrote {sorted(undeclared)}, not in its writes")
@@ -916,6 +996,112 @@ def evaluate(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterabl
     result["flag_reasons"] = flags_for(result, settings.thresholds)
     result["flags"] = list(result["flag_reasons"])
     return result
+
+
+def _known(attacks: Iterable[str]) -> tuple[str, ...]:
+    attacks, known = tuple(attacks), tuple(stage.name for stage in STAGES)
+    unknown = set(attacks) - set(known)
+    if unknown:
+        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {known}")
+    return attacks
+
+
+def _stage_input(model: nn.Module, data, threat_model: ThreatModel, settings: EvalSettings, seed: int,
+                 device: Optional[torch.device | str], state_path: Optional[str],
+                 log: Optional[Callable[[str], None]], surrogate: Optional[nn.Module]) -> StageInput:
+    """The evaluated points (the split's first ``n_ex``) on ``device``, and what the stages get with them."""
+    say = log or (lambda line: None)
+    x, y = (data.x, data.y) if hasattr(data, "x") else data
+    if settings.n_ex is not None:
+        x, y = x[:settings.n_ex], y[:settings.n_ex]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    attacked = model.inference() if hasattr(model, "inference") else model
+    return StageInput(attacked, model, x, y, threat_model, settings, seed, state_path, say, _Stopwatch(say, len(y)),
+                      result={}, surrogate=surrogate)
+
+
+def shard_bounds(n: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` slices of ``n`` evaluated points that ``shards`` shards take: contiguous runs of
+    whole batches of ``batch_size``, as even as can be (a shard gets no points when there are fewer batches
+    than shards), so that each batch holds the same points, sharded or not."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    batches = math.ceil(n / batch_size)
+    return [(min(n, batches * i // shards * batch_size), min(n, batches * (i + 1) // shards * batch_size))
+            for i in range(shards)]
+
+
+def shard_state_path(state_path: Optional[str], shard: int, shards: int) -> Optional[str]:
+    """A shard's own AutoAttack state file, beside the unsharded one: a lost shard resumes from its own batches."""
+    return f"{state_path}.shard{shard + 1}of{shards}" if state_path else None
+
+
+def evaluate_shard(model: nn.Module, data, threat_model: ThreatModel, attacks: Iterable[str] = DEFAULT_ATTACKS,
+                   settings: EvalSettings = EvalSettings(), *, shard: int, shards: int, seed: int = 0,
+                   device: Optional[torch.device | str] = None, state_path: Optional[str] = None,
+                   log: Optional[Callable[[str], None]] = None, **changes) -> dict:
+    """Measure the sharded stages (:attr:`Stage.measure`: clean, PGD, the AutoAttack cascade) of :func:`evaluate`
+    on shard ``shard`` (from 0) of ``shards``: the slice :func:`shard_bounds` gives it of the points ``evaluate``
+    would evaluate. ``evaluate(..., shards=[every shard's result])`` then gives the unsharded result.
+
+    The other stages need the whole set or are cheap, and run once there: the steps check and the eps sweep,
+    the checks of [4]'s checklist (the transfer check's quick surrogate trains on all the points, the unbounded
+    check compares every point's class), the certificate, and a randomized model's AutoAttack ``rand`` run on
+    the points the merged cascade left standing. ``state_path``: the unsharded evaluation's AutoAttack state
+    file; the shard keeps its own beside it (:func:`shard_state_path`).
+
+    Returns ``{"shard", "shards", "start", "stop", "n_ex", "measured", "stage_seconds"}``, the measurements
+    on the CPU.
+    """
+    settings = dataclasses.replace(settings, **changes)
+    attacks = _known(attacks)
+    whole = _stage_input(model, data, threat_model, settings, seed, device, state_path, log, None)
+    start, stop = shard_bounds(len(whole.y), settings.batch_size, shards)[shard]
+    run = dataclasses.replace(whole, x=whole.x[start:stop], y=whole.y[start:stop], offset=start,
+                              head=whole.first_batch(), state_path=shard_state_path(state_path, shard, shards),
+                              stopwatch=_Stopwatch(whole.say, stop - start))
+    measured, seconds = {}, {}
+    for stage in STAGES:
+        if stage.name in attacks and stage.measure is not None and stop > start:
+            began = time.time()
+            label = stage.label.format_map(vars(settings))
+            with run.stopwatch(f"{label}, shard {shard + 1}/{shards} (points {start} to {stop - 1})"):
+                found = stage.measure(run)
+            measured[stage.name] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in found.items()}
+            seconds[stage.name] = round(time.time() - began, 2)
+    return {"shard": shard, "shards": shards, "start": start, "stop": stop, "n_ex": len(whole.y),
+            "measured": measured, "stage_seconds": seconds}
+
+
+def merge_shards(shards: Sequence[Mapping], n: int, device: Optional[torch.device] = None) -> dict:
+    """The shards' measurements as one over all ``n`` points (``{"measured", "stage_seconds"}``).
+
+    Per point tensors are joined in the points' order, so every outcome and every count is the unsharded
+    one; the AutoAttack checks are joined in shard order, the first message of each check kept (as the
+    unsharded cascade keeps the first batch's); batches read back from state files and seconds add up.
+    Refused unless the shards cover the ``n`` points exactly once.
+    """
+    pieces = sorted((s for s in shards if s["stop"] > s["start"]), key=lambda s: s["start"])
+    starts = [s["start"] for s in pieces]
+    if not pieces or any(s["n_ex"] != n for s in shards) or starts != [0] + [s["stop"] for s in pieces[:-1]] \
+            or pieces[-1]["stop"] != n:
+        raise ValueError(f"the shards ({[(s['start'], s['stop']) for s in shards]}) do not cover the {n} "
+                         f"evaluated points once each")
+
+    def joined(values: list):
+        if isinstance(values[0], torch.Tensor):
+            return torch.cat(values).to(device) if device is not None else torch.cat(values)
+        if isinstance(values[0], Mapping):
+            return {key: value for part in reversed(values) for key, value in part.items()}
+        if isinstance(values[0], int) and not isinstance(values[0], bool):
+            return sum(values)
+        return values[0]  # the same in every shard: the attacks run, the randomness found on the first batch
+
+    measured = {stage: {key: joined([s["measured"][stage][key] for s in pieces]) for key in found}
+                for stage, found in pieces[0]["measured"].items()}
+    seconds = {stage: round(sum(s["stage_seconds"].get(stage, 0.0) for s in pieces), 2) for stage in measured}
+    return {"measured": measured, "stage_seconds": seconds}
 
 
 PER_EXAMPLE_KEYS = ("clean", "pgd", "aa", "aa_stage", "certified")

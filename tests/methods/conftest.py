@@ -15,6 +15,19 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def erm_digits_model():
+    """A SmallCNN briefly trained by ERM on digits (2 epochs, seed 0), once for the whole session: at L-inf eps
+    0.15 some points fall to each attack of AutoAttack's cascade and some survive. Tests never change it."""
+    from otarena import methods
+
+    hparams = {"epochs": 2, "optimizer": "adam", "lr": 2e-3, "batch_size": 32, "val_pgd_steps": 1}
+    run = methods.build_run("erm", hparams, dataset="digits", arch="small_cnn",
+                            threat=methods.ThreatModel("Linf", 0.15), device="cpu")
+    methods.fit(run)
+    return run.model.eval()
+
+
+@pytest.fixture(scope="session")
 def honest_digits_model():
     """``honest_digits_model(eps=0.2)``: a SmallCNN trained with PGD-AT on digits at L-inf ``eps`` (6 epochs,
     the demo's settings, seed 0), trained once per eps for the whole session: an honest robust model."""

@@ -17,12 +17,9 @@ THREAT = methods.ThreatModel("Linf", 0.15)
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(erm_digits_model):
     """A briefly trained ERM net: some points fall to each attack, some survive."""
-    hparams = {"epochs": 2, "optimizer": "adam", "lr": 2e-3, "batch_size": 32, "val_pgd_steps": 1}
-    run = methods.build_run("erm", hparams, dataset="digits", arch="small_cnn", threat=THREAT, device="cpu")
-    methods.fit(run)
-    return run.model.eval()
+    return erm_digits_model
 
 
 @pytest.fixture(scope="module")
