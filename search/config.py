@@ -149,6 +149,9 @@ class FinalEval(_Strict):
     rank_certified: bool = Field(False, description="rank a certified method's rows (HKR) by certified accuracy, "
                                  "in an L2 table of their own on the leaderboard")
     batch_size: int = Field(_EVAL.batch_size, ge=1)
+    shards: int = Field(1, ge=1, description="split each evaluation's points into this many shards of whole batches, "
+                        "each a Ray task with an evaluation's resources (a GPU each), merged into the unsharded result "
+                        "(docs/cluster.md: multi-GPU AutoAttack)")
     thresholds: FlagThresholds = FlagThresholds()
 
     @field_validator("top_k", mode="before")

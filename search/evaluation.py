@@ -22,7 +22,7 @@ import math
 import os
 import statistics
 import tempfile
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -130,12 +130,23 @@ def weights_mismatch(weights: Any, arch: str, dataset: str) -> Optional[str]:
 def evaluate_model(model: torch.nn.Module, *, norm: str, eps: float, test_data, eval_cfg: Mapping[str, Any], seed: int,
                    method: Optional[str] = None, certified: Optional[bool] = None, state_path: Optional[str] = None,
                    log: Optional[Callable[[str], None]] = None, device: Optional[torch.device] = None,
-                   surrogate: Optional[torch.nn.Module] = None) -> dict:
+                   surrogate: Optional[torch.nn.Module] = None, shard: Optional[int] = None,
+                   shards: Sequence[Mapping[str, Any]] = ()) -> dict:
     """Evaluate ``model`` on ``test_data`` with ``eval_cfg`` (a FinalEval mapping); ``surrogate``: the
-    transfer check's (``None``: a quick ERM model the check trains)."""
-    return methods.evaluate(model, test_data, methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified),
-                            settings_from(eval_cfg), seed=seed, device=device, state_path=state_path, log=log,
-                            surrogate=surrogate)
+    transfer check's (``None``: a quick ERM model the check trains).
+
+    Sharded (``final_eval.shards``; methods/common/evaluate.py, Sharding): ``shard`` (from 0) measures only
+    that shard's points (:func:`methods.common.evaluate.evaluate_shard`); ``shards``, every shard's
+    measurements, are merged into the one result the unsharded evaluation gives.
+    """
+    threat, attacks, settings = methods.ThreatModel(norm, eps), attacks_for(method, eval_cfg, certified), \
+        settings_from(eval_cfg)
+    if shard is not None:
+        return stages.evaluate_shard(model, test_data, threat, attacks, settings, shard=shard,
+                                     shards=FinalEval.model_validate(eval_cfg).shards, seed=seed, device=device,
+                                     state_path=state_path, log=log)
+    return methods.evaluate(model, test_data, threat, attacks, settings, seed=seed, device=device,
+                            state_path=state_path, log=log, surrogate=surrogate, shards=shards)
 
 
 def to_metrics(result: Mapping[str, Any]) -> dict[str, float]:

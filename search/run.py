@@ -678,15 +678,44 @@ def _best_weights(checkpoint) -> Optional[dict]:
 
 
 def evaluate_checkpoint(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int,
-                        state_path: Optional[str] = None, surrogate=None) -> tuple[dict, dict]:
+                        state_path: Optional[str] = None, surrogate=None, *shards: dict) -> tuple[dict, dict]:
     """Score a trial's best-epoch weights on the test split (runs as a Ray task); ``surrogate``: the
-    checkpoint of the campaign's ERM trial, the transfer check's surrogate."""
+    checkpoint of the campaign's ERM trial, the transfer check's surrogate; ``shards``: the results of
+    :func:`evaluate_checkpoint_shard` for every shard, merged here (the stages that need the whole set run here)."""
     set_threads(spec.cpus)
     weights = _best_weights(checkpoint)
     result = evaluation.evaluate_weights(weights, method=spec.method, arch=spec.arch, norm=spec.norm, eps=spec.eps,
                                          test_data=test_data, eval_cfg=eval_cfg, seed=seed, state_path=state_path,
-                                         surrogate_weights=_best_weights(surrogate))
+                                         surrogate_weights=_best_weights(surrogate), shards=shards)
     return result, weights
+
+
+def evaluate_checkpoint_shard(checkpoint, spec: TrialSpec, test_data, eval_cfg: dict, seed: int, shard: int,
+                              state_path: Optional[str] = None) -> dict:
+    """One shard (from 0) of :func:`evaluate_checkpoint`'s evaluation, of ``final_eval.shards`` (a Ray task):
+    the per-point attacks on its slice of the test points, with its own AutoAttack state file."""
+    set_threads(spec.cpus)
+    return evaluation.evaluate_weights(_best_weights(checkpoint), method=spec.method, arch=spec.arch, norm=spec.norm,
+                                       eps=spec.eps, test_data=test_data, eval_cfg=eval_cfg, seed=seed,
+                                       state_path=state_path, shard=shard)
+
+
+def _evaluation_options(cfg: SearchConfig) -> dict:
+    """The resources of one evaluation task: the trial's CPUs, and a whole GPU where there are GPUs."""
+    return {"num_cpus": cfg.resources.cpu, "num_gpus": 1 if cfg.resources.gpu > 0 else 0}
+
+
+def _evaluation_task(cfg: SearchConfig, checkpoint, spec: TrialSpec, test_ref, name: str, surrogate=None):
+    """Start one trial's test-split evaluation: one Ray task, or with ``final_eval.shards`` > 1 one task per
+    shard and the merging task, which Ray starts once every shard is done (each with the resources of one
+    evaluation: a GPU each where there are GPUs). Returns the ref of ``(result, weights)``."""
+    options = _evaluation_options(cfg)
+    eval_cfg, state_path = cfg.final_eval.model_dump(), _aa_state_path(cfg, name)
+    shard_task = ray.remote(evaluate_checkpoint_shard).options(**options)
+    shards = [shard_task.remote(checkpoint, spec, test_ref, eval_cfg, cfg.seed, shard, state_path)
+              for shard in range(cfg.final_eval.shards)] if cfg.final_eval.shards > 1 else []
+    return ray.remote(evaluate_checkpoint).options(**options).remote(
+        checkpoint, spec, test_ref, eval_cfg, cfg.seed, state_path, surrogate, *shards)
 
 
 def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, val_data, test_data,
@@ -732,30 +761,31 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
 
     They run while other methods are searched, filling the cores that ASHA's tail leaves idle.
     ``surrogate``: the checkpoint of the campaign's best ERM trial, when ERM's search ended before this
-    method's: the transfer check crafts its examples on it (else on a quick ERM model of its own).
+    method's: the transfer check crafts its examples on it (else on a quick ERM model of its own). With
+    ``final_eval.shards`` each trial's evaluation is split over that many tasks (:func:`_evaluation_task`); a
+    seed replica trains and evaluates in one task, unsharded.
     """
     train_ref, val_ref, test_ref = data_refs
     spec, eval_cfg = outcome.spec, cfg.final_eval.model_dump()
-    options = {"num_cpus": cfg.resources.cpu, "num_gpus": 1 if cfg.resources.gpu > 0 else 0}
+    options = _evaluation_options(cfg)
     chosen = top_k(outcome.results, cfg.final_eval.top_k, cfg)
     attacks = f"PGD-{cfg.final_eval.pgd_steps}" + (f", AutoAttack {cfg.final_eval.autoattack}"
-                                                   if cfg.final_eval.autoattack else "")
+                                                   if cfg.final_eval.autoattack else "") + \
+        (f", in {cfg.final_eval.shards} shards" if cfg.final_eval.shards > 1 else "")
     pending = PendingEvaluation(chosen, [])
     for r in chosen:
         trial_id = r.metrics["trial_id"]
         log(f"{outcome.method}: evaluating trial {trial_id} on the test split ({attacks})")
-        pending.evaluations.append(ray.remote(evaluate_checkpoint).options(**options).remote(
-            r.checkpoint, spec, test_ref, eval_cfg, cfg.seed, _aa_state_path(cfg, f"{outcome.method}-{trial_id}"),
-            surrogate))
+        pending.evaluations.append(_evaluation_task(cfg, r.checkpoint, spec, test_ref,
+                                                    f"{outcome.method}-{trial_id}", surrogate))
     default = default_trial(cfg, outcome)
     if default is not None:
         trial_id = default.metrics["trial_id"]
         evaluated = trial_id in {r.metrics["trial_id"] for r in chosen}
         if not evaluated:
             log(f"{outcome.method}: evaluating trial {trial_id}, the paper defaults, on the test split too ({attacks})")
-        pending.default = (default, None if evaluated else ray.remote(evaluate_checkpoint).options(**options).remote(
-            default.checkpoint, spec, test_ref, eval_cfg, cfg.seed,
-            _aa_state_path(cfg, f"{outcome.method}-{trial_id}"), surrogate))
+        pending.default = (default, None if evaluated else _evaluation_task(
+            cfg, default.checkpoint, spec, test_ref, f"{outcome.method}-{trial_id}", surrogate))
     if chosen and cfg.final_eval.seeds > 1:
         hparams = {**spec.fixed, **chosen[0].config}
         extra = [cfg.seed + i for i in range(1, cfg.final_eval.seeds)]
