@@ -708,14 +708,14 @@ def _evaluation_options(cfg: SearchConfig) -> dict:
 def _evaluation_task(cfg: SearchConfig, checkpoint, spec: TrialSpec, test_ref, name: str, surrogate=None):
     """Start one trial's test-split evaluation: one Ray task, or with ``final_eval.shards`` > 1 one task per
     shard and the merging task, which Ray starts once every shard is done (each with the resources of one
-    evaluation: a GPU each where there are GPUs). Returns the ref of ``(result, weights)``."""
+    evaluation: a GPU each where there are GPUs). Returns the ref of ``(result, weights)`` and the shards' refs."""
     options = _evaluation_options(cfg)
     eval_cfg, state_path = cfg.final_eval.model_dump(), _aa_state_path(cfg, name)
     shard_task = ray.remote(evaluate_checkpoint_shard).options(**options)
     shards = [shard_task.remote(checkpoint, spec, test_ref, eval_cfg, cfg.seed, shard, state_path)
               for shard in range(cfg.final_eval.shards)] if cfg.final_eval.shards > 1 else []
     return ray.remote(evaluate_checkpoint).options(**options).remote(
-        checkpoint, spec, test_ref, eval_cfg, cfg.seed, state_path, surrogate, *shards)
+        checkpoint, spec, test_ref, eval_cfg, cfg.seed, state_path, surrogate, *shards), shards
 
 
 def retrain_and_evaluate(spec: TrialSpec, hparams: dict, seed: int, train_data, val_data, test_data,
@@ -748,11 +748,14 @@ class PendingEvaluation:
     """(seed, ref) pairs retraining the first chosen trial's configuration."""
     default: Optional[tuple] = None
     """(result, ref): the paper-default trial and its evaluation's task; no task when it is among ``chosen``."""
+    shards: list = field(default_factory=list)
+    """The shard tasks of sharded evaluations (``final_eval.shards``), which the evaluations' tasks merge."""
 
     def tasks(self) -> list:
-        """Every Ray task it holds: the seed replicas, the evaluations, the paper default's evaluation."""
+        """Every Ray task it holds: the seed replicas, the evaluations, the paper default's evaluation, the shards
+        (so that a Ctrl-C cancels them too)."""
         default = [self.default[1]] if self.default and self.default[1] is not None else []
-        return [ref for _, ref in self.seeds] + self.evaluations + default
+        return [ref for _, ref in self.seeds] + self.evaluations + default + self.shards
 
 
 def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs: tuple,
@@ -776,16 +779,18 @@ def submit_final_evaluation(cfg: SearchConfig, outcome: MethodSearch, data_refs:
     for r in chosen:
         trial_id = r.metrics["trial_id"]
         log(f"{outcome.method}: evaluating trial {trial_id} on the test split ({attacks})")
-        pending.evaluations.append(_evaluation_task(cfg, r.checkpoint, spec, test_ref,
-                                                    f"{outcome.method}-{trial_id}", surrogate))
+        task, shards = _evaluation_task(cfg, r.checkpoint, spec, test_ref, f"{outcome.method}-{trial_id}", surrogate)
+        pending.evaluations.append(task)
+        pending.shards += shards
     default = default_trial(cfg, outcome)
     if default is not None:
         trial_id = default.metrics["trial_id"]
         evaluated = trial_id in {r.metrics["trial_id"] for r in chosen}
         if not evaluated:
             log(f"{outcome.method}: evaluating trial {trial_id}, the paper defaults, on the test split too ({attacks})")
-        pending.default = (default, None if evaluated else _evaluation_task(
-            cfg, default.checkpoint, spec, test_ref, f"{outcome.method}-{trial_id}", surrogate))
+        task, shards = (None, []) if evaluated else _evaluation_task(
+            cfg, default.checkpoint, spec, test_ref, f"{outcome.method}-{trial_id}", surrogate)
+        pending.default, pending.shards = (default, task), pending.shards + shards
     if chosen and cfg.final_eval.seeds > 1:
         hparams = {**spec.fixed, **chosen[0].config}
         extra = [cfg.seed + i for i in range(1, cfg.final_eval.seeds)]

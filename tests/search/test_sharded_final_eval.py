@@ -33,8 +33,10 @@ def test_sharded_final_evaluation_runs_as_ray_tasks_and_equals_the_unsharded_one
     spec = TrialSpec("erm", "digits", "small_cnn", threat.norm, threat.eps, fixed={})
     test = methods.data.load("digits", "test")
 
-    result, weights = ray.get(search_run._evaluation_task(cfg, tune.Checkpoint.from_directory(str(folder)), spec,
-                                                          ray.put(test), "erm-t1"))
+    merging, shards = search_run._evaluation_task(cfg, tune.Checkpoint.from_directory(str(folder)), spec,
+                                                  ray.put(test), "erm-t1")
+    assert len(shards) == 2  # one task per shard, and the merging task Ray starts once both are done
+    result, weights = ray.get(merging)
     whole = evaluation.evaluate_weights(weights, method="erm", arch="small_cnn", norm=threat.norm, eps=threat.eps,
                                         test_data=test, eval_cfg=cfg.final_eval.model_dump(), seed=cfg.seed)
     assert set(result) == set(whole)
