@@ -59,7 +59,7 @@ sys.path.insert(0, REPO)
 BUDGET_S = 480.0
 """The issue's limit for the whole check on one GPU."""
 PARTS = {  # name -> its time box in seconds on a GPU, most wanted first
-    "pgd_at_epoch": 90, "method_steps": 75, "gpu_throughput": 75, "attack_speed": 60, "autoattack": 60,
+    "pgd_at_epoch": 120, "method_steps": 75, "gpu_throughput": 75, "attack_speed": 60, "autoattack": 60,
     "packed_search": 120, "pgd_at_epoch_compiled": 120}
 QUICK_BOX_S, QUICK_BUDGET_S = 300, 900
 """Each part's box and the whole budget in ``--quick`` mode: a smoke test on a shared CPU, never a timing
@@ -98,6 +98,15 @@ def use_source_tree() -> None:
 # ------------------------------------------------------------------------------------------- parts
 # Each part runs in a child process (``--part NAME``) and returns a JSON-able dict.
 
+PART_OUT = None
+"""The child's result file: a part with a loop also writes what it has so far (``so_far``), which a timeout keeps."""
+
+
+def so_far(rows) -> None:
+    if PART_OUT:
+        with open(PART_OUT, "w") as f:
+            json.dump({"status": "partial", "result": {"rows_so_far": rows}}, f, default=str)
+
 
 def sync(device) -> None:
     import torch
@@ -126,6 +135,7 @@ def part_pgd_at_epoch(device, quick: bool, compiled: bool = False) -> dict:
                       "projected_50k_epoch_s": seconds * G.EPOCH_IMAGES / n}
         print(f"PGD-{spec['attack_steps']} AT epoch over {n:,} images, {path}: {seconds:.1f} s "
               f"(warm-up {warmup:.1f} s)", flush=True)
+        so_far(rows)
         del run
         free(device)
     best = min(rows.values(), key=lambda r: r["epoch_s"])
@@ -175,6 +185,7 @@ def part_method_steps(device, quick: bool) -> dict:
             print(f"{name:<14} {precision:<5} {'ok' if row['ok'] else 'FAILED':<6} "
                   + (f"{row['step_s'] * 1000:8.1f} ms/step" if "step_s" in row else row.get("error", "")), flush=True)
             rows.append(row)
+            so_far(rows)
     return {"batch_size": batch, "timed_steps": steps, "rows": rows, "all_ok": all(r["ok"] for r in rows),
             "failed": [f"{r['method']}/{r['precision']}" for r in rows if not r["ok"]]}
 
@@ -304,7 +315,8 @@ def run_part(name: str, device_name: str, quick: bool, out: str) -> int:
     """The child: one part, its result or its error into ``out``."""
     import torch
 
-    started = time.perf_counter()
+    global PART_OUT
+    PART_OUT, started = out, time.perf_counter()
     try:
         use_source_tree()
         device = torch.device(device_name)
@@ -340,8 +352,14 @@ def run_in_child(name: str, device: str, quick: bool, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+            partial = {}
+            try:   # what a part with a loop had finished (so_far), unless the kill came mid-write
+                with open(out) as f:
+                    partial = {"result": json.load(f)["result"]}
+            except (OSError, ValueError, KeyError):
+                pass
             return {"status": "timeout", "error": f"stopped after its {timeout_s:.0f} s box",
-                    "seconds": time.perf_counter() - start}
+                    "seconds": time.perf_counter() - start, **partial}
         finally:
             try:   # whatever the part left running in its group (Ray's raylet, workers)
                 os.killpg(child.pid, signal.SIGKILL)
@@ -421,7 +439,8 @@ def main(argv=None) -> int:
     epoch = parts.get("pgd_at_epoch", {}).get("result")
     report = {"benchmark": "gpu_check", "device": name, "machine": G.machine(device), "quick": args.quick,
               "budget_s": args.budget_s, "seconds": seconds, "summary": summary,
-              "pgd_at_epoch_s": {p: r["epoch_s"] for p, r in epoch["paths"].items()} if epoch else None,
+              "pgd_at_epoch_s": {p: r["epoch_s"] for p, r in (epoch.get("paths") or epoch["rows_so_far"]).items()}
+              if epoch else None,
               "parts": parts}
     print(f"\ngpu_check done in {seconds:.0f} s: " + ", ".join(f"{p} {s}" for p, s in summary.items()), flush=True)
     out = args.out or (None if args.quick else os.path.join(REPO, "benchmarks", "results",
