@@ -332,6 +332,8 @@ class MethodSearch:
     parent_id: str
     results: list
     run_ids: dict
+    tracking_outage_s: float = 0.0
+    """Seconds MLflow was unreachable for the search's own tracker (a search task's, in a concurrent campaign)."""
 
 
 def init_ray(address: Optional[str] = None) -> None:
@@ -982,8 +984,9 @@ def _search_and_evaluate(configs: list[SearchConfig], evaluations: list, address
         summaries = []
         for done, (cfg, tracker, outcome, pending) in enumerate(evaluations):
             summaries += record_final_evaluation(cfg, outcome, pending, tracker)
-            if tracker.client.outage_s:
-                tracker.set_tags(outcome.parent_id, {tag.TRACKING_OUTAGE_S: f"{tracker.client.outage_s:.0f}"})
+            outage_s = tracker.client.outage_s + outcome.tracking_outage_s
+            if outage_s:
+                tracker.set_tags(outcome.parent_id, {tag.TRACKING_OUTAGE_S: f"{outage_s:.0f}"})
             evaluations[done] = (cfg, tracker, outcome, None)
         return summaries
     except Interrupted:
@@ -1040,6 +1043,9 @@ def _search_at_once(configs: list[SearchConfig], evaluations: list, address: Opt
         CTRL_C.check()
         tracker, data_refs = _load(cfg, address)
         prepared.append((cfg, tracker, data_refs, trial_budgets(cfg, data_refs[0])))
+    for url in dict.fromkeys(studies.for_config(cfg).url for cfg in configs):
+        # Optuna creates a new study database's tables on first use: here, once, not in several searches at once.
+        studies.open_storage(url).engine.dispose()
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     campaign = slots.Campaign.options(scheduling_strategy=here).remote()
     task = ray.remote(search_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
@@ -1065,9 +1071,13 @@ def _search_at_once(configs: list[SearchConfig], evaluations: list, address: Opt
             if CTRL_C.requested and not stopping:
                 stopping = True
                 campaign.stop.remote()
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
-            if done:   # a search's last lines come before what the driver does with its outcome
-                _print_relayed(campaign)
+            done, pending = ray.wait(pending, num_returns=1, timeout=0)
+            if not done:
+                # Waiting in Python, not inside Ray's wait, where a signal is handled only as the call returns: two
+                # quick Ctrl-Cs would be one, and the second must exit at once.
+                time.sleep(0.1)
+                continue
+            _print_relayed(campaign)   # a search's last lines come before what the driver does with its outcome
             for ref in done:
                 n, cfg, tracker, data_refs = searches[ref]
                 try:
@@ -1114,9 +1124,12 @@ def search_task(cfg: SearchConfig, method: str, data: list, resume: bool, budget
     finished = threading.Event()
     threading.Thread(target=_stop_on_request, args=(campaign, finished), daemon=True).start()
     tracker = Tracker(cfg.tracking_uri, cfg.name)
+    tracker.client.say = log   # what it says of an MLflow outage reaches the driver's terminal too
     try:
-        return search_method(cfg, method, tracker, *data, resume=resume, budget_params=budget_params,
-                             trial_fn=trial_fn)
+        outcome = search_method(cfg, method, tracker, *data, resume=resume, budget_params=budget_params,
+                                trial_fn=trial_fn)
+        outcome.tracking_outage_s = tracker.client.outage_s
+        return outcome
     finally:
         finished.set()
         _report_tracking(tracker)

@@ -17,7 +17,8 @@ Three pieces:
   ``suggest`` returns ``None`` while the search holds its share, as the ConcurrencyLimiter's does when full.
 
 A search never loses a running trial to another: when its share drops below what it holds, it starts no
-new trial until its running ones finish.
+new trial until its running ones finish. A search with trials left always holds one, at least: with more
+searches than slots, those beyond the slots wait with one trial each in Ray's queue.
 """
 from __future__ import annotations
 
@@ -152,11 +153,14 @@ class FairShareLimiter(ConcurrencyLimiter):
     def suggest(self, trial_id: str) -> Optional[dict]:
         if CONNECTION is None:
             self.max_concurrent = self.slots
-        elif CONNECTION.stopped:
+        elif CONNECTION.stopped and self.live_trials:
             return None
         else:
             demand = len(self.live_trials) + max(self.trials - self.suggested, 0)
-            self.max_concurrent = CONNECTION.share(demand)
+            # Never none at all: with no trial pending or running, Tune's controller waits for a suggestion in
+            # a loop of its own (up to 10 minutes) that a Ctrl-C does not end. A search whose share is 0 gets
+            # one trial, which waits in Ray's queue for a slot like any pending trial.
+            self.max_concurrent = max(CONNECTION.share(demand), 1 if demand else 0)
         suggestion = super().suggest(trial_id)
         if suggestion is not None and trial_id in self.live_trials:
             self.suggested += 1

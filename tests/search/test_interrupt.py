@@ -2,7 +2,8 @@
 """Ctrl-C stops a whole `otarena search` campaign cleanly, and `--resume` continues exactly there.
 
 Real processes: the driver runs in its own session and gets SIGINT on its whole process group, as a
-terminal's Ctrl-C does. The campaign searches three methods; the Ctrl-C comes during the second.
+terminal's Ctrl-C does. The campaign searches three methods at once (docs/cluster.md), two slots shared
+among them; the Ctrl-C comes once the second method's trials train.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def test_ctrl_c_stops_the_campaign_and_resume_continues_it_without_duplicates(tm
     driver, log = _start(tmp_path, _config(tmp_path, METHODS))
     try:
         _wait_for_line(driver, log, "trades: trial ", " epoch 1/")   # the second method's trials are training
+        stopped_at = time.time()
         os.killpg(driver.pid, signal.SIGINT)
         assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
@@ -83,30 +85,33 @@ def test_ctrl_c_stops_the_campaign_and_resume_continues_it_without_duplicates(tm
     output = log.read_text()
     resume_lines = [line for line in output.splitlines() if "--resume" in line and "resume with" in line]
     assert len(resume_lines) == 1, output[-3000:]
-    after_ctrl_c = output[output.index("Ctrl-C: stopping"):]
-    assert " started (" not in after_ctrl_c and "mart" not in after_ctrl_c   # no new trial, no new method
     assert not (tmp_path / "site").exists()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parents = {r.data.tags["otarena.method"]: r for r in _runs(client, "search")}
-    assert sorted(parents) == ["pgd_at", "trades"]   # mart's search never started
+    assert {"pgd_at", "trades"} <= set(parents)   # searched at once (mart's too, unless no slot came to it)
     for parent in parents.values():
         assert parent.info.status == "KILLED" and parent.data.tags["otarena.interrupted"] == "true"
-    assert parents["pgd_at"].data.tags["otarena.evaluated"] == "false"   # its search had ended
     trials = _runs(client, "trial")
     assert not any(r.data.tags.get("otarena.evaluated") for r in trials)   # nothing evaluated, nothing half
     assert all(r.info.status != "RUNNING" for r in trials)
+    # No trial started after the Ctrl-C (a second of slack for the clocks of the two processes).
+    assert all(r.info.start_time / 1000 < stopped_at + 1 for r in trials)
     stopped = [r for r in trials if r.data.tags.get("otarena.interrupted")]
-    assert stopped and all(r.info.status == "KILLED" and r.data.tags["otarena.method"] == "trades" for r in stopped)
+    assert stopped and all(r.info.status == "KILLED" for r in stopped)
+    assert "trades" in {r.data.tags["otarena.method"] for r in stopped}
 
     command = shlex.split(resume_lines[0].split("resume with: ", 1)[1])
     assert command[:2] == ["otarena", "search"] and command[-1] == "--resume"
     resumed = subprocess.run([OTARENA, *command[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "pgd_at: the search of MLflow parent run" in resumed.stdout   # only its evaluation was left
-    assert f"trades: resuming the search of MLflow parent run {parents['trades'].info.run_id}" in resumed.stdout
-    assert "mart: nothing to resume; starting its search" in resumed.stdout
+    for method, parent in parents.items():   # every unfinished search of the campaign continues
+        assert f"{method}: resuming the search of MLflow parent run {parent.info.run_id}" in resumed.stdout or (
+            parent.data.tags["otarena.evaluated"] == "false"
+            and f"{method}: the search of MLflow parent run {parent.info.run_id} had ended" in resumed.stdout)
+    if "mart" not in parents:
+        assert "mart: nothing to resume; starting its search" in resumed.stdout
     assert (tmp_path / "site" / "index.html").exists()
 
     parents = {r.data.tags["otarena.method"]: r for r in _runs(client, "search")}

@@ -75,5 +75,15 @@ def test_the_limiter_asks_the_campaign_actor_for_its_share(ray_local):
         assert ray_local.get(campaign.shares.remote("pool")) == {}
     finally:
         slots.disconnect()
+    # More searches than slots: the one whose share is 0 still gets one trial (it waits in Ray's queue), never none.
+    ray_local.get(campaign.register.remote("one", 1, "a", 3))
+    ray_local.get(campaign.register.remote("one", 1, "b", 3))
+    assert ray_local.get(campaign.shares.remote("one")) == {"a": 1, "b": 0}
+    slots.connect(campaign, "one", "b")
+    try:
+        limiter = slots.limiter(Counting(), 1, trials=3)
+        assert [limiter.suggest("u0"), limiter.suggest("u1")] == [{"x": 1}, None]
+    finally:
+        slots.disconnect()
     # Outside a campaign: Ray's own ConcurrencyLimiter, as in a sequential campaign.
     assert type(slots.limiter(Counting(), 4, trials=3)) is ConcurrencyLimiter
