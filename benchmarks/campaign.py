@@ -74,7 +74,7 @@ def _record_epoch(method: str, trial_id: str, start: float, end: float) -> None:
 
 
 def instrument() -> None:
-    """Count and time every MLflow call and final evaluation made in this process.
+    """Count and time every MLflow call made in this process.
 
     Run in the script's process and, through ``search_task``, in each Ray task that drives a search in
     concurrent mode. Everything is observed around otarena's own functions, which still do all the work.
@@ -103,17 +103,22 @@ def instrument() -> None:
     tracking.ResilientClient._write = counted(tracking.ResilientClient._write)
     tracking.ResilientClient._wait = counted(tracking.ResilientClient._wait)
 
-    evaluate_checkpoint = run.evaluate_checkpoint
 
-    @functools.wraps(evaluate_checkpoint)
-    def timed_evaluation(*args, **kwargs):
-        start = time.time()
-        try:
-            return evaluate_checkpoint(*args, **kwargs)
-        finally:
-            _record("evaluation", start=start, end=time.time())
+def evaluate_checkpoint(*args, **kwargs):
+    """``search.run.evaluate_checkpoint`` (a final evaluation, a Ray task), timed into the records.
 
-    run.evaluate_checkpoint = timed_evaluation
+    The driver submits this in its place (``simulated_cluster``): Ray pickles it by this module's name,
+    so in the worker it calls the original, and the Ray process title stays ``ray::evaluate_checkpoint``.
+    """
+    from otarena.search import run
+
+    # Only the script's process has this function in search.run's place, and it never evaluates itself.
+    assert run.evaluate_checkpoint is not evaluate_checkpoint, "called where search.run is patched"
+    start = time.time()
+    try:
+        return run.evaluate_checkpoint(*args, **kwargs)
+    finally:
+        _record("evaluation", start=start, end=time.time())
 
 
 def search_task(*args, **kwargs):
@@ -184,8 +189,10 @@ def simulated_cluster(nodes: int, slots_per_node: int, records: str):
             from otarena.search import run
 
             instrument()  # the script's own process: it drives the searches of the sequential arm
-            # The concurrent arm's search tasks are instrumented too (search.run looks it up when it submits them).
-            with mock.patch.object(run, "search_task", search_task):
+            # The concurrent arm's search tasks are instrumented too, and every final evaluation timed
+            # (search.run looks both up by name when it submits them).
+            with mock.patch.object(run, "search_task", search_task), \
+                    mock.patch.object(run, "evaluate_checkpoint", evaluate_checkpoint):
                 yield cluster.address
         finally:
             ray.shutdown()
@@ -293,9 +300,10 @@ def run_arm(arm: str, args, epochs: dict, folder: str, address: str, records: st
                      tracking_uri, cfg.name)
 
 
-DRIVER = ("driver", "ray::search_task", "ray::Campaign")
-"""The processes that drive the searches: the script's (every Tuner, sequential), and concurrent, each
-method's search task (its Tuner, its MLflow writes) and the campaign's fair-share actor."""
+DRIVER = ("ray::search_task", "ray::Campaign")
+"""Besides the script's process (``driver``: every Tuner, sequential), the processes that drive the searches,
+by their titles' start: concurrent, each method's search task (its Tuner, its MLflow writes) and the
+campaign's fair-share actor (``ray::Campaign``, ``ray::Campaign.<method>`` while it runs one)."""
 
 
 def summarize(arm: str, records: str, slots: int, start: float, end: float, cpu: dict, machine_cpu: float,
@@ -338,7 +346,7 @@ def summarize(arm: str, records: str, slots: int, start: float, end: float, cpu:
     writes = [c for c in calls if c["call"] in ("log_batch", "set_terminated", "update_run", "log_artifact")
               or c["call"].startswith(("create_", "set_", "log_", "delete_"))]
     durations = sorted(c["end"] - c["start"] for c in calls)
-    driver_cpu = sum(cpu.get(name, 0.0) for name in DRIVER)
+    driver_cpu = sum(seconds for title, seconds in cpu.items() if title == "driver" or title.startswith(DRIVER))
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=5000)
     row = {

@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from unittest import mock
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -121,12 +122,19 @@ def sleeping_trainable(epoch_s: float | dict, on_epoch=None):
 
     Everything else is as in ``search.trainable.train_trial``: the run is built (model, optimizer,
     method), restored from a checkpoint if any, and every epoch reports the same keys with a
-    checkpoint of ``run.state_dict()``. The score depends on ``lr`` only, so TPE has a signal.
+    checkpoint of ``run.state_dict()``. The score depends on ``lr`` only, so TPE has a signal (on a
+    space that does not search ``lr``, on a hash of the configuration).
     ``epoch_s`` may map each method to its own epoch length (benchmarks/campaign.py's campaign);
     ``on_epoch(method, trial_id, start, end)``, if given, is told each epoch's sleep, in wall-clock time.
     """
     def sleeping_trial(config, *, spec, train_data, val_data):
         sleep_s = epoch_s[spec.method] if isinstance(epoch_s, dict) else epoch_s
+        if "lr" in config:
+            quality = max(0.0, 0.6 - 0.1 * abs(math.log10(config["lr"] / 2e-3)))
+        else:
+            # A space without lr (another method's own knobs): a fixed quality per configuration, drawn
+            # from its hash, so that ASHA still ranks the trials and promotes some (identical ones tie).
+            quality = 0.6 * (zlib.crc32(repr(sorted(config.items())).encode()) % 1000) / 999
         entered, entered_perf = time.time(), time.perf_counter()
         torch.set_num_threads(max(1, int(spec.cpus)))
         hparams = {**spec.fixed, **config}
@@ -146,7 +154,7 @@ def sleeping_trainable(epoch_s: float | dict, on_epoch=None):
             if on_epoch is not None:
                 on_epoch(spec.method, tune.get_context().get_trial_id(), slept_from, time.time())
             run.epoch += 1
-            score = max(0.0, 0.6 - 0.1 * abs(math.log10(hparams["lr"] / 2e-3))) * run.epoch / run.cfg.epochs
+            score = quality * run.epoch / run.cfg.epochs
             metrics = {"train/loss": 1.0 - score, "val/clean_acc": min(1.0, score + 0.3), "val/pgd_acc": score,
                        "time/epoch_s": time.perf_counter() - start, "epoch": run.epoch}
             if run.best is None or score > run.best["val/pgd_acc"]:
