@@ -3,8 +3,8 @@
 
 The campaign: 8 methods x 16 trials, each search otarena's own (``search.run.run_search``: TPE through
 ``PrunedAwareOptunaSearch``, ASHA, per-epoch checkpoints, one MLflow parent run per method and one
-child per trial, the final evaluation of each method's best trial and paper-default trial). Only the
-trainable differs: ``benchmarks/orchestration.py``'s sleeping trainable, which builds the method's run
+child per trial, the final evaluation of each method's best trial and paper-default trial, kept small:
+20 test points, PGD-2, no AutoAttack). Only the trainable differs: ``benchmarks/orchestration.py``'s sleeping trainable, which builds the method's run
 and checkpoints and reports every epoch as ``train_trial`` does, but sleeps instead of training. Each
 method sleeps its own epoch length, in the ratio of its training step to ERM's that
 ``benchmarks/method_cost.py`` measured (``results/method_cost.json``, small_cnn): ERM 1x, PGD-AT 9.5x,
@@ -15,7 +15,8 @@ a worker node, each its own raylet and object store, one GCS; the same processes
 start), with 8 logical "GPU"s and 8 CPUs per node. Each trial asks for 1 GPU and 1 CPU, so the
 campaign has 16 trial slots. Nothing uses a GPU: the sleeping trainable never touches one.
 
-Both arms run side by side in one invocation (a fresh cluster and a fresh MLflow store each):
+Both arms run in one invocation, one after the other (``--arms`` sets the order), each on a fresh
+cluster with a fresh MLflow store (sqlite, as a local search keeps it):
 ``sequential`` (``orchestration: sequential``: one method's search after another, as before
 issue 20) and ``concurrent`` (every search at once, the slots shared fairly: search/slots.py).
 Measured from records that the trainable and the processes driving the searches write (``instrument``):
