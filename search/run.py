@@ -447,6 +447,7 @@ def search_method(cfg: SearchConfig, method: str, tracker: Tracker, train_ref, v
     log(f"{method}: search done in {wall:.0f}s: {len(results)} trials, {trial_epochs} trial-epochs")
     for f in fidelities:
         log(f"{method}: {f.line()}")
+    log(f"{method}: {knobs.line()}")
     return MethodSearch(method, spec, parent_id, results, run_ids)
 
 
